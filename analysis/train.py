@@ -1,0 +1,202 @@
+"""Train the sample models: ``python -m analysis.train --preset chain-looped --out DIR``.
+
+Seeded and reproducible on CPU (same seed, same thread count -> same weights); uses a GPU when
+one is present and ``--device auto``. Looped models draw their number of iterations per step
+(Huginn-style log-normal Poisson around the mean) and backpropagate through the last few only,
+so they learn to settle rather than to stop at one count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .evaluate import chain_accuracy_by_hops, shortcut_by_hops, text_bits_per_char
+from .model import LoopConfig, LoopedTransformer
+from .tasks import CHAIN_CHARS, chain_batch, heldout_chains, text_chars, text_corpus
+from .tokenizer import CharTokenizer
+
+ITERATION_SWEEP = (1, 2, 4, 8, 16, 32, 64)
+
+# name -> (task, model config kwargs, training kwargs)
+PRESETS = {
+    "chain-looped": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="adapter",
+                                   initial_state="random", shift_offsets=[1, 2]),
+                     dict(random_iterations=True, grad_iterations=8)),
+    "chain-deep": ("chain", dict(deep_layers=14, shift_offsets=[1, 2]), dict()),
+    "chain-contrast": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="none",
+                                     initial_state="embed", shift_offsets=[1, 2]), dict()),
+    "text-looped": ("text", dict(n_prelude=1, n_block=2, n_coda=1, iterations=4, injection="adapter",
+                                 initial_state="random"), dict(random_iterations=True, grad_iterations=6)),
+    "text-deep": ("text", dict(deep_layers=10), dict()),
+}
+
+
+def sample_iterations(rng: random.Random, mean: int, sigma: float = 0.5, lo: int = 2, hi: int | None = None) -> int:
+    """Huginn-style r: tau ~ N(log(mean) - sigma^2/2, sigma), r ~ Poisson(e^tau), clipped to [lo, hi]."""
+    hi = hi or 3 * mean
+    lam = math.exp(rng.gauss(math.log(mean) - sigma ** 2 / 2, sigma))
+    # Poisson by inversion (python's random has no poisson); lam is small here
+    k, p, s, u = 0, math.exp(-lam), math.exp(-lam), rng.random()
+    while u > s and k < 10 * hi:
+        k += 1
+        p *= lam / k
+        s += p
+    return min(max(k, lo), hi)
+
+
+def build(preset: str, vocab_size: int, context: int) -> LoopedTransformer:
+    _, kw, _ = PRESETS[preset]
+    kw = dict(kw)
+    if "deep_layers" in kw:
+        cfg = LoopConfig.deep(kw.pop("deep_layers"), vocab_size=vocab_size, context_length=context, **kw)
+    else:
+        cfg = LoopConfig(vocab_size=vocab_size, context_length=context, **kw)
+    return LoopedTransformer(cfg)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--out", required=True, help="checkpoint folder to write")
+    ap.add_argument("--steps", type=int, default=6000, help="maximum training steps")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-hops", type=int, default=4)
+    ap.add_argument("--statements", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    task_name, _, train_kw = PRESETS[args.preset]
+    if task_name == "chain":
+        tok = CharTokenizer(CHAIN_CHARS)
+        context = 64
+    else:
+        tok = CharTokenizer(text_chars())
+        context = 64
+    model = build(args.preset, tok.vocab_size, context).to(device)
+    cfg = model.cfg
+    random_r = train_kw.get("random_iterations", False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = 100
+
+    if task_name == "text":
+        corpus = text_corpus()
+        split = int(0.95 * len(corpus))
+        train_ids = torch.tensor(tok.encode(corpus[:split]))
+        heldout_text = corpus[split:]
+        gen = torch.Generator().manual_seed(args.seed)
+
+    level = 1  # chain curriculum: max hops in training batches, raised at >= 90% held-out
+    history = []
+    t0 = time.time()
+    bar = tqdm(range(1, args.steps + 1), desc=args.preset, mininterval=10)
+    steps_done = 0
+    for step in bar:
+        model.train()
+        r = sample_iterations(rng, cfg.iterations) if random_r else None
+        gi = train_kw.get("grad_iterations") if random_r else None
+        if task_name == "chain":
+            batch = chain_batch(rng, args.batch, (1, level), args.statements)
+            x = torch.tensor([tok.encode(ex.prompt) for ex in batch], device=device)
+            y = torch.tensor([tok.index[ex.answer] for ex in batch], device=device)
+            logits = model(x, iterations=r, seed=step, grad_iterations=gi)[:, -1]
+            loss = F.cross_entropy(logits, y)
+        else:
+            starts = torch.randint(0, len(train_ids) - context - 1, (args.batch,), generator=gen)
+            x = torch.stack([train_ids[s:s + context] for s in starts]).to(device)
+            y = torch.stack([train_ids[s + 1:s + context + 1] for s in starts]).to(device)
+            logits = model(x, iterations=r, seed=step, grad_iterations=gi)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, step / warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        steps_done = step
+        bar.set_postfix(loss=f"{loss.item():.3f}", level=level, r=r or cfg.iterations, refresh=False)
+        if step % args.eval_every == 0:
+            model.cpu()
+            if task_name == "chain":
+                ev = heldout_chains(args.seed + step, 64, args.max_hops, args.statements)
+                acc = chain_accuracy_by_hops(model, tok, ev)
+                cur = sum(acc[h] for h in range(1, level + 1)) / level
+                history.append({"step": step, "loss": loss.item(), "level": level, "acc": acc,
+                                "seconds": round(time.time() - t0)})
+                tqdm.write(f"step {step} loss {loss.item():.3f} level {level} acc {acc}")
+                if cur >= 0.9 and level < args.max_hops:
+                    level += 1
+                elif level == args.max_hops and min(acc.values()) >= args.target:
+                    model.to(device)
+                    break
+            else:
+                bpc, acc = text_bits_per_char(model, tok, heldout_text, context, n_windows=32)
+                history.append({"step": step, "loss": loss.item(), "bpc": bpc, "acc": acc})
+                tqdm.write(f"step {step} loss {loss.item():.3f} held-out bits/char {bpc:.3f} acc {acc:.3f}")
+            model.to(device)
+    train_seconds = round(time.time() - t0)
+    model.cpu().eval()
+
+    card = {"preset": args.preset, "task": task_name, "architecture": cfg.describe(),
+            "parameters": model.num_parameters(), "training_steps": steps_done, "batch": args.batch,
+            "lr": args.lr, "seed": args.seed, "train_seconds": train_seconds, "threads": args.threads,
+            "device": device, "shift_offsets": cfg.shift_offsets, "history": history}
+    if random_r:
+        card["trained_iterations"] = {"distribution": "log-normal Poisson", "mean": cfg.iterations,
+                                      "sigma": 0.5, "min": 2, "max": 3 * cfg.iterations,
+                                      "backprop_last": train_kw["grad_iterations"]}
+    else:
+        card["trained_iterations"] = {"fixed": cfg.iterations}
+    if task_name == "chain":
+        task = {"name": "chain", "n_statements": args.statements, "max_hops": args.max_hops}
+        ev = heldout_chains(args.seed + 999_999, 250, args.statements, args.statements)
+        card["heldout"] = {"examples_per_hops": 250, "seed": args.seed + 999_999}
+        card["accuracy_by_hops"] = chain_accuracy_by_hops(model, tok, ev)
+        card["shortcut_by_hops"] = shortcut_by_hops(ev)
+        if not cfg.is_deep:
+            card["accuracy_by_iterations"] = {
+                r: chain_accuracy_by_hops(model, tok, ev, iterations=r) for r in ITERATION_SWEEP}
+        card["trained_hops"] = [1, args.max_hops]
+    else:
+        task = {"name": "text", "corpus": "pydoc_data.topics", "heldout": "last 5%"}
+        bpc, acc = text_bits_per_char(model, tok, heldout_text, context, n_windows=256)
+        card["heldout_bits_per_char"], card["heldout_next_char_accuracy"] = bpc, acc
+        if not cfg.is_deep:
+            card["bits_per_char_by_iterations"] = {
+                r: text_bits_per_char(model, tok, heldout_text, context, n_windows=128, iterations=r)[0]
+                for r in ITERATION_SWEEP}
+    card = json.loads(json.dumps(card))  # int keys -> str, as they will be read back
+    readme = (f"# {Path(args.out).name}\n\n{args.preset}: {cfg.describe()}, d_model {cfg.d_model}, "
+              f"{cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, initial state "
+              f"{cfg.initial_state}, {card['parameters']:,} parameters.\n\nTrained with "
+              f"`python -m analysis.train --preset {args.preset} --steps {args.steps} --batch {args.batch} "
+              f"--lr {args.lr} --seed {args.seed} --threads {args.threads}` ({steps_done} steps, "
+              f"{train_seconds} s). See card.json for held-out numbers.\n")
+    if cfg.shift_offsets:
+        readme += (f"\nToken-shift features {cfg.shift_offsets}: each position also embeds the tokens that many "
+                   "places back, which hands each value its variable's name; the model still has to chain "
+                   "the lookups.\n")
+    save_checkpoint(args.out, model, tok, task, card, readme)
+    print(json.dumps({k: card[k] for k in card if k != "history"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
