@@ -9,4 +9,7 @@ import streamlit as st
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
+    from app.export_ui import figure_export_row  # lazy: keeps this module's imports light
+
     st.plotly_chart(fig, key=key, width="stretch")
+    figure_export_row(fig, key, data)

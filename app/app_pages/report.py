@@ -1,0 +1,85 @@
+"""Report: one self-contained HTML file for an auditor, plus the trace and metrics downloads."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import streamlit as st
+
+from app import state
+from app.export_ui import trace_downloads
+
+state.page_intro(
+    "This page packages the current run as evidence you can hand over. The **report** is one HTML file "
+    "that opens in any browser without a network connection; the **trace** (.npz) reopens in this app "
+    "without the model's weights, and the **metrics** table holds one row per token × iteration × layer.",
+    None,
+)
+
+session = state.current()
+looped, deep = session.looped, session.deep
+
+st.subheader("HTML report")
+st.markdown(
+    "The report holds: the prompt and expected answer; both models' cards (name, architecture, parameter "
+    "count, weights-file hash, held-out accuracy); the answer's probability through depth; convergence "
+    "(step sizes, distance to the fixed point, trajectory class counts); the attention distance matrix "
+    "(the diagonal stripes) with same- vs cross-layer distances; stage profiles; looped × deep CKA; the "
+    "settings, software versions and date. Rebuilding it from the same inputs gives the same numbers; "
+    "only the date changes. The same file comes from the command line: "
+    "`python -m analysis report --looped DIR --deep DIR --prompt TEXT --iterations N --out report.html`."
+)
+
+if looped is None:
+    st.info("There is no looped trace yet: pick models and a prompt in the sidebar and press Run "
+            "(or upload a saved trace), then come back here.", icon=":material/info:")
+    st.stop()
+
+
+def _report_key() -> str:
+    keys = [state.trace_key(looped)] + ([state.trace_key(deep)] if deep is not None else [])
+    return hashlib.sha256("|".join(keys).encode()).hexdigest()[:20]
+
+
+def _settings() -> dict:
+    s = dataclasses.asdict(session.settings)
+    s["fixed_point_iterations"] = looped.metadata.get("fixed_point_iterations")
+    if session.uploaded:
+        s["uploaded_traces"] = dict(session.uploaded)
+    return s
+
+
+key = _report_key()
+built = st.session_state.get("_report_built")
+if st.button("Build the report", type="primary", icon=":material/description:", key="report_build"):
+    from app.report import build_report
+
+    with st.status("Building the report: measurements, figures, embedding plotly.js…", expanded=False) as status:
+        try:
+            html_text = build_report(session.looped_model, session.deep_model, looped, deep, _settings())
+        except Exception as exc:  # never a traceback on the page
+            status.update(label="The report could not be built", state="error")
+            st.error(f"The report could not be built: {type(exc).__name__}: {exc}")
+            html_text = None
+        else:
+            status.update(label="Report ready", state="complete")
+    if html_text is not None:
+        built = {"key": key, "html": html_text.encode("utf-8")}
+        st.session_state["_report_built"] = built
+
+if built and built["key"] == key:
+    name = f"loopscope-report_{looped.metadata.get('model_name', 'trace')}_r{looped.n_iterations}_seed" \
+           f"{looped.metadata.get('seed', 0)}.html"
+    st.download_button("Download the report (.html)", data=built["html"], file_name=name, mime="text/html",
+                       key="report_download", on_click="ignore", icon=":material/download:")
+    st.caption(f"{len(built['html']) / 1e6:.1f} MB, of which plotly.js is about 4.8 MB (embedded once, so the file "
+               "opens offline).")
+elif built:
+    st.caption("The settings changed since the last report was built; build it again for the current run.")
+
+st.subheader("Trace and metrics downloads")
+st.markdown("The `.npz` follows loopscope's documented trace format (format version 1); the metrics come from "
+            "`analysis.metrics.state_metrics_table` as CSV or Parquet. Files are prepared when you click.")
+for t, label, k in ((looped, "Looped", "report_looped"), (deep, "Deep", "report_deep")):
+    if t is not None:
+        trace_downloads(t, label, k)
