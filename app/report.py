@@ -125,19 +125,26 @@ def _depth_axis(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _own_answer_figure(looped: Trace, deep: Trace | None) -> go.Figure:
-    fig = go.Figure()
-    for tr, name in ((looped, "looped"), (deep, "deep")):
-        if tr is None or tr.answer_prob is None:
-            continue
-        p, _ = _depth_axis(tr)
+    from plotly.subplots import make_subplots
+    pairs = [(t, n) for t, n in ((looped, "looped"), (deep, "deep")) if t is not None and t.answer_prob is not None]
+    fig = make_subplots(rows=1, cols=len(pairs), shared_yaxes=True,
+                        subplot_titles=[f"{n}: {t.metadata.get('model_name', '')}" for t, n in pairs])
+    for j, (tr, name) in enumerate(pairs):
+        p, rank = _depth_axis(tr)
         L = tr.n_layers
-        x = np.arange(1, len(p) + 1) / len(p) * (tr.n_iterations if not tr.is_deep else 1)
-        labels = [f"iteration {i // L + 1}, layer {i % L}" if not tr.is_deep else f"layer {i}" for i in range(len(p))]
-        fig.add_trace(go.Scatter(x=x, y=p, mode="lines+markers", name=f"{name} ({tr.metadata.get('model_name', '')})",
-                                 text=labels, hovertemplate="%{text}<br>p(answer) = %{y:.4f}<extra></extra>"))
+        if tr.is_deep:
+            x, title = np.arange(len(p)), "layer"
+            labels = [f"layer {i}" for i in range(len(p))]
+        else:  # realized depth in iterations: iteration t, layer l sits at t + (l + 1) / L
+            x, title = np.array([i // L + (i % L + 1) / L for i in range(len(p))]), "iteration (realized depth)"
+            labels = [f"iteration {i // L + 1}, layer {i % L}" for i in range(len(p))]
+        fig.add_trace(go.Scatter(x=x, y=p, mode="lines+markers", name=name, customdata=rank, text=labels,
+                                 hovertemplate="%{text}<br>p(answer) = %{y:.4f}, rank %{customdata}<extra></extra>"),
+                      row=1, col=j + 1)
+        fig.update_xaxes(title_text=title, row=1, col=j + 1)
+    fig.update_yaxes(title_text="p(answer)", range=[0, 1], row=1, col=1)
     fig.update_layout(title="Answer probability through depth (logit lens, last position)",
-                      xaxis_title="iterations (looped) / fraction of depth (deep)", yaxis_title="p(answer)",
-                      yaxis_range=[0, 1], template="plotly_white", height=420)
+                      template="plotly_white", height=420, showlegend=False)
     return fig
 
 
@@ -391,15 +398,14 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     if looped.attention is None:
         return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
     from analysis import attention as att
-    matrix = att.attention_distance_matrix(looped)
-    matrix = np.asarray(matrix[0] if isinstance(matrix, tuple) else matrix, dtype=float)
-    labels = att.depth_labels(looped)
-    svc = att.same_vs_cross_layer(looped)
-    same, cross = _same_cross(svc, matrix, looped)
+    matrix = np.asarray(att.attention_distance_matrix(looped.attention, metric="frobenius"), dtype=float)
+    labels = att.depth_labels(looped.n_iterations, looped.n_layers)
+    svc = att.same_vs_cross_layer(matrix, looped.n_layers)
+    same, cross = svc["same_layer"], svc["cross_layer"]
     parts.append(f"<p>Mean distance between maps of the same layer in different iterations: "
                  f"{rep.set('looped.same_layer_distance', _f(same))}; between different layers: "
                  f"{rep.set('looped.cross_layer_distance', _f(cross))} "
-                 f"(<code>analysis.attention.same_vs_cross_layer</code>).</p>")
+                 f"(Frobenius distance of head-averaged maps, <code>analysis.attention.same_vs_cross_layer</code>).</p>")
     fig, src = _try_builder(("attention_distance_figure", "distance_matrix_figure", "attention_stripes_figure"),
                             looped)
     if fig is None:
@@ -408,20 +414,6 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
             "report figure (app.figures has no distance-matrix builder)"
     parts.append(rep.figure("attention", fig, src))
     return "".join(parts) + "</section>"
-
-
-def _same_cross(svc, matrix, looped):
-    """Read same- and cross-layer means out of whatever ``same_vs_cross_layer`` returns."""
-    if isinstance(svc, dict):
-        keys = {k.lower(): v for k, v in svc.items()}
-        same = next((keys[k] for k in keys if k.startswith("same")), None)
-        cross = next((keys[k] for k in keys if k.startswith("cross")), None)
-        return same, cross
-    if isinstance(svc, tuple) and len(svc) >= 2:
-        return svc[0], svc[1]
-    if hasattr(svc, "same") and hasattr(svc, "cross"):
-        return svc.same, svc.cross
-    return None, None
 
 
 def _stages_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
@@ -466,7 +458,7 @@ def _cka_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     if fig is None:
         try:
             from analysis.attention import depth_labels
-            ylab = depth_labels(looped)
+            ylab = depth_labels(looped.n_iterations, looped.n_layers)
         except Exception:
             ylab = list(range(m.shape[0]))
         fig = _own_heatmap(m, [f"deep layer {j}" for j in range(m.shape[1])], ylab, "Linear CKA: looped × deep",
@@ -539,6 +531,13 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
             f"<script type='text/javascript'>{get_plotlyjs()}</script>"
             f"<script type='application/json' id='{NUMBERS_ID}'>{numbers_json}</script>"
             "</head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def report_numbers(html_text: str) -> dict:
+    """The numbers JSON embedded in a report (what the report shows, machine-readable)."""
+    import re
+    m = re.search(r"<script type='application/json' id='%s'>(.*?)</script>" % NUMBERS_ID, html_text, re.S)
+    return json.loads(m.group(1).replace("<\\/", "</")) if m else {}
 
 
 # --------------------------------------------------------------------------- command line

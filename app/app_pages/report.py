@@ -64,6 +64,10 @@ if st.button("Build the report", type="primary", icon=":material/description:", 
         else:
             status.update(label="Report ready", state="complete")
     if html_text is not None:
+        from app.report import report_numbers
+
+        for note in report_numbers(html_text).get("notes", []):
+            st.warning(f"Report section not computed: {note}")
         built = {"key": key, "html": html_text.encode("utf-8")}
         st.session_state["_report_built"] = built
 
