@@ -44,8 +44,19 @@ def _is_exe(path: str | None) -> bool:
     return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+_browser_memo: dict = {}
+
+
 def find_browser() -> str | None:
-    """The Chrome/Chromium executable kaleido will drive, or None."""
+    """The Chrome/Chromium executable kaleido will drive, or None (memoised per environment setting)."""
+    env = (os.environ.get("LOOPSCOPE_BROWSER"), os.environ.get("BROWSER_PATH"), os.environ.get("PATH"))
+    if env not in _browser_memo:
+        _browser_memo[env] = _find_browser()
+    found = _browser_memo[env]
+    return found if _is_exe(found) else None
+
+
+def _find_browser() -> str | None:
     for var in ("LOOPSCOPE_BROWSER", "BROWSER_PATH"):
         p = os.environ.get(var)
         if p:

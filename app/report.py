@@ -284,6 +284,14 @@ def _cards_section(rep: _Report, looped_model, deep_model, looped, deep) -> str:
             f"<table class='card'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
 
 
+def _trained(tr: Trace) -> int | None:
+    """The largest iteration count the model saw in training (for shading extrapolation)."""
+    ti = tr.metadata.get("card_trained") or tr.metadata.get("trained_iterations")
+    if isinstance(ti, dict):
+        ti = next((ti[k] for k in ("max", "fixed", "mean") if isinstance(ti.get(k), (int, float))), None)
+    return int(ti) if isinstance(ti, (int, float)) else None
+
+
 def _stable_iteration(tr: Trace) -> int | None:
     """First iteration (1-based) from which the lens' top token at the last position stays the final prediction."""
     top = np.asarray(tr.lens_top_ids[:, -1, -1, 0])  # [I] at the block's last layer
@@ -312,7 +320,16 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
             line += (f"; expected <code>{_esc(tr.answer)}</code>, final probability "
                      f"{rep.set(f'{name}.final_answer_prob', _f(tr.answer_prob[-1, -1]))}, rank "
                      f"{rep.set(f'{name}.final_answer_rank', int(tr.answer_rank[-1, -1]))} (0 = top)")
-        if not tr.is_deep:
+        figs = _figures_module()
+        if figs is not None and hasattr(figs, "stable_iteration"):  # the same headline the Overview page shows
+            st_i = figs.stable_iteration(tr)
+            unit = "layer" if tr.is_deep else "iteration"
+            target = tr.answer if tr.answer is not None else pred
+            line += (f"; <code>{_esc(target)}</code> is the lens' top token from {unit} "
+                     f"{rep.set(f'{name}.stable_iteration', st_i)} on" if st_i is not None else
+                     f"; <code>{_esc(target)}</code> is not the lens' top token at the end "
+                     f"{rep.set(f'{name}.stable_iteration', None)}")
+        elif not tr.is_deep:
             line += (f"; the lens' top token is <code>{_esc(vocab[top_id] if top_id < len(vocab) else top_id)}</code> "
                      f"from iteration {rep.set(f'{name}.stable_iteration', _stable_iteration(tr))} on")
         parts.append(line + "</li>")
@@ -330,11 +347,15 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                                                     if isinstance(df, pd.DataFrame)}
     except Exception:
         tables = {}
-    fig, fsrc = _try_builder(("answer_through_depth_figure", "answer_through_depth", "answer_figure",
-                              "answer_rank_figure"), looped, deep)
+    fig, fsrc = _try_builder(("answer_figure",), looped, trained=_trained(looped))
     if fig is None:
-        fig, fsrc = _own_answer_figure(looped, deep), "report figure (app.figures has no answer builder)"
-    parts.append(rep.figure("answer", fig, fsrc))
+        parts.append(rep.figure("answer", _own_answer_figure(looped, deep),
+                                "report figure (app.figures has no answer_figure)"))
+    else:
+        parts.append(rep.figure("answer", fig, fsrc))
+        if deep is not None and deep.answer_prob is not None:
+            fig, fsrc = _try_builder(("answer_figure",), deep)
+            parts.append(rep.figure("answer-deep", fig, fsrc))
     parts.append(f"<p class='src'>Numbers: {_esc(src)}.</p></section>")
     return "".join(parts)
 
@@ -380,10 +401,16 @@ def _convergence_section(rep: _Report, looped: Trace) -> str:
     show = classes.copy()
     show.insert(1, "label", [looped.token_labels[int(t)] for t in show["token"]])
     parts.append(f"<details><summary>Per-token classes</summary>{_table(show)}</details>")
-    fig, src = _try_builder(("step_size_figure", "step_sizes_figure", "step_figure"), looped)
+    fig, src = _try_builder(("class_figure",), counts)
+    parts.append(rep.figure("classes", fig, src))
+    last = looped.n_layers - 1
+    fig, src = _try_builder(("step_size_figure",), steps, looped, layer=last)
     parts.append(rep.figure("steps", fig, src) if fig is not None
-                 else rep.figure("steps", _own_step_figure(looped), "report figure (app.figures has no step-size builder)"))
-    fig, src = _try_builder(("fixed_point_distance_figure", "distance_figure", "distance_heatmap"), looped)
+                 else rep.figure("steps", _own_step_figure(looped), "report figure (app.figures has no step_size_figure)"))
+    fig = src = None
+    if looped.fixed_point is not None:
+        fig, src = _try_builder(("fixed_point_distance_figure",),
+                                dynamics.distance_to_fixed_point(looped.states, looped.fixed_point), looped, layer=last)
     if fig is None:
         fig, src = _own_distance_figure(looped), "report figure (app.figures has no distance builder)"
     parts.append(rep.figure("distance", fig, src))
