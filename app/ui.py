@@ -13,3 +13,113 @@ def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> N
 
     st.plotly_chart(fig, key=key, width="stretch")
     figure_export_row(fig, key, data)
+
+
+# ---------------------------------------------------------------- page helpers (app/state.py owns the data)
+def model_label(trace, model) -> str:
+    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata."""
+    if model is not None:
+        return f"{model.name} {model.config.describe()}"
+    if trace is not None:
+        m = trace.metadata
+        return f"{m.get('model_name', 'uploaded trace')} {m.get('architecture', '')}".strip()
+    return "—"
+
+
+def why_missing(session, who: str) -> str:
+    """A short reason a trace is missing, for the placeholder where its figures would be."""
+    if who == "deep" and not session.settings.deep and session.deep is None:
+        return "no deep model is selected in the sidebar."
+    mine = [e for e in session.errors if e.lower().startswith(who)]
+    if mine:
+        return mine[0]
+    if session.errors:
+        return session.errors[0]
+    return "nothing has been run yet."
+
+
+def prompt_banner(session) -> None:
+    """The prompt as the models read it, with its known answer, in one line."""
+    t = session.looped or session.deep
+    if t is None:
+        return
+    answer = f" → known answer **{t.answer}**" if t.answer is not None else " (free text: no known answer)"
+    hops = t.metadata.get("answer_hops")
+    its = "" if t.is_deep else f", {t.n_iterations} iterations"
+    st.markdown(f"Prompt `{t.prompt}`{answer}" + (f" ({hops} hops)" if hops else "") + its
+                + f", seed {t.metadata.get('seed', '—')}.")
+
+
+def model_card(model) -> None:
+    """The facts a user needs about a checkpoint: architecture, size, training, held-out numbers."""
+    from app.state import trained_iterations
+
+    card, cfg = model.card or {}, model.config
+    st.markdown(f"**{model.name}** — `{cfg.describe()}`")
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Parameters", f"{card.get('parameters', model.model.num_parameters()):,}")
+    ti = card.get("trained_iterations")
+    if cfg.is_deep:
+        c2.metric("Layers", cfg.n_block)
+    else:
+        c2.metric("Trained iterations", trained_iterations(card, cfg.iterations),
+                  help=f"card.json trained_iterations: {ti}" if ti is not None else None)
+    acc = card.get("accuracy_by_hops") or {}
+    if acc:
+        c3.metric("Held-out accuracy", f"{sum(acc.values()) / len(acc):.0%}", help="mean over hops 1–8 (card.json)")
+    elif card.get("heldout_bits_per_char") is not None:
+        c3.metric("Held-out bits/char", f"{card['heldout_bits_per_char']:.2f}")
+    st.caption(f"d_model {cfg.d_model}, {cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, "
+               f"initial state {cfg.initial_state}, context {cfg.context_length} · weights sha256 {model.sha256}")
+
+
+# ---------------------------------------------------------------- measurement adapters: fn(trace) for state.measure
+def classify(trace):
+    """analysis.dynamics.classify_trajectories of a trace's states (DataFrame, one row per token)."""
+    from analysis.dynamics import classify_trajectories
+
+    df = classify_trajectories(trace.states)
+    df.insert(1, "char", [trace.token_labels[int(k)] for k in df["token"]])
+    return df
+
+
+def steps(trace):
+    """analysis.dynamics.step_sizes of the states: [I, L, T]."""
+    from analysis.dynamics import step_sizes
+
+    return step_sizes(trace.states)
+
+
+def depth_steps(trace):
+    """Relative change from one layer to the next along realized depth, [I·L, 1, T]: for a deep
+    model its layer-to-layer step (step_sizes with layers as the first axis)."""
+    from analysis.dynamics import step_sizes
+
+    I, L, T, D = trace.states.shape
+    return step_sizes(trace.states.reshape(I * L, 1, T, D))
+
+
+def distances(trace):
+    """analysis.dynamics.distance_to_fixed_point(states, fixed_point): [I, L, T] (None without s*)."""
+    from analysis.dynamics import distance_to_fixed_point
+
+    return None if trace.fixed_point is None else distance_to_fixed_point(trace.states, trace.fixed_point)
+
+
+def spread(trace):
+    from analysis.dynamics import fixed_point_spread
+
+    return None if trace.fixed_point is None else fixed_point_spread(trace.fixed_point)
+
+
+def contraction(trace):
+    from analysis.dynamics import contraction_rate
+
+    return contraction_rate(trace.states)
+
+
+def umap_coords(trace, n_components: int = 2, seed: int = 0):
+    """UMAP of all the trace's block states pooled, seeded: [I, L, T, C] (NaN rows for non-finite states)."""
+    from analysis.projections import UMAPProjection
+
+    return UMAPProjection(n_components=n_components, seed=seed).fit_transform(trace.states)

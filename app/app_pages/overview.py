@@ -1,0 +1,79 @@
+"""Overview: the answer as it forms — logit lens, answer probability, model cards, headline numbers."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import figures, state, ui
+
+s = state.current()
+big = s.settings.embed
+st.title("Overview: the answer as it forms")
+state.page_intro(
+    "Each row of the logit lens below decodes the block's state after one layer call into the model's "
+    "top next character, so you can watch the answer appear iteration by iteration in the looped model "
+    "(left) and layer by layer in the deep model (right). Read the probability curves left to right: "
+    "where the answer's line rises and stays flat, the model has settled on it.",
+    "A looped model's states converge to one fixed point per layer of its block, so the prediction "
+    "stops changing after a few iterations; iterating past the trained count stays stable for some "
+    "models and drifts for others.",
+)
+
+ui.prompt_banner(s)
+left, right = st.columns(2, gap="large")
+
+
+def model_column(col, trace, model, who: str) -> None:
+    with col:
+        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model)}")
+        if trace is None:
+            st.info(f"No {who} trace: {ui.why_missing(s, who)}")
+            return
+        stable = figures.stable_iteration(trace)
+        counts = None
+        if not trace.is_deep:
+            from analysis.dynamics import class_counts
+
+            counts = class_counts(state.measure(ui.classify, trace))
+        c1, c2, c3 = st.columns(3)
+        target = trace.answer if trace.answer is not None else trace.prediction()
+        c1.metric("Prediction", repr(trace.prediction()),
+                  delta=None if trace.answer is None else ("correct" if trace.prediction() == trace.answer else
+                                                          f"answer is {trace.answer!r}"),
+                  delta_color="normal" if trace.prediction() == trace.answer else "inverse")
+        unit = "layer" if trace.is_deep else "iteration"
+        c2.metric(f"Answer stable from {unit}", "never" if stable is None else stable,
+                  help=f"First {unit} after which the logit lens's top-1 at the last position (block's last layer) "
+                       f"stays {target!r}.")
+        if counts is not None:
+            n = trace.n_tokens
+            c3.metric("Tokens at a fixed point", f"{counts['fixed point']} / {n}",
+                      help="analysis.dynamics.classify_trajectories over the tail of this run: "
+                           + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        else:
+            c3.metric("Layers", trace.n_layers)
+        trained = state.trained_iterations(model.card, model.config.iterations) if model else None
+        ui.show_figure(figures.answer_figure(trace, trained=trained, big=big), key=f"answer_{who}",
+                       data=figures.answer_data(trace))
+        ui.show_figure(figures.lens_heatmap(trace, big=big), key=f"lens_{who}", data=figures.lens_data(trace))
+        if counts is not None:
+            st.caption("Trajectory classes (Convergence page for details): "
+                       + " · ".join(f"**{k}** {v}" for k, v in counts.items()))
+
+
+model_column(left, s.looped, s.looped_model, "looped")
+model_column(right, s.deep, s.deep_model, "deep")
+
+st.divider()
+st.subheader("Model cards")
+cards = {m.name: m.card for m in (s.looped_model, s.deep_model) if m is not None}
+cc = st.columns(2, gap="large")
+for col, m in zip(cc, (s.looped_model, s.deep_model)):
+    with col:
+        if m is None:
+            continue
+        ui.model_card(m)
+if cards:
+    looped_card = s.looped_model.card if s.looped_model else {}
+    hops = looped_card.get("trained_hops")
+    ui.show_figure(figures.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, big=big),
+                   key="accuracy", data=figures.accuracy_data(cards))
