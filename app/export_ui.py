@@ -50,6 +50,10 @@ def trace_downloads(trace, label: str, key: str, container=None) -> None:
     """Download buttons for one trace: the ``.npz`` (documented format, reopens without the model)
     and its per-state metrics table as CSV and Parquet."""
     c = container or st
+    import importlib.util
+
+    no_metrics = None if importlib.util.find_spec("analysis.metrics") else \
+        "analysis.metrics is not available in this installation, so the metrics table cannot be built"
     row = c.container(horizontal=True, gap="small", key=f"{key}__trace_downloads")
     row.download_button(f"{label} trace (.npz)", data=lambda: export.trace_npz_bytes(trace),
                         file_name=export.trace_file_name(trace, "npz"), mime="application/octet-stream",
@@ -57,12 +61,12 @@ def trace_downloads(trace, label: str, key: str, container=None) -> None:
                         help="The whole trace in loopscope's .npz format; the upload box reopens it without the model")
     row.download_button(f"{label} metrics (CSV)", data=lambda: export.metrics_csv_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.csv"), mime="text/csv",
-                        key=f"{key}__metrics_csv", on_click="ignore", icon=":material/download:",
-                        help="One row per token x iteration x layer (analysis.metrics.state_metrics_table)")
+                        key=f"{key}__metrics_csv", on_click="ignore", icon=":material/download:", disabled=bool(no_metrics),
+                        help=no_metrics or "One row per token x iteration x layer (analysis.metrics.state_metrics_table)")
     row.download_button(f"{label} metrics (Parquet)", data=lambda: export.metrics_parquet_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.parquet"),
                         mime="application/vnd.apache.parquet", key=f"{key}__metrics_parquet", on_click="ignore",
-                        icon=":material/download:", help="The same table as Parquet")
+                        icon=":material/download:", disabled=bool(no_metrics), help=no_metrics or "The same table as Parquet")
 
 
 def export_sidebar(session) -> None:

@@ -49,6 +49,8 @@ def _f(x) -> float | None:
 def _fmt(x) -> str:
     if x is None:
         return "n/a"
+    if isinstance(x, str):
+        return x
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return str(int(x))
     x = float(x)

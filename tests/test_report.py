@@ -23,8 +23,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(not (LOOPED / "config.json").is_file() or not (DEEP / "config.json").is_file(),
-                                reason=f"sample checkpoints not found in {SAMPLES}")
+needs_samples = pytest.mark.skipif(not (LOOPED / "config.json").is_file() or not (DEEP / "config.json").is_file(),
+                                   reason=f"sample checkpoints not found in {SAMPLES}")
 
 
 def numbers_of(html_text: str) -> dict:
@@ -54,6 +54,7 @@ def reports(tmp_path_factory):
     return out / "report0.html", texts
 
 
+@needs_samples
 def test_cli_twice_gives_the_same_numbers(reports):
     _, (a, b) = reports
     assert numbers_of(a) == numbers_of(b)
@@ -62,6 +63,7 @@ def test_cli_twice_gives_the_same_numbers(reports):
     assert numbers_of(a)["notes"] == [], "every section was computed"
 
 
+@needs_samples
 def test_self_contained_plotly_once_and_versions(reports):
     _, (html_text, _) = reports
     assert html_text.count("* plotly.js v") == 1, "plotly.js is embedded exactly once"
@@ -78,6 +80,7 @@ def test_self_contained_plotly_once_and_versions(reports):
         assert m.sha256 in html_text and shown(html_text, f"models.{who}.parameters") == str(m.model.num_parameters())
 
 
+@needs_samples
 def test_numbers_equal_the_library(reports):
     from analysis.attention import attention_distance_matrix, same_vs_cross_layer
     from analysis.correspondence import cka_matrix
@@ -109,6 +112,7 @@ def test_numbers_equal_the_library(reports):
     assert nums["cka"]["max"] == pytest.approx(float(np.nanmax(m)), rel=1e-6)
 
 
+@needs_samples
 def test_report_opens_offline_in_chromium_and_shows_its_figures(reports):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is not installed")
@@ -143,3 +147,32 @@ def test_report_opens_offline_in_chromium_and_shows_its_figures(reports):
             browser.close()
     assert blocked == [], f"the report tried to reach the network: {blocked[:5]}"
     assert errors == [], errors
+
+
+@pytest.mark.parametrize("prompt", ["a=7;b=a;c=b;?c=", "zzz;q"])
+def test_build_report_from_traces_without_weights(prompt):
+    """Traces only (e.g. uploaded, no weights): every section is computed, for a chain prompt with
+    a known answer and for free text without one; the card's parameter count comes from the config."""
+    import torch
+
+    from analysis.model import LoopConfig, LoopedTransformer
+    from analysis.tasks import CHAIN_CHARS
+    from analysis.tokenizer import CharTokenizer
+    from app.report import build_report, report_numbers
+
+    tok = CharTokenizer(CHAIN_CHARS)
+    torch.manual_seed(0)
+    small = dict(vocab_size=tok.vocab_size, context_length=32, d_model=32, n_heads=2, d_mlp=64)
+    looped_net, deep_net = LoopedTransformer(LoopConfig(iterations=4, **small)), LoopedTransformer(LoopConfig.deep(3, **small))
+    lt = trace(looped_net, prompt, iterations=4, tokenizer=tok, fixed_point_iterations=16)
+    dt = trace(deep_net, prompt, tokenizer=tok)
+    html_text = build_report(None, None, lt, dt, {"prompt": prompt, "iterations": 4}, date="2000-01-01T00:00:00+00:00")
+    nums = report_numbers(html_text)
+    assert nums["notes"] == [], nums["notes"]
+    assert nums["models"]["looped"]["parameters"] == looped_net.num_parameters()
+    assert nums["looped"]["prediction"] == lt.prediction()
+    assert ("final_answer_prob" in nums["looped"]) == (lt.answer is not None)
+    assert html_text.count("* plotly.js v") == 1
+    assert html_text.count('class="plotly-graph-div"') == len(nums["figures"])
+    assert build_report(None, None, lt, dt, {"prompt": prompt, "iterations": 4},
+                        date="2000-01-01T00:00:00+00:00") == html_text, "deterministic"
