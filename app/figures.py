@@ -398,7 +398,7 @@ def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_
         fig.update_xaxes(title=x_name, row=1, col=col)
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", exponentformat="power")
     return theme(fig, big, title or "Step size per token (‖s_t − s_{t−1}‖ / ‖s_t‖)")
 
 
@@ -487,3 +487,434 @@ def class_figure(counts: dict, title: str | None = None, big: bool = False) -> g
                            text=list(counts.values()), textposition="auto"))
     fig.update_yaxes(title="tokens")
     return theme(fig, big, title or "Trajectory classes", height=280 if not big else 380)
+
+
+# ==================================================================================================
+# B2: attention, stages, correspondence and architecture-lab builders (pages 4–7).
+# Same vocabulary as above; measurements come from analysis.attention / stages / correspondence /
+# lab / dynamics (computed by the pages through state.measure) and are passed in as arrays/tables.
+# ==================================================================================================
+from plotly.colors import sample_colorscale  # noqa: E402
+
+DEEP_LINE = dict(color="#222222", width=4)
+STAGE_METRICS = (
+    ("colsum_concentration", "ColSum concentration"),
+    ("sink_rate", "sink rate"),
+    ("mixing_score", "mixing score (row entropy)"),
+    ("residual_entropy", "residual entropy"),
+)
+HUGINN_EXIT_KL = 5e-4
+
+
+def pick_iterations(n: int, max_count: int = 6) -> list[int]:
+    """0-based indices to show out of ``n``: all of them if ``n <= max_count``, else the first,
+    the last and evenly spaced ones between (at most ``max_count``)."""
+    n, max_count = int(n), max(1, int(max_count))
+    if n <= max_count:
+        return list(range(n))
+    if max_count == 1:
+        return [n - 1]
+    return sorted({int(i) for i in np.round(np.linspace(0, n - 1, max_count))})
+
+
+def _iteration_colors(n: int) -> list[str]:
+    """n colours along Viridis (early iterations dark, late ones yellow)."""
+    if n <= 1:
+        return [sample_colorscale(SEQUENTIAL, [0.0])[0]]
+    return sample_colorscale(SEQUENTIAL, [i / (n - 1) for i in range(n)])
+
+
+def _causal_nan(maps: np.ndarray) -> np.ndarray:
+    """Attention maps [..., T, T] as float with the future (key > query) set to NaN, drawn as blank."""
+    a = np.array(maps, dtype=float)
+    T = a.shape[-1]
+    a[..., np.triu(np.ones((T, T), dtype=bool), 1)] = np.nan
+    return a
+
+
+def _head_maps(att: np.ndarray, head) -> tuple[np.ndarray, list[str]]:
+    """att [H, T, T] -> (maps [C, T, T], column names): head "all" = every head, None = the mean."""
+    H = att.shape[0]
+    if head == "all":
+        return att, [f"head {h}" for h in range(H)]
+    if head is None:
+        return att.mean(axis=0, keepdims=True), ["mean of heads"]
+    h = int(head) % H
+    return att[h:h + 1], [f"head {h}"]
+
+
+def attention_grid_data(trace, layer: int = 0, rows=None, head="all", max_rows: int = 6) -> pd.DataFrame:
+    """The maps behind ``attention_grid_figure``: one row per (row, head, query, key)."""
+    out = []
+    for label, maps, names in _attention_grid_maps(trace, layer, rows, head, max_rows)[0]:
+        C, T, _ = maps.shape
+        c, q, k = np.meshgrid(np.arange(C), np.arange(T), np.arange(T), indexing="ij")
+        out.append(pd.DataFrame({"panel": label, "head": [names[i] for i in c.ravel()], "query": q.ravel(),
+                                 "key": k.ravel(), "attention": maps.ravel()}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def _attention_grid_maps(trace, layer, rows, head, max_rows):
+    att = trace.attention  # [I, L, H, T, T]
+    I, L = att.shape[:2]
+    if trace.is_deep:
+        idx = pick_iterations(L, max_rows) if rows is None else [int(r) % L for r in rows]
+        panels = [(f"layer {l}", *_head_maps(att[0, l], head)) for l in idx]
+        kind = "layer"
+    else:
+        layer = int(layer) % L
+        idx = pick_iterations(I, max_rows) if rows is None else [int(r) % I for r in rows]
+        panels = [(f"iteration {t + 1}", *_head_maps(att[t, layer], head)) for t in idx]
+        kind = "iteration"
+    return panels, kind
+
+
+def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows: int = 6, max_heads: int = 8,
+                          zmax: float | None = None, title: str | None = None, big: bool = False) -> go.Figure:
+    """Attention maps as a grid of heatmaps with one shared colour scale (query down, key across,
+    token labels on the outer axes; future keys blank).
+
+    Looped trace: rows = iterations (0-based ``rows``, default ``pick_iterations(I, max_rows)``)
+    of block layer ``layer``. Deep trace: rows = layers (``rows``, default evenly spaced).
+    head: "all" (one column per head, at most ``max_heads``), None (one column, the mean over
+    heads) or an int. zmax: top of the colour scale (default: the largest value shown).
+    Traces: one heatmap per panel (rows × columns), all on ``coloraxis``."""
+    if trace.attention is None:
+        return _empty("This trace has no attention maps.", big, title)
+    panels, kind = _attention_grid_maps(trace, layer, rows, head, max_rows)
+    panels = [(label, maps[:max_heads], names[:max_heads]) for label, maps, names in panels]
+    n_rows, n_cols = len(panels), len(panels[0][2])
+    T = trace.attention.shape[-1]
+    names = token_names(trace)
+    fig = make_subplots(rows=n_rows, cols=n_cols, shared_xaxes=True, shared_yaxes=True,
+                        horizontal_spacing=0.015, vertical_spacing=0.02 if n_rows > 1 else 0.0,
+                        row_titles=[p[0] for p in panels], column_titles=panels[0][2])
+    shown = [_causal_nan(maps) for _, maps, _ in panels]
+    finite = np.concatenate([m[np.isfinite(m)] for m in shown]) if shown else np.array([])
+    top = float(zmax) if zmax is not None else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    for r, ((label, _, heads), maps) in enumerate(zip(panels, shown), start=1):
+        for c in range(len(heads)):
+            fig.add_trace(go.Heatmap(z=maps[c], x=names, y=names, coloraxis="coloraxis",
+                                     hovertemplate=f"{label}, {heads[c]}<br>query %{{y}} → key %{{x}}: "
+                                                   "%{z:.3f}<extra></extra>"), row=r, col=c + 1)
+    small = 11 if big else 8
+    fig.update_xaxes(tickfont=dict(size=small), tickangle=0, showgrid=False)
+    fig.update_yaxes(tickfont=dict(size=small), autorange="reversed", showgrid=False)
+    fig.update_xaxes(title="key", row=n_rows, col=1)
+    fig.update_yaxes(title="query", row=(n_rows + 1) // 2, col=1)
+    fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=top,
+                                     colorbar=dict(title="attention", thickness=12)))
+    fig.update_annotations(font_size=13 if big else 10)
+    what = "layer" if kind == "layer" else f"block layer {int(layer) % trace.n_layers}"
+    per_row = (300 if big else 200) if T > 24 else (220 if big else 150)
+    return theme(fig, big, title or f"Attention maps ({what}; rows: {kind}s)",
+                 height=max(300, per_row * n_rows + 110))
+
+
+def _depth_subset(n_items: int, n_layers: int, max_iterations: int) -> tuple[list[int], list[int]]:
+    """Iterations kept (0-based) and the realized-depth indices ``t*L + l`` they cover."""
+    its = pick_iterations(n_items // n_layers, max_iterations)
+    return its, [t * n_layers + l for t in its for l in range(n_layers)]
+
+
+def _depth_names(its: list[int], n_layers: int, deep: bool) -> list[str]:
+    if deep:
+        return [f"L{l}" for l in range(n_layers)]
+    return [f"it{t + 1}·L{l}" for t in its for l in range(n_layers)]
+
+
+def attention_distance_data(matrix, trace) -> pd.DataFrame:
+    m = np.asarray(matrix, dtype=float)
+    L = trace.n_layers
+    n = m.shape[0]
+    a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return pd.DataFrame({"iteration_a": a.ravel() // L + 1, "layer_a": a.ravel() % L,
+                         "iteration_b": b.ravel() // L + 1, "layer_b": b.ravel() % L, "distance": m.ravel()})
+
+
+def attention_distance_figure(matrix, trace, metric: str = "frobenius", max_iterations: int = 64,
+                              title: str | None = None, big: bool = False) -> go.Figure:
+    """The (iteration, layer) × (iteration, layer) attention distance matrix as a heatmap, in
+    realized-depth order (index ``t*L + l``, labelled ``it{t+1}·L{l}``): a layer whose attention
+    freezes across iterations shows as diagonal stripes k = L apart (dark = similar).
+
+    matrix: [I*L, I*L] from ``analysis.attention.attention_distance_matrix``; with more than
+    ``max_iterations`` iterations an evenly spaced subset (first and last kept) is drawn.
+    Traces: one heatmap."""
+    m = np.asarray(matrix, dtype=float)
+    L = trace.n_layers
+    its, idx = _depth_subset(m.shape[0], L, max_iterations)
+    sub = m[np.ix_(idx, idx)] if len(idx) < m.shape[0] else m
+    names = _depth_names(its, L, trace.is_deep)
+    unit = {"frobenius": "‖A − B‖_F", "js": "JS (nats)", "cosine": "1 − cos"}.get(metric, metric)
+    fig = go.Figure(go.Heatmap(z=sub, x=names, y=names, colorscale=SEQUENTIAL, colorbar=dict(title=unit),
+                               hovertemplate="%{y} vs %{x}: %{z:.3g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="iteration · layer", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(title="iteration · layer", constrain="domain")
+    small = 11 if big else 8
+    fig.update_xaxes(tickfont=dict(size=small))
+    fig.update_yaxes(tickfont=dict(size=small))
+    sub_note = f" ({len(its)} of {m.shape[0] // L} iterations)" if len(idx) < m.shape[0] else ""
+    return theme(fig, big, title or f"Attention distance between (iteration, layer) maps, {metric}{sub_note}",
+                 height=720 if big else 560)
+
+
+def attention_floorplan_figure(trace, max_iterations: int = 16, max_tiles: int = 64,
+                               title: str | None = None, big: bool = False) -> go.Figure:
+    """Every attention map at a glance, head-averaged, tiled into one heatmap: looped: rows =
+    block layers, columns = iterations (evenly spaced subset if many, first and last kept, at
+    most ``max_tiles`` maps); deep: one row of its layers. Future keys and the gaps between
+    tiles are blank. Traces: one heatmap."""
+    if trace.attention is None:
+        return _empty("This trace has no attention maps.", big, title)
+    att = trace.attention
+    I, L, H, T, _ = att.shape
+    if trace.is_deep:
+        grid = [[_causal_nan(att[0, l].mean(axis=0)) for l in range(L)]]
+        row_names, col_names = ["deep"], [f"L{l}" for l in range(L)]
+    else:
+        its = pick_iterations(I, max(1, min(max_iterations, max_tiles // L)))
+        grid = [[_causal_nan(att[t, l].mean(axis=0)) for t in its] for l in range(L)]
+        row_names, col_names = [f"L{l}" for l in range(L)], [f"it{t + 1}" for t in its]
+    R, C, S = len(grid), len(grid[0]), T + 1
+    z = np.full((R * S - 1, C * S - 1), np.nan, dtype=np.float32)
+    for r in range(R):
+        for c in range(C):
+            z[r * S:r * S + T, c * S:c * S + T] = grid[r][c]
+    # categorical coordinates make hover readable: "it3 · key 5 b" / "L1 · query 7 c"
+    labels = list(trace.token_labels)
+    xs = [f"{col_names[j // S]} · key {j % S} {labels[j % S]}" if j % S < T else " " * (j // S + 1)
+          for j in range(C * S - 1)]
+    ys = [f"{row_names[i // S]} · query {i % S} {labels[i % S]}" if i % S < T else "\u2009" * (i // S + 1)
+          for i in range(R * S - 1)]
+    finite = z[np.isfinite(z)]
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=xs, y=ys, colorscale=SEQUENTIAL, zmin=0.0, zmax=top,
+                               colorbar=dict(title="attention", thickness=12),
+                               hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>"))
+    mid = T // 2
+    fig.update_xaxes(tickmode="array", tickvals=[xs[c * S + mid] for c in range(C)], ticktext=col_names,
+                     showgrid=False, title="iteration" if not trace.is_deep else "layer")
+    fig.update_yaxes(tickmode="array", tickvals=[ys[r * S + mid] for r in range(R)], ticktext=row_names,
+                     showgrid=False, autorange="reversed", title="block layer" if not trace.is_deep else None,
+                     scaleanchor="x", constrain="domain")
+    tile = 70 if not big else 95
+    return theme(fig, big, title or "Floorplan: every layer's head-averaged attention map",
+                 height=max(260, min(900, R * tile + 140)))
+
+
+def stage_data(looped: pd.DataFrame | None, deep: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Both models' stage profiles in one table with a ``model`` column."""
+    parts = [df.assign(model=who) for who, df in (("looped", looped), ("deep", deep)) if df is not None]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _iteration_groups(df: pd.DataFrame, max_lines: int) -> list[tuple[int, pd.DataFrame]]:
+    """(1-based iteration number, its rows sorted by relative depth) for a readable subset."""
+    values = sorted(df["iteration"].dropna().unique())
+    keep = pick_iterations(len(values), max_lines)
+    return [(i + 1, df[df["iteration"] == values[i]].sort_values("relative_depth")) for i in keep]
+
+
+def stage_profile_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None = None, max_lines: int = 17,
+                         title: str | None = None, big: bool = False) -> go.Figure:
+    """ColSum concentration, sink rate, mixing score and residual entropy against relative depth
+    (4 small multiples): one line per iteration of the looped model (colour = iteration, at most
+    ``max_lines`` evenly spaced, first and last kept) over the deep model's curve (thick black).
+
+    looped / deep: ``analysis.stages.stage_profiles`` tables (iteration, layer, relative_depth
+    and the four metrics). Traces: per panel, one per drawn iteration, plus one for the deep model."""
+    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, horizontal_spacing=0.08, vertical_spacing=0.12,
+                        subplot_titles=[name for _, name in STAGE_METRICS])
+    groups = _iteration_groups(looped, max_lines) if looped is not None and len(looped) else []
+    colors = _iteration_colors(len(groups))
+    for n, (col, name) in enumerate(STAGE_METRICS):
+        r, c = n // 2 + 1, n % 2 + 1
+        for (it, g), color in zip(groups, colors):
+            fig.add_trace(go.Scatter(x=g["relative_depth"], y=g[col].astype(float), mode="lines+markers",
+                                     name=f"iteration {it}", legendgroup=f"it{it}", showlegend=n == 0,
+                                     line=dict(color=color, width=1.8), marker=dict(size=5 if not big else 8),
+                                     hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: %{{y:.3f}}<extra></extra>"),
+                          row=r, col=c)
+        if deep is not None and len(deep):
+            d = deep.sort_values("relative_depth")
+            fig.add_trace(go.Scatter(x=d["relative_depth"], y=d[col].astype(float), mode="lines", name="deep model",
+                                     legendgroup="deep", showlegend=n == 0, line=DEEP_LINE, opacity=0.75,
+                                     hovertemplate="deep, depth %{x:.0f}%: %{y:.3f}<extra></extra>"),
+                          row=r, col=c)
+        fig.update_xaxes(title="relative depth (%)" if r == 2 else None, row=r, col=c)
+    return theme(fig, big, title or "Stage profiles against relative depth", height=720 if big else 560)
+
+
+def cka_data(matrix, looped, deep) -> pd.DataFrame:
+    m = np.asarray(matrix, dtype=float)
+    L = looped.n_layers
+    a, b = np.meshgrid(np.arange(m.shape[0]), np.arange(m.shape[1]), indexing="ij")
+    return pd.DataFrame({"iteration": a.ravel() // L + 1, "layer": a.ravel() % L, "deep_layer": b.ravel(),
+                         "cka": m.ravel()})
+
+
+def cka_figure(matrix, looped, deep, max_iterations: int = 64, title: str | None = None,
+               big: bool = False) -> go.Figure:
+    """Linear CKA between every looped (iteration, layer) state and every deep layer.
+
+    matrix: [I*L_looped, L_deep] from ``analysis.correspondence.cka_matrix``; rows in realized
+    depth order (``it{t+1}·L{l}``, top to bottom), columns the deep model's layers. With more than
+    ``max_iterations`` iterations an evenly spaced subset is drawn. Traces: one heatmap."""
+    m = np.asarray(matrix, dtype=float)
+    L = looped.n_layers
+    its, idx = _depth_subset(m.shape[0], L, max_iterations)
+    sub = m[idx] if len(idx) < m.shape[0] else m
+    ys = _depth_names(its, L, False)
+    xs = [f"L{l}" for l in range(m.shape[1])]
+    fig = go.Figure(go.Heatmap(z=sub, x=xs, y=ys, colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
+                               colorbar=dict(title="CKA"),
+                               hovertemplate="looped %{y} vs deep %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="looped: iteration · layer", tickfont=dict(size=11 if big else 8))
+    fig.update_xaxes(title="deep model layer", side="bottom")
+    h = max(320, min(900, 12 * len(ys) + 140))
+    return theme(fig, big, title or "Linear CKA: looped (iteration, layer) vs deep layer", height=h)
+
+
+def answer_rank_data(looped: pd.DataFrame | None, deep: pd.DataFrame | None = None) -> pd.DataFrame:
+    return stage_data(looped, deep)
+
+
+def answer_rank_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None = None, x_by: str = "relative_depth",
+                       log_y: bool = True, max_lines: int = 17, title: str | None = None,
+                       big: bool = False) -> go.Figure:
+    """The answer token's logit-lens rank (+1, so the top is 1) through depth, both models.
+
+    looped / deep: ``analysis.correspondence.answer_through_depth`` tables. x_by
+    "relative_depth": one line per looped iteration (at most ``max_lines``) against depth
+    within the block, the deep model's line over its whole depth; "depth": the looped model as
+    one line over realized depth (layer calls), the deep one over its layers.
+    Traces: (drawn iterations or 1) + 1 with a deep table."""
+    fig = go.Figure()
+    if x_by == "depth":
+        if looped is not None and len(looped):
+            g = looped.sort_values("depth")
+            fig.add_trace(go.Scatter(x=g["depth"], y=g["rank"].astype(float) + 1, mode="lines+markers",
+                                     name="looped", line=dict(color=LOOPED_COLOR, width=2),
+                                     customdata=np.stack([g["iteration"], g["layer"]], axis=-1),
+                                     hovertemplate="looped depth %{x} (iteration %{customdata[0]}, layer "
+                                                   "%{customdata[1]}): rank %{y}<extra></extra>"))
+        xtitle = "realized depth (layer calls)"
+    else:
+        groups = _iteration_groups(looped, max_lines) if looped is not None and len(looped) else []
+        for (it, g), color in zip(groups, _iteration_colors(len(groups))):
+            fig.add_trace(go.Scatter(x=g["relative_depth"], y=g["rank"].astype(float) + 1, mode="lines+markers",
+                                     name=f"iteration {it}", line=dict(color=color, width=1.8),
+                                     hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: rank %{{y}}<extra></extra>"))
+        xtitle = "relative depth (%)"
+    if deep is not None and len(deep):
+        d = deep.sort_values("depth" if x_by == "depth" else "relative_depth")
+        fig.add_trace(go.Scatter(x=d["depth" if x_by == "depth" else "relative_depth"], y=d["rank"].astype(float) + 1,
+                                 mode="lines", name="deep model", line=DEEP_LINE, opacity=0.75,
+                                 hovertemplate="deep, %{x}: rank %{y}<extra></extra>"))
+    fig.update_xaxes(title=xtitle)
+    fig.update_yaxes(title="answer rank + 1 (1 = top)", type="log" if log_y else "linear")
+    return theme(fig, big, title or "The answer's rank through depth (logit lens)")
+
+
+def early_exit_data(kl) -> pd.DataFrame:
+    k = np.asarray(kl, dtype=float)
+    return pd.DataFrame({"iteration": np.arange(1, len(k) + 1), "kl": k})
+
+
+def early_exit_kl_figure(kl, threshold: float | None = HUGINN_EXIT_KL, log_y: bool = True,
+                         title: str | None = None, big: bool = False) -> go.Figure:
+    """KL(p_{t−1} ‖ p_t) of the logit lens per iteration (``analysis.correspondence.early_exit_kl``,
+    [I], NaN at the first iteration: a gap) with Huginn's exit threshold. Traces: one line."""
+    k = np.asarray(kl, dtype=float).copy()
+    if log_y:
+        k[k <= 0] = np.nan
+    fig = go.Figure(go.Scatter(x=np.arange(1, len(k) + 1), y=k, mode="lines+markers", name="KL",
+                               line=dict(color=LOOPED_COLOR, width=2),
+                               hovertemplate="iteration %{x}: KL %{y:.2e} nats<extra></extra>"))
+    if threshold:
+        fig.add_hline(y=threshold, line_dash="dot", line_color="grey",
+                      annotation_text=f"Huginn exits below {threshold:g}")
+    fig.update_xaxes(title="iteration")
+    fig.update_yaxes(title="KL(p_{t−1} ‖ p_t), nats", type="log" if log_y else "linear",
+                     exponentformat="power" if log_y else None)
+    return theme(fig, big, title or "Early-exit signal: how much the prediction still changes",
+                 height=340 if not big else 460)
+
+
+def lab_step_data(steps) -> pd.DataFrame:
+    s = np.asarray(steps, dtype=float)
+    I, L, T = s.shape
+    t, l, j = np.meshgrid(np.arange(I), np.arange(L), np.arange(T), indexing="ij")
+    return pd.DataFrame({"iteration": t.ravel() + 1, "layer": l.ravel(), "token": j.ravel(), "step": s.ravel()})
+
+
+def lab_step_figure(steps, layer: int | None = None, color_by: str | None = None, quantiles=(0.1, 0.9),
+                    log_y: bool = True, title: str | None = None, big: bool = False) -> go.Figure:
+    """Step size per iteration over all tokens: the median and a quantile band (``quantiles``)
+    at one block layer (``layer``, default the last); ``color_by="layer"``: one median line per
+    layer instead (no band). steps: [I, L, T] (``analysis.dynamics.step_sizes``).
+    Traces: 3 (band low, band high, median) or L."""
+    s = np.asarray(steps, dtype=float)
+    I, L, T = s.shape
+    x = np.arange(1, I + 1)
+    fig = go.Figure()
+
+    def stat(a, fn, *args):
+        out = np.full(a.shape[0], np.nan)
+        ok = np.isfinite(a).any(axis=-1)
+        if ok.any():
+            out[ok] = fn(a[ok], *args, axis=-1)
+        if log_y:
+            out[out <= 0] = np.nan
+        return out
+
+    if color_by == "layer":
+        for l in range(L):
+            fig.add_trace(go.Scatter(x=x, y=stat(s[:, l], np.nanmedian), mode="lines", name=f"layer {l}",
+                                     line=dict(color=PALETTE[l % len(PALETTE)], width=1.6),
+                                     hovertemplate=f"layer {l}, iteration %{{x}}: median %{{y:.2e}}<extra></extra>"))
+    else:
+        l = (L - 1) if layer is None else int(layer) % L
+        lo, hi = (stat(s[:, l], np.nanquantile, q) for q in quantiles)
+        band = f"{int(quantiles[0] * 100)}–{int(quantiles[1] * 100)}% of tokens"
+        fig.add_trace(go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0, color=LOOPED_COLOR), showlegend=False,
+                                 name=f"q{quantiles[0]}", hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=hi, mode="lines", line=dict(width=0, color=LOOPED_COLOR), fill="tonexty",
+                                 fillcolor="rgba(31,119,180,0.25)", name=band, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=stat(s[:, l], np.nanmedian), mode="lines", name=f"median, layer {l}",
+                                 line=dict(color=LOOPED_COLOR, width=2.2),
+                                 hovertemplate="iteration %{x}: median %{y:.2e}<extra></extra>"))
+    fig.update_xaxes(title="iteration")
+    fig.update_yaxes(title="relative step ‖s_t − s_{t−1}‖ / ‖s_t‖", type="log" if log_y else "linear",
+                     exponentformat="power" if log_y else None)
+    return theme(fig, big, title or "Step size per iteration (median over tokens)")
+
+
+def layer_cosine_matrix(states, iteration: int = -1) -> np.ndarray:
+    """Mean over tokens of cos(X_l, X_m) between the block layers' states at one iteration.
+    states [I, L, T, D] -> [L, L] (NaN where a state is zero or not finite). At the last
+    iteration of a converged run these are the per-layer fixed points: all ≈ 1 = collapse."""
+    X = np.asarray(states, dtype=np.float64)[iteration]  # [L, T, D]
+    n = np.linalg.norm(X, axis=-1)  # [L, T]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.einsum("ltd,mtd->lmt", X, X) / (n[:, None] * n[None, :])
+    return np.mean(np.clip(cos, -1.0, 1.0), axis=-1)
+
+
+def fixed_point_cosine_figure(cos, title: str | None = None, big: bool = False) -> go.Figure:
+    """The block layers' states at the last iteration compared by cosine (``layer_cosine_matrix``):
+    distinct fixed points show values well below 1 off the diagonal; a collapse is 1 everywhere.
+    Traces: one heatmap (values written in the cells for up to 16 layers)."""
+    c = np.asarray(cos, dtype=float)
+    L = c.shape[0]
+    finite = c[np.isfinite(c)]
+    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    names = [f"L{l}" for l in range(L)]
+    fig = go.Figure(go.Heatmap(z=c, x=names, y=names, colorscale=SEQUENTIAL, zmin=lo, zmax=1.0,
+                               colorbar=dict(title="cos"), texttemplate="%{z:.2f}" if L <= 16 else None,
+                               hovertemplate="%{y} vs %{x}: cos %{z:.4f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="block layer", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(title="block layer", constrain="domain")
+    return theme(fig, big, title or "Cosine between the layers' final states (fixed points)",
+                 height=460 if not big else 600)

@@ -148,8 +148,20 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+@st.cache_resource(show_spinner=False)
+def _configure_torch() -> int:
+    """Once per server process: torch threads = $LOOPSCOPE_TORCH_THREADS (default 1). The sample
+    models are tiny; one thread is several times faster than many (no sync, no contention)."""
+    import torch
+
+    n = _parse_int(os.environ.get("LOOPSCOPE_TORCH_THREADS", "1"), 1, 256) or 1
+    torch.set_num_threads(n)
+    return n
+
+
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")
 def _load_model(path: str, mtime: float) -> LoadedModel:
+    _configure_torch()
     return load_checkpoint(path)
 
 
@@ -489,6 +501,7 @@ def sidebar() -> Settings:
     applied = ss["applied"]
     settings = Settings(embed=embed, **applied)
     ss["_settings"] = settings
+    ss["_run_session"] = None  # current() computes this run's Session once
     _write_url(settings)
     return settings
 
@@ -500,7 +513,7 @@ def apply_embed_style(embed: bool, hide_sidebar: bool) -> None:
     css = """
     html, body, [data-testid="stAppViewContainer"] { font-size: 20px; }
     [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
-    [data-testid="stMetricValue"] { font-size: 2.6rem; }
+    [data-testid="stMetricValue"], [data-testid="stMetricValue"] div { font-size: 2.6rem !important; }
     h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; }
     """
     if hide_sidebar:
@@ -550,6 +563,8 @@ def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: in
 def current(show_messages: bool = True) -> Session:
     """This run's models and traces. Problems become messages (st.error / st.warning), never exceptions."""
     ss = st.session_state
+    if ss.get("_run_session") is not None:  # a second call in the same run: same Session, no repeated messages
+        return ss["_run_session"]
     settings = ss.get("_settings")
     if settings is None:  # a page run without the frame (tests of one page)
         settings = sidebar()
@@ -613,8 +628,16 @@ def current(show_messages: bool = True) -> Session:
             st.error(e)
         for w in warns:
             st.warning(w)
-    return Session(settings=settings, looped_model=looped_model, deep_model=deep_model, looped=looped, deep=deep,
-                   errors=errors, warnings=warns, uploaded=uploaded)
+    session = Session(settings=settings, looped_model=looped_model, deep_model=deep_model, looped=looped, deep=deep,
+                      errors=errors, warnings=warns, uploaded=uploaded)
+    ss["_run_session"] = session
+    try:  # trace and metrics downloads in the sidebar (app/export_ui.py)
+        from app.export_ui import export_sidebar
+
+        export_sidebar(session)
+    except Exception as exc:  # export is an extra; never break a page over it
+        st.sidebar.caption(f"Export unavailable: {exc}")
+    return session
 
 
 # ---------------------------------------------------------------- measurements

@@ -1,0 +1,350 @@
+"""AppTest checks of the app frame and the Overview, Orbits and Convergence pages.
+
+Runs on the shipped sample checkpoints (sample_checkpoints/chain-looped, chain-deep) when they
+exist; otherwise on untrained stand-ins built into a temporary folder (same architectures), so
+the suite also runs on a fresh clone before the samples are trained.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = str(ROOT / "app" / "main.py")
+REAL = ROOT / "sample_checkpoints"
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sample_dir(tmp_path_factory):
+    """Point the app at the real samples if present, else at freshly built stand-ins."""
+    old = os.environ.get("LOOPSCOPE_SAMPLE_DIR")
+    if (REAL / "chain-looped" / "config.json").is_file() and (REAL / "chain-deep" / "config.json").is_file():
+        os.environ.pop("LOOPSCOPE_SAMPLE_DIR", None)
+        path = REAL
+    else:
+        import torch
+
+        from analysis.checkpoint import save_checkpoint
+        from analysis.tasks import CHAIN_CHARS
+        from analysis.tokenizer import CharTokenizer
+        from analysis.train import build
+
+        path = tmp_path_factory.mktemp("samples")
+        torch.manual_seed(0)
+        for preset in ("chain-looped", "chain-deep"):
+            model = build(preset, len(CHAIN_CHARS), 64)
+            card = {"preset": preset, "parameters": model.num_parameters(),
+                    "trained_iterations": {"fixed": model.cfg.iterations},
+                    "accuracy_by_hops": {str(h): 0.1 for h in range(1, 9)}}
+            save_checkpoint(path / preset, model, CharTokenizer(CHAIN_CHARS), task={"name": "chain"}, card=card)
+        os.environ["LOOPSCOPE_SAMPLE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LOOPSCOPE_SAMPLE_DIR", None)
+    else:
+        os.environ["LOOPSCOPE_SAMPLE_DIR"] = old
+
+
+def new_app(query: dict | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
+    for k, v in (query or {}).items():
+        at.query_params[k] = v
+    return at
+
+
+def decode(value):
+    """Plotly JSON arrays may be {'dtype', 'bdata'} (base64); return a numpy array or the value."""
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        if "shape" in value:
+            shape = value["shape"]
+            shape = [int(n) for n in shape.split(",")] if isinstance(shape, str) else list(shape)
+            arr = arr.reshape(shape)
+        return arr
+    return value
+
+
+def charts(at) -> dict:
+    """{key: plotly figure dict} for every plotly chart on the page."""
+    out = {}
+    for el in at.get("plotly_chart"):
+        key = el.proto.id.rsplit("-", 1)[-1]
+        out[key] = json.loads(el.proto.spec)
+    return out
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def assert_clean(at):
+    assert not at.exception, texts(at.exception)
+
+
+@pytest.fixture(scope="module")
+def app():
+    """One app session, default settings, shared by the page tests (traces computed once)."""
+    at = new_app()
+    at.run()
+    return at
+
+
+def looped_trace(at):
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+
+    s = at.session_state["_settings"]
+    from app.state import resolve
+
+    model = load_checkpoint(resolve(s.looped))
+    return trace(model, s.prompt, iterations=s.iterations, seed=s.seed)
+
+
+# ---------------------------------------------------------------- pages on the default prompt
+def test_overview(app):
+    at = app.switch_page("app_pages/overview.py").run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    figs = charts(at)
+    assert {"answer_looped", "lens_looped", "answer_deep", "lens_deep", "accuracy"} <= set(figs)
+    s = at.session_state["_settings"]
+    L = 2  # the chain-looped block
+    assert len(figs["answer_looped"]["data"]) == L  # one line per block layer
+    y = decode(figs["answer_looped"]["data"][0]["y"])
+    assert len(y) == s.iterations and np.all((y >= 0) & (y <= 1))
+    assert len(figs["answer_deep"]["data"]) == 1
+    lens = figs["lens_looped"]["data"][0]
+    assert lens["type"] == "heatmap" and np.asarray(decode(lens["z"])).shape == (L, s.iterations)
+    assert len(figs["accuracy"]["data"]) >= 2  # a bar series per model (+ shortcut line)
+    labels = [m.label for m in at.metric]
+    assert any(l.startswith("Answer stable from") for l in labels)
+    assert "Tokens at a fixed point" in labels
+    assert "Parameters" in labels
+
+
+def test_orbits(app):
+    at = app.switch_page("app_pages/orbits.py").run()
+    assert_clean(at)
+    figs = charts(at)
+    assert set(figs) == {"orbit_looped", "orbit_deep"}
+    # colour by iteration: one path trace + first + last iteration markers
+    names = [t.get("name") for t in figs["orbit_looped"]["data"]]
+    assert names == ["paths", "first iteration", "last iteration"]
+    assert [t.get("name") for t in figs["orbit_deep"]["data"]] == ["paths", "first layer", "last layer"]
+    s = at.session_state["_settings"]
+    first = figs["orbit_looped"]["data"][1]
+    T = len(s.prompt)
+    assert len(decode(first["x"])) == 2 * T  # every layer of the first iteration, every token
+
+    at.checkbox(key="o_anim").check()
+    at.run()
+    assert_clean(at)
+    fig = charts(at)["orbit_looped"]
+    assert len(fig["data"]) == 4 and len(fig["frames"]) == s.iterations
+    assert fig["layout"]["sliders"][0]["steps"][-1]["label"] == str(s.iterations)
+
+    at.checkbox(key="o_anim").uncheck()
+    at.radio(key="o_color").set_value("token")
+    at.radio(key="o_dim").set_value("3D")
+    at.run()
+    assert_clean(at)
+    fig = charts(at)["orbit_looped"]
+    assert len(fig["data"]) == T + 2 and fig["data"][0]["type"] == "scatter3d"
+    assert at.query_params["o_color"] == "token" and at.query_params["o_dim"] == "3D"
+
+    at.radio(key="o_dim").set_value("2D")
+    at.radio(key="o_proj").set_value("token")
+    at.run()
+    assert_clean(at)
+    fig = charts(at)["orbit_looped"]
+    assert len(fig["data"]) == 1 + 2  # one token's path + first + last
+    assert len(decode(fig["data"][0]["x"])) == s.iterations * 2
+    at.radio(key="o_proj").set_value("pca")
+    at.radio(key="o_color").set_value("iteration")
+    at.run()
+
+
+def test_convergence(app):
+    at = app.switch_page("app_pages/convergence.py").run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    figs = charts(at)
+    s = at.session_state["_settings"]
+    T, L = len(s.prompt), 2
+    assert len(figs["steps"]["data"]) == T * L  # a line per token per layer facet
+    assert figs["steps"]["layout"]["yaxis"]["type"] == "log"
+    assert len(figs["distance"]["data"]) == L
+    z = np.asarray(decode(figs["distance"]["data"][0]["z"]))
+    assert z.shape == (T, s.iterations)
+    assert len(figs["spread"]["data"]) == 1 and len(figs["contraction"]["data"]) == L
+    assert len(figs["deep_steps"]["data"]) == T
+    classes = at.dataframe[0].value
+    assert len(classes) == T and set(classes["class"]) <= {"fixed point", "orbit", "slider", "unknown"}
+    # one layer only, via the view option
+    at.radio(key="c_layer").set_value(1)
+    at.run()
+    assert len(charts(at)["steps"]["data"]) == T
+    at.radio(key="c_layer").set_value("all")
+    at.run()
+
+
+def test_rerun_reuses_cached_trace(app):
+    import time
+
+    at = app.switch_page("app_pages/overview.py").run()
+    t0 = time.perf_counter()
+    at.run()
+    assert time.perf_counter() - t0 < 5  # cached: no model run (the bench measures the real number)
+    assert_clean(at)
+
+
+# ---------------------------------------------------------------- bad input
+def run_with_prompt(prompt: str):
+    at = new_app()
+    at.run()
+    at.text_area(key="w_prompt").set_value(prompt)
+    at.button(key="run").click()
+    at.run()
+    assert_clean(at)
+    return at
+
+
+def test_empty_prompt():
+    at = run_with_prompt("")
+    assert "prompt is empty" in texts(at.error)
+    assert "accuracy" in charts(at)  # the model cards still draw
+
+
+def test_overlong_prompt():
+    at = run_with_prompt("a=7;b=a;" * 12 + "?b=")
+    assert "reads at most 64" in texts(at.warning)
+    assert not at.error, texts(at.error)
+    assert {"answer_looped", "lens_looped"} <= set(charts(at))
+
+
+def test_out_of_vocabulary_character():
+    at = run_with_prompt("a=7;B=a;?b=")
+    msg = texts(at.error)
+    assert "'B'" in msg and "position 4" in msg
+
+
+def test_unreadable_checkpoint_folder(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    at = new_app({"looped": str(broken)})
+    at.run()
+    assert_clean(at)
+    assert "not valid JSON" in texts(at.error)
+    at = new_app({"looped": str(tmp_path / "missing")})
+    at.run()
+    assert_clean(at)
+    assert "is not a folder" in texts(at.error)
+    assert "answer_deep" in charts(at)  # the deep model still works
+
+
+def test_foreign_checkpoint_folder(tmp_path):
+    foreign = tmp_path / "llama"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                      "hidden_size": 4096}))
+    (foreign / "model.safetensors").write_bytes(b"\0" * 16)
+    at = new_app()
+    at.run()
+    at.selectbox(key="w_looped").set_value("local folder…")
+    at.run()
+    at.text_input(key="w_looped_path").set_value(str(foreign))
+    at.button(key="run").click()
+    at.run()
+    assert_clean(at)
+    assert "not a loopscope config" in texts(at.error)
+
+
+def test_iterations_out_of_range_in_url():
+    at = new_app({"iterations": "999"})
+    at.run()
+    assert_clean(at)
+    assert "iterations='999'" in texts(at.warning)
+    assert 1 <= at.number_input(key="w_iterations").value <= 256
+    assert not at.error
+
+
+def test_url_reproduces_settings():
+    q = {"prompt": "a=7;b=a;x=3;y=x;?b=", "iterations": "5", "seed": "5"}
+    at = new_app(q)
+    at.run()
+    assert_clean(at)
+    assert not at.warning and not at.error
+    s = at.session_state["_settings"]
+    assert (s.prompt, s.iterations, s.seed) == (q["prompt"], 5, 5)
+    assert at.text_area(key="w_prompt").value == q["prompt"]
+    assert at.number_input(key="w_iterations").value == 5
+    figs = charts(at)
+    assert len(decode(figs["answer_looped"]["data"][0]["y"])) == 5
+    for k, v in q.items():
+        assert at.query_params[k] == v
+    # the URL a user copies from here opens the same view
+    copy = new_app(dict(at.query_params))
+    copy.run()
+    assert copy.session_state["_settings"] == s
+
+
+def test_url_view_options_reproduce_page():
+    at = new_app({"o_color": "token", "o_proj": "pca", "o_pcs": "3-4"})
+    at.run()
+    at.switch_page("app_pages/orbits.py").run()
+    assert_clean(at)
+    fig = charts(at)["orbit_looped"]
+    assert fig["layout"]["xaxis"]["title"]["text"] == "PC3"
+    assert len(fig["data"]) == len(at.session_state["_settings"].prompt) + 2
+
+
+def test_malformed_url_falls_back_with_a_note():
+    at = new_app({"iterations": "abc", "seed": "-3", "looped": "no-such-model", "o_color": "purple"})
+    at.run()
+    assert_clean(at)
+    notes = texts(at.warning)
+    assert "iterations='abc'" in notes and "seed='-3'" in notes and "no-such-model" in notes
+    s = at.session_state["_settings"]
+    assert s.looped == "chain-looped" and 1 <= s.iterations <= 256 and s.seed == 0
+    assert "answer_looped" in charts(at)  # and the app works on the defaults
+    at.switch_page("app_pages/orbits.py").run()
+    assert_clean(at)
+    assert "o_color='purple'" in texts(at.warning)
+    assert "orbit_looped" in charts(at)
+
+
+def test_embed_mode_from_url():
+    at = new_app({"present": "true"})
+    at.run()
+    assert_clean(at)
+    assert at.session_state["_settings"].embed
+    assert at.query_params["present"] == "true"
+
+
+def test_uploaded_trace_replaces_computed_one(tmp_path):
+    at = new_app()
+    at.run()
+    t = looped_trace(at)
+    path = t.save(tmp_path / "t.npz")
+    at.file_uploader(key="upload").set_value(("t.npz", path.read_bytes(), "application/octet-stream"))
+    at.run()
+    assert_clean(at)
+    assert "uploaded trace t.npz" in texts(at.warning)
+    at.switch_page("app_pages/convergence.py").run()
+    assert_clean(at)
+    assert "needs the model's weights" in texts(at.info)
+    # a file that is not a trace gets a clear message
+    at.file_uploader(key="upload").set_value(("bad.npz", b"not a zip", "application/octet-stream"))
+    at.run()
+    assert_clean(at)
+    assert "not a loopscope trace" in texts(at.error)
