@@ -349,6 +349,9 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                                                     if isinstance(df, pd.DataFrame)}
     except Exception:
         tables = {}
+    if tables.get("looped") is not None:
+        fig, fsrc = _try_builder(("answer_rank_figure",), tables["looped"], tables.get("deep"))
+        parts.append(rep.figure("answer-rank", fig, fsrc))
     fig, fsrc = _try_builder(("answer_figure",), looped, trained=_trained(looped))
     if fig is None:
         parts.append(rep.figure("answer", _own_answer_figure(looped, deep),
@@ -435,8 +438,7 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                  f"{rep.set('looped.same_layer_distance', _f(same))}; between different layers: "
                  f"{rep.set('looped.cross_layer_distance', _f(cross))} "
                  f"(Frobenius distance of head-averaged maps, <code>analysis.attention.same_vs_cross_layer</code>).</p>")
-    fig, src = _try_builder(("attention_distance_figure", "distance_matrix_figure", "attention_stripes_figure"),
-                            looped)
+    fig, src = _try_builder(("attention_distance_figure",), matrix, looped)
     if fig is None:
         fig, src = _own_heatmap(matrix, labels, labels, "Attention distance between (iteration, layer) calls",
                                 "distance", "(iteration, layer)", "(iteration, layer)"), \
@@ -458,7 +460,7 @@ def _stages_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     for name, df in profiles.items():
         num = df.select_dtypes("number")
         rep.numbers.setdefault(name, {})["stage_profile_means"] = {c: _f(num[c].mean()) for c in num.columns}
-    fig, src = _try_builder(("stage_profiles_figure", "stages_figure", "stage_figure"), looped, deep)
+    fig, src = _try_builder(("stage_profile_figure",), profiles["looped"], profiles.get("deep"))
     if fig is None:
         fig, src = _own_stage_figure(profiles), "report figure (app.figures has no stage-profile builder)"
     parts.append(rep.figure("stages", fig, src))
@@ -483,7 +485,7 @@ def _cka_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                  f"{_num('cka.mean', rep.numbers['cka']['mean'])}; shape {m.shape[0]} looped states × "
                  f"{m.shape[1] if m.ndim > 1 else 0} deep layers.</p>")
     rep.numbers["cka"]["best_per_looped_state"] = [_f(b) for b in best]
-    fig, src = _try_builder(("cka_figure", "cka_heatmap", "cka_matrix_figure"), looped, deep)
+    fig, src = _try_builder(("cka_figure",), m, looped, deep)
     if fig is None:
         try:
             from analysis.attention import depth_labels
