@@ -504,6 +504,7 @@ STAGE_METRICS = (
     ("residual_entropy", "residual entropy"),
 )
 HUGINN_EXIT_KL = 5e-4
+KL_FLOOR = 1e-12  # log-axis floor for a KL that is zero (or rounds below zero)
 
 
 def pick_iterations(n: int, max_count: int = 6) -> list[int]:
@@ -569,6 +570,14 @@ def _attention_grid_maps(trace, layer, rows, head, max_rows):
     return panels, kind
 
 
+def _attention_top(maps: list) -> float:
+    """Top of a shared attention colour scale: the largest weight outside the first query row
+    (the first token can only attend to itself, weight 1, which would wash out every map)."""
+    rest = [np.asarray(m)[..., 1:, :] for m in maps if np.asarray(m).shape[-2] > 1]
+    vals = np.concatenate([r[np.isfinite(r)].ravel() for r in rest]) if rest else np.array([])
+    return float(vals.max()) if vals.size and vals.max() > 0 else 1.0
+
+
 def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows: int = 6, max_heads: int = 8,
                           zmax: float | None = None, title: str | None = None, big: bool = False) -> go.Figure:
     """Attention maps as a grid of heatmaps with one shared colour scale (query down, key across,
@@ -577,7 +586,8 @@ def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows
     Looped trace: rows = iterations (0-based ``rows``, default ``pick_iterations(I, max_rows)``)
     of block layer ``layer``. Deep trace: rows = layers (``rows``, default evenly spaced).
     head: "all" (one column per head, at most ``max_heads``), None (one column, the mean over
-    heads) or an int. zmax: top of the colour scale (default: the largest value shown).
+    heads) or an int. zmax: top of the colour scale (default: the largest value shown outside the
+    first query row, whose single weight is always 1; larger values saturate).
     Traces: one heatmap per panel (rows × columns), all on ``coloraxis``."""
     if trace.attention is None:
         return _empty("This trace has no attention maps.", big, title)
@@ -585,27 +595,27 @@ def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows
     panels = [(label, maps[:max_heads], names[:max_heads]) for label, maps, names in panels]
     n_rows, n_cols = len(panels), len(panels[0][2])
     T = trace.attention.shape[-1]
-    names = token_names(trace)
     fig = make_subplots(rows=n_rows, cols=n_cols, shared_xaxes=True, shared_yaxes=True,
                         horizontal_spacing=0.015, vertical_spacing=0.02 if n_rows > 1 else 0.0,
                         row_titles=[p[0] for p in panels], column_titles=panels[0][2])
-    shown = [_causal_nan(maps) for _, maps, _ in panels]
-    finite = np.concatenate([m[np.isfinite(m)] for m in shown]) if shown else np.array([])
-    top = float(zmax) if zmax is not None else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    shown = [_causal_nan(maps).astype(np.float32) for _, maps, _ in panels]
+    top = float(zmax) if zmax is not None else _attention_top(shown)
+    labels = [{" ": "␣", "\n": "⏎", "\t": "⇥"}.get(c, c) for c in trace.token_labels]
     for r, ((label, _, heads), maps) in enumerate(zip(panels, shown), start=1):
         for c in range(len(heads)):
-            fig.add_trace(go.Heatmap(z=maps[c], x=names, y=names, coloraxis="coloraxis",
+            fig.add_trace(go.Heatmap(z=maps[c], coloraxis="coloraxis",
                                      hovertemplate=f"{label}, {heads[c]}<br>query %{{y}} → key %{{x}}: "
                                                    "%{z:.3f}<extra></extra>"), row=r, col=c + 1)
     small = 11 if big else 8
-    fig.update_xaxes(tickfont=dict(size=small), tickangle=0, showgrid=False)
-    fig.update_yaxes(tickfont=dict(size=small), autorange="reversed", showgrid=False)
+    ticks = dict(tickmode="array", tickvals=list(range(T)), ticktext=labels, tickfont=dict(size=small), showgrid=False)
+    fig.update_xaxes(tickangle=0, **ticks)
+    fig.update_yaxes(autorange="reversed", **ticks)
     fig.update_xaxes(title="key", row=n_rows, col=1)
     fig.update_yaxes(title="query", row=(n_rows + 1) // 2, col=1)
     fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=top,
                                      colorbar=dict(title="attention", thickness=12)))
     fig.update_annotations(font_size=13 if big else 10)
-    what = "layer" if kind == "layer" else f"block layer {int(layer) % trace.n_layers}"
+    what = "deep model" if kind == "layer" else f"block layer {int(layer) % trace.n_layers}"
     per_row = (300 if big else 200) if T > 24 else (220 if big else 150)
     return theme(fig, big, title or f"Attention maps ({what}; rows: {kind}s)",
                  height=max(300, per_row * n_rows + 110))
@@ -687,8 +697,7 @@ def attention_floorplan_figure(trace, max_iterations: int = 16, max_tiles: int =
           for j in range(C * S - 1)]
     ys = [f"{row_names[i // S]} · query {i % S} {labels[i % S]}" if i % S < T else "\u2009" * (i // S + 1)
           for i in range(R * S - 1)]
-    finite = z[np.isfinite(z)]
-    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    top = _attention_top([m for row in grid for m in row])
     fig = go.Figure(go.Heatmap(z=z, x=xs, y=ys, colorscale=SEQUENTIAL, zmin=0.0, zmax=top,
                                colorbar=dict(title="attention", thickness=12),
                                hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>"))
@@ -732,7 +741,8 @@ def stage_profile_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None 
         r, c = n // 2 + 1, n % 2 + 1
         for (it, g), color in zip(groups, colors):
             fig.add_trace(go.Scatter(x=g["relative_depth"], y=g[col].astype(float), mode="lines+markers",
-                                     name=f"iteration {it}", legendgroup=f"it{it}", showlegend=n == 0,
+                                     name=f"iteration {it}", legendgroup=f"it{it}",
+                                     showlegend=n == 0 and it in (groups[0][0], groups[-1][0]),
                                      line=dict(color=color, width=1.8), marker=dict(size=5 if not big else 8),
                                      hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: %{{y:.3f}}<extra></extra>"),
                           row=r, col=c)
@@ -805,6 +815,7 @@ def answer_rank_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None = 
         for (it, g), color in zip(groups, _iteration_colors(len(groups))):
             fig.add_trace(go.Scatter(x=g["relative_depth"], y=g["rank"].astype(float) + 1, mode="lines+markers",
                                      name=f"iteration {it}", line=dict(color=color, width=1.8),
+                                     showlegend=it in (groups[0][0], groups[-1][0]),
                                      hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: rank %{{y}}<extra></extra>"))
         xtitle = "relative depth (%)"
     if deep is not None and len(deep):
@@ -825,10 +836,11 @@ def early_exit_data(kl) -> pd.DataFrame:
 def early_exit_kl_figure(kl, threshold: float | None = HUGINN_EXIT_KL, log_y: bool = True,
                          title: str | None = None, big: bool = False) -> go.Figure:
     """KL(p_{t−1} ‖ p_t) of the logit lens per iteration (``analysis.correspondence.early_exit_kl``,
-    [I], NaN at the first iteration: a gap) with Huginn's exit threshold. Traces: one line."""
+    [I], NaN at the first iteration: a gap) with Huginn's exit threshold; on a log axis values
+    below ``KL_FLOOR`` (zeros, rounding) are drawn at the floor. Traces: one line."""
     k = np.asarray(kl, dtype=float).copy()
-    if log_y:
-        k[k <= 0] = np.nan
+    if log_y:  # exact or rounding-negative zeros: drawn at a floor, not as gaps (NaN stays a gap)
+        k[np.isfinite(k) & (k < KL_FLOOR)] = KL_FLOOR
     fig = go.Figure(go.Scatter(x=np.arange(1, len(k) + 1), y=k, mode="lines+markers", name="KL",
                                line=dict(color=LOOPED_COLOR, width=2),
                                hovertemplate="iteration %{x}: KL %{y:.2e} nats<extra></extra>"))

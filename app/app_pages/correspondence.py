@@ -1,0 +1,98 @@
+"""Correspondence: which deep layer each looped (iteration, layer) state resembles (linear CKA),
+the answer's rank through depth for both models, and the early-exit KL per iteration."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from analysis import correspondence
+from app import figures, state, ui
+
+
+@st.cache_data(max_entries=32, show_spinner="Comparing the two models' representations (CKA)…")
+def _cka(looped_key: str, deep_key: str, _looped, _deep):
+    return correspondence.cka_matrix(_looped, _deep)
+
+
+def _answer(trace):
+    try:
+        return state.measure(correspondence.answer_through_depth, trace), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+s = state.current()
+big = s.settings.embed
+st.title("Correspondence: which deep layer does each pass resemble?")
+state.page_intro(
+    "The heatmap compares every looped state (rows: iteration · block layer, in the order they are computed) with "
+    "every deep layer (columns) by linear CKA, which ignores rotations and scale: 1 means the same geometry "
+    "over the prompt's tokens. Below, the answer token's rank under the logit lens shows where in depth each "
+    "model finds the answer (1 = top prediction), and the KL between successive iterations shows when the "
+    "looped model's prediction stops changing.",
+    "Looped models' passes line up with stages of a deep model (the block's layers follow the deep model's "
+    "profile once per iteration); Huginn stops iterating when this KL falls below 5e-4.",
+)
+ui.prompt_banner(s)
+t = s.looped
+if t is None:
+    st.info(f"No looped trace: {ui.why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
+            "then press Run.")
+    st.stop()
+
+st.subheader("Linear CKA: looped states vs deep layers")
+if s.deep is None:
+    st.info(f"No deep trace to compare with: {ui.why_missing(s, 'deep')}")
+else:
+    try:
+        cka = _cka(state.trace_key(t), state.trace_key(s.deep), _looped=t, _deep=s.deep)
+    except ValueError as exc:
+        cka = None
+        st.warning(f"CKA needs both models to read the same tokens: {exc}")
+    if cka is not None:
+        a, b = st.columns([3, 1], gap="large")
+        with a:
+            ui.show_figure(figures.cka_figure(cka, t, s.deep, big=big), key="correspondence_cka",
+                           data=figures.cka_data(cka, t, s.deep))
+        with b:
+            c = np.asarray(cka, dtype=float)
+            L = t.n_layers
+            last = c[-L:] if c.shape[0] >= L else c
+            if np.isfinite(last).any():
+                best = np.nanargmax(np.where(np.isfinite(last), last, -np.inf), axis=1)
+                st.markdown("**Best-matching deep layer, last iteration**")
+                for layer, d in enumerate(best):
+                    st.markdown(f"- block layer {layer} → deep layer {d} (CKA {last[layer, d]:.2f})")
+            st.caption(f"Looped {ui.model_label(t, s.looped_model)} against deep "
+                       f"{ui.model_label(s.deep, s.deep_model)}, over the prompt's {t.n_tokens} tokens.")
+
+st.subheader("The answer's rank through depth")
+c1, c2 = st.columns(2)
+with c1:
+    x_by = state.view_option("Horizontal axis", "correspondence_x", ["relative_depth", "depth"], "relative_depth",
+                             format_func={"relative_depth": "relative depth (one line per iteration)",
+                                          "depth": "realized depth (layer calls)"}.get)
+with c2:
+    log_y = state.view_bool("Log axis", "correspondence_log", True)
+looped_ans, err = _answer(t)
+deep_ans, derr = _answer(s.deep) if s.deep is not None else (None, None)
+if looped_ans is None:
+    st.info(f"No answer to track for this prompt ({err}); pick a chain example with a known answer.")
+else:
+    if s.deep is not None and deep_ans is None:
+        st.caption(f"Deep model: {derr}")
+    ui.show_figure(figures.answer_rank_figure(looped_ans, deep_ans, x_by=x_by, log_y=log_y, big=big),
+                   key="correspondence_rank", data=figures.answer_rank_data(looped_ans, deep_ans))
+
+st.subheader("Early exit: how much does the prediction still change?")
+if t.n_iterations < 2:
+    st.info("Run at least 2 iterations to compare one iteration's prediction with the previous one.")
+else:
+    kl = state.measure(correspondence.early_exit_kl, t)
+    k = np.asarray(kl, dtype=float)
+    below = np.nonzero(np.isfinite(k) & (k < figures.HUGINN_EXIT_KL))[0]
+    st.caption("KL(p_{t−1} ‖ p_t) of the logit lens after the block's last layer: "
+               + (f"it first falls below Huginn's exit threshold 5e-4 at iteration {below[0] + 1}."
+                  if below.size else "it never falls below Huginn's exit threshold 5e-4 in this run."))
+    ui.show_figure(figures.early_exit_kl_figure(kl, big=big), key="correspondence_kl",
+                   data=figures.early_exit_data(kl))

@@ -1,0 +1,63 @@
+"""Stages: attention-mixing profiles against relative depth, one line per iteration of the
+looped block, over the deep model's profile across its whole depth."""
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import stages
+from app import figures, state, ui
+
+s = state.current()
+big = s.settings.embed
+st.title("Stages: does every pass of the loop repeat the deep model's stages?")
+state.page_intro(
+    "Four profiles of how attention mixes tokens — ColSum concentration (attention piled on a few keys), sink "
+    "rate (heads dumping attention on one key), mixing score (mean row entropy) and the residual stream's "
+    "matrix entropy — plotted against relative depth: within the block for each looped iteration (one coloured "
+    "line per iteration, dark = early), and over the whole stack for the deep model (thick black line). "
+    "Looped lines that trace the black curve mean each pass of the block re-runs the deep model's stages.",
+    "Stages repeat per pass: the profiles within the block follow the deep model's profile over its whole "
+    "depth, once per iteration (after the first few iterations the lines lie on top of each other).",
+)
+ui.prompt_banner(s)
+t = s.looped
+if t is None:
+    st.info(f"No looped trace: {ui.why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
+            "then press Run.")
+    st.stop()
+if t.attention is None:
+    st.info("This looped trace has no attention maps, which the stage profiles need; run the model from the "
+            "sidebar to capture them.")
+    st.stop()
+
+I = t.n_iterations
+c1, c2 = st.columns([2, 3])
+with c1:
+    max_lines = state.view_int("Iterations drawn (at most)", "stages_lines", 1, min(I, 32), min(I, 17),
+                               help="First, last and evenly spaced iterations between them; one line each.")
+with c2:
+    st.caption(f"The looped block has {t.n_layers} layers, so each iteration's line has {t.n_layers} points "
+               "(relative depth within the block).")
+try:
+    looped = state.measure(stages.stage_profiles, t)
+except ValueError as exc:
+    st.error(f"Could not compute the looped model's stage profiles: {exc}")
+    st.stop()
+deep = None
+if s.deep is None:
+    st.caption(f"No deep model to compare with: {ui.why_missing(s, 'deep')}")
+elif s.deep.attention is None:
+    st.caption("The deep trace has no attention maps; only the looped profiles are drawn.")
+else:
+    try:
+        deep = state.measure(stages.stage_profiles, s.deep)
+    except ValueError as exc:
+        st.warning(f"Could not compute the deep model's stage profiles: {exc}")
+
+label = f"looped {ui.model_label(t, s.looped_model)}" + (
+    f" over deep {ui.model_label(s.deep, s.deep_model)}" if deep is not None else "")
+st.subheader(label)
+ui.show_figure(figures.stage_profile_figure(looped, deep, max_lines=max_lines, big=big), key="stages_profiles",
+               data=figures.stage_data(looped, deep))
+with st.expander("The numbers"):
+    st.dataframe(figures.stage_data(looped, deep), hide_index=True, height=300)
