@@ -136,7 +136,7 @@ def lens_heatmap(trace, token: int = -1, title: str | None = None, big: bool = F
     pos = trace.token_labels[token]
     fig.update_xaxes(title=xt)
     return theme(fig, big, title or f"Logit lens at the last position ('{pos}'): top-1 and its probability",
-                 height=(300 if big else 240) if not trace.is_deep else (220 if big else 180))
+                 height=300 if big else 250)
 
 
 def answer_data(trace) -> pd.DataFrame:
@@ -316,7 +316,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
             pts = c[t_idx][:, sel].reshape(-1, C)
             cd = np.stack([np.tile(pos_sel, L), np.full(len(pts), t_idx + 1), np.repeat(np.arange(L), len(sel))], -1)
         fig.add_trace(Scatter(**xyz(pts), mode="markers", name=name,
-                              marker=dict(size=size * (2.2 if not is3d else 1.8), symbol=symbol, color=color,
+                              marker=dict(size=size * (1.7 if not is3d else 1.5), symbol=symbol, color=color, opacity=0.85,
                                           line=dict(width=2, color=color)),
                               customdata=cd, hovertemplate=f"{name}<br>" + hover))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.checkpoint import SAMPLE_DIR, CheckpointError, LoadedModel, load_checkpoint
-from analysis.tasks import make_chain
+from analysis.tasks import make_chain, solve_chain
 from analysis.trace import Trace, TraceFormatError, trace as capture_trace
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -471,6 +471,9 @@ def sidebar() -> Settings:
         ex = next((e for e in exs if e["title"] == ss["w_example"]), None)
         if ex and ex.get("answer") is not None and ex["prompt"] == ss.get("w_prompt"):
             sb.caption(f"Known answer: **{ex['answer']}**" + (f" ({ex['hops']} hops)" if ex.get("hops") else ""))
+        elif task == "chain" and solve_chain(ss.get("w_prompt") or ""):
+            ans, h = solve_chain(ss["w_prompt"])
+            sb.caption(f"Answer solved from the prompt: **{ans}** ({h} hops)")
     if task == "chain":
         c1, c2 = sb.columns([3, 2], vertical_alignment="bottom")
         c1.slider("Hops", 1, MAX_HOPS, key="w_hops", help="Lookups from the query to the digit (trained: 1–4).")

@@ -348,3 +348,26 @@ def test_uploaded_trace_replaces_computed_one(tmp_path):
     at.run()
     assert_clean(at)
     assert "not a loopscope trace" in texts(at.error)
+
+
+def test_chain_generator_fills_a_seeded_prompt():
+    from analysis.tasks import solve_chain
+
+    at = new_app()
+    at.run()
+    at.slider(key="w_hops").set_value(5)
+    at.button[[b.label for b in at.button].index("New chain")].click()
+    at.run()
+    prompt = at.text_area(key="w_prompt").value
+    assert solve_chain(prompt)[1] == 5
+    assert "Settings changed" in texts(at.caption)  # pending until Run
+    at.button(key="run").click()
+    at.run()
+    assert_clean(at)
+    assert at.session_state["_settings"].prompt == prompt and at.query_params["hops"] == "5"
+    again = new_app()  # same seed, same click count: the same chain
+    again.run()
+    again.slider(key="w_hops").set_value(5)
+    again.button[[b.label for b in again.button].index("New chain")].click()
+    again.run()
+    assert again.text_area(key="w_prompt").value == prompt

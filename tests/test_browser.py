@@ -86,8 +86,8 @@ def test_every_page_renders_in_chromium(tmp_path):
                 t0 = time.time()
                 page.goto(f"{base}/" if name == present[0] else f"{base}/{name}", wait_until="domcontentloaded")
                 page.wait_for_selector('[data-testid="stSidebar"], [data-testid="stMain"]', timeout=60_000)
-                if name not in ("lab", "report"):
-                    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+                if name not in ("lab", "report"):  # a chart, or the exception box that replaces it
+                    page.wait_for_selector('.js-plotly-plot, [data-testid="stException"]', timeout=90_000)
                 _wait_idle(page)
                 page.wait_for_timeout(500)
                 page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
