@@ -928,5 +928,5 @@ def fixed_point_cosine_figure(cos, title: str | None = None, big: bool = False) 
                                hovertemplate="%{y} vs %{x}: cos %{z:.4f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title="block layer", scaleanchor="x", constrain="domain")
     fig.update_xaxes(title="block layer", constrain="domain")
-    return theme(fig, big, title or "Cosine between the layers' final states (fixed points)",
+    return theme(fig, big, title or "Layers' final states: cosine",
                  height=460 if not big else 600)
