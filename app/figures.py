@@ -578,47 +578,71 @@ def _attention_top(maps: list) -> float:
     return float(vals.max()) if vals.size and vals.max() > 0 else 1.0
 
 
+def _char_label(c: str) -> str:
+    return {" ": "␣", "\n": "⏎", "\t": "⇥"}.get(c, c)
+
+
+def _tiled(grid: list, row_names: list[str], col_names: list[str], labels: list[str]):
+    """Tile maps ``grid[r][c]`` ([T, T] each) into one matrix with one blank (NaN) cell between
+    tiles, and categorical coordinates that make the hover readable ("it3 · key 5 b")."""
+    R, C, T = len(grid), len(grid[0]), len(labels)
+    S = T + 1
+    z = np.full((R * S - 1, C * S - 1), np.nan, dtype=np.float32)
+    for r in range(R):
+        for c in range(C):
+            z[r * S:r * S + T, c * S:c * S + T] = grid[r][c]
+    xs = [f"{col_names[j // S]} · key {j % S} {labels[j % S]}" if j % S < T else " " * (j // S + 1)
+          for j in range(C * S - 1)]
+    ys = [f"{row_names[i // S]} · query {i % S} {labels[i % S]}" if i % S < T else "\u2009" * (i // S + 1)
+          for i in range(R * S - 1)]
+    return z, xs, ys
+
+
 def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows: int = 6, max_heads: int = 8,
                           zmax: float | None = None, title: str | None = None, big: bool = False) -> go.Figure:
-    """Attention maps as a grid of heatmaps with one shared colour scale (query down, key across,
-    token labels on the outer axes; future keys blank).
+    """Attention maps as a grid of tiles on one colour scale (query down, key across, the
+    token characters on the outer axes; future keys blank), drawn as one tiled heatmap (fast to
+    build and to send; hover names the tile, query and key).
 
     Looped trace: rows = iterations (0-based ``rows``, default ``pick_iterations(I, max_rows)``)
     of block layer ``layer``. Deep trace: rows = layers (``rows``, default evenly spaced).
     head: "all" (one column per head, at most ``max_heads``), None (one column, the mean over
     heads) or an int. zmax: top of the colour scale (default: the largest value shown outside the
     first query row, whose single weight is always 1; larger values saturate).
-    Traces: one heatmap per panel (rows × columns), all on ``coloraxis``."""
+    Traces: one heatmap, tile (r, c) at ``z[r*(T+1):r*(T+1)+T, c*(T+1):c*(T+1)+T]``."""
     if trace.attention is None:
         return _empty("This trace has no attention maps.", big, title)
     panels, kind = _attention_grid_maps(trace, layer, rows, head, max_rows)
     panels = [(label, maps[:max_heads], names[:max_heads]) for label, maps, names in panels]
-    n_rows, n_cols = len(panels), len(panels[0][2])
     T = trace.attention.shape[-1]
-    fig = make_subplots(rows=n_rows, cols=n_cols, shared_xaxes=True, shared_yaxes=True,
-                        horizontal_spacing=0.015, vertical_spacing=0.02 if n_rows > 1 else 0.0,
-                        row_titles=[p[0] for p in panels], column_titles=panels[0][2])
-    shown = [_causal_nan(maps).astype(np.float32) for _, maps, _ in panels]
-    top = float(zmax) if zmax is not None else _attention_top(shown)
-    labels = [{" ": "␣", "\n": "⏎", "\t": "⇥"}.get(c, c) for c in trace.token_labels]
-    for r, ((label, _, heads), maps) in enumerate(zip(panels, shown), start=1):
-        for c in range(len(heads)):
-            fig.add_trace(go.Heatmap(z=maps[c], coloraxis="coloraxis",
-                                     hovertemplate=f"{label}, {heads[c]}<br>query %{{y}} → key %{{x}}: "
-                                                   "%{z:.3f}<extra></extra>"), row=r, col=c + 1)
+    labels = [_char_label(c) for c in trace.token_labels]
+    row_names, col_names = [p[0] for p in panels], panels[0][2]
+    grid = [[_causal_nan(m) for m in maps] for _, maps, _ in panels]
+    top = float(zmax) if zmax is not None else _attention_top([m for row in grid for m in row])
+    z, xs, ys = _tiled(grid, row_names, col_names, labels)
+    S = T + 1
+    fig = go.Figure(go.Heatmap(z=z, x=xs, y=ys, colorscale=SEQUENTIAL, zmin=0.0, zmax=top,
+                               colorbar=dict(title="attention", thickness=12),
+                               hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>"))
     small = 11 if big else 8
-    ticks = dict(tickmode="array", tickvals=list(range(T)), ticktext=labels, tickfont=dict(size=small), showgrid=False)
-    fig.update_xaxes(tickangle=0, **ticks)
-    fig.update_yaxes(autorange="reversed", **ticks)
-    fig.update_xaxes(title="key", row=n_rows, col=1)
-    fig.update_yaxes(title="query", row=(n_rows + 1) // 2, col=1)
-    fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=top,
-                                     colorbar=dict(title="attention", thickness=12)))
-    fig.update_annotations(font_size=13 if big else 10)
+    xt = [xs[c * S + k] for c in range(len(col_names)) for k in range(T)]
+    yt = [ys[r * S + q] for r in range(len(row_names)) for q in range(T)]
+    fig.update_xaxes(tickmode="array", tickvals=xt, ticktext=labels * len(col_names), tickangle=0,
+                     tickfont=dict(size=small), showgrid=False, title="key", constrain="domain")
+    fig.update_yaxes(tickmode="array", tickvals=yt, ticktext=labels * len(row_names), tickfont=dict(size=small),
+                     showgrid=False, autorange="reversed", title="query", scaleanchor="x", constrain="domain")
+    for c, name in enumerate(col_names):
+        fig.add_annotation(text=name, x=xs[c * S + T // 2], xref="x", y=1.0, yref="paper", yanchor="bottom",
+                           showarrow=False, font=dict(size=13 if big else 10))
+    for r, name in enumerate(row_names):
+        fig.add_annotation(text=name, y=ys[r * S + T // 2], yref="y", x=1.0, xref="paper", xanchor="left",
+                           textangle=90, showarrow=False, font=dict(size=13 if big else 10))
     what = "deep model" if kind == "layer" else f"block layer {int(layer) % trace.n_layers}"
+    n_rows = len(row_names)
     per_row = (300 if big else 200) if T > 24 else (220 if big else 150)
-    return theme(fig, big, title or f"Attention maps ({what}; rows: {kind}s)",
-                 height=max(300, per_row * n_rows + 110))
+    fig = theme(fig, big, title or f"Attention maps ({what}; rows: {kind}s)", height=max(300, per_row * n_rows + 110))
+    fig.update_layout(margin=dict(r=60))
+    return fig
 
 
 def _depth_subset(n_items: int, n_layers: int, max_iterations: int) -> tuple[list[int], list[int]]:

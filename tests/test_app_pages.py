@@ -102,10 +102,11 @@ def test_attention_page(app):
     assert set(figs) == {"attention_grid", "attention_deep_grid", "attention_distance", "attention_floorplan",
                          "attention_deep_floorplan"}
     rows = min(I, 6)
-    assert len(figs["attention_grid"]["data"]) == rows * min(H, 8)
-    assert all(d["type"] == "heatmap" for d in figs["attention_grid"]["data"])
-    assert np.asarray(decode(figs["attention_grid"]["data"][0]["z"])).shape == (T, T)
-    assert len(figs["attention_deep_grid"]["data"]) == min(DL, rows) * min(H, 8)
+    grid = figs["attention_grid"]["data"]  # one tiled heatmap: rows × heads maps of T × T
+    assert len(grid) == 1 and grid[0]["type"] == "heatmap"
+    assert np.asarray(decode(grid[0]["z"])).shape == (rows * (T + 1) - 1, min(H, 8) * (T + 1) - 1)
+    deep_grid = figs["attention_deep_grid"]["data"]
+    assert np.asarray(decode(deep_grid[0]["z"])).shape == (min(DL, rows) * (T + 1) - 1, min(H, 8) * (T + 1) - 1)
     dist = figs["attention_distance"]["data"]
     assert len(dist) == 1 and np.asarray(decode(dist[0]["z"])).shape == (I * L, I * L)
     floor = figs["attention_floorplan"]["data"]
@@ -119,7 +120,7 @@ def test_attention_page(app):
     at.run()
     assert_clean(at)
     figs = charts(at)
-    assert len(figs["attention_grid"]["data"]) == rows
+    assert np.asarray(decode(figs["attention_grid"]["data"][0]["z"])).shape == (rows * (T + 1) - 1, T)
     assert at.query_params["attention_metric"] == ["js"] or at.query_params["attention_metric"] == "js"
     assert "js" in figs["attention_distance"]["layout"]["title"]["text"]
 

@@ -53,37 +53,49 @@ def test_pick_iterations():
 
 
 # ---------------------------------------------------------------- attention
+def tile(z, r, c, T):
+    S = T + 1
+    return z[r * S:r * S + T, c * S:c * S + T]
+
+
 def test_attention_grid_looped(traces):
     t, _ = traces
     T = t.n_tokens
     fig = F.attention_grid_figure(t, layer=1)
-    assert len(fig.data) == I * H  # iterations (all 5 <= 6) × heads
-    assert all(d.type == "heatmap" and d.coloraxis == "coloraxis" for d in fig.data)
-    z = z_of(fig, 0)  # iteration 1, head 0
-    want = np.array(t.attention[0, 1, 0], dtype=float)
+    assert len(fig.data) == 1 and fig.data[0].type == "heatmap"  # one tiled heatmap
+    z = z_of(fig)
+    assert z.shape == (I * (T + 1) - 1, H * (T + 1) - 1)  # iterations (all 5 <= 6) × heads
     low = np.tril(np.ones((T, T), dtype=bool))
-    assert np.allclose(z[low], want[low]) and np.isnan(z[~low]).all()  # future keys blank
-    assert list(fig.layout.xaxis.ticktext) == list(t.token_labels) and list(fig.layout.yaxis.tickvals) == list(range(T))
+    for r, c in ((0, 0), (I - 1, H - 1), (2, 1)):
+        got, want = tile(z, r, c, T), np.array(t.attention[r, 1, c], dtype=float)
+        assert np.allclose(got[low], want[low], atol=1e-6) and np.isnan(got[~low]).all()  # future keys blank
+    assert np.isnan(z[T]).all() and np.isnan(z[:, T]).all()  # gaps between tiles
+    assert list(fig.layout.xaxis.ticktext) == list(t.token_labels) * H
+    assert len(fig.layout.yaxis.tickvals) == I * T
     # one colour scale; its top is the largest weight below the first query row (which is always 1)
-    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == pytest.approx(np.nanmax(
+    assert fig.data[0].zmin == 0 and fig.data[0].zmax == pytest.approx(np.nanmax(
         [np.where(low, t.attention[r, 1, h], np.nan)[1:] for r in range(I) for h in range(H)]), rel=1e-6)
     annotations = [a.text for a in fig.layout.annotations]
     assert "iteration 1" in annotations and f"iteration {I}" in annotations and "head 1" in annotations
+    assert fig.layout.xaxis.title.text == "key" and fig.layout.yaxis.title.text == "query"
     # a subset of rows, the mean over heads
     fig = F.attention_grid_figure(t, layer=0, rows=[0, I - 1], head=None)
-    assert len(fig.data) == 2
-    assert np.allclose(z_of(fig, 1)[low], t.attention[I - 1, 0].mean(axis=0)[low], atol=1e-6)
-    assert len(F.attention_grid_figure(t, layer=0, head=1, max_rows=3).data) == 3
+    z = z_of(fig)
+    assert z.shape == (2 * (T + 1) - 1, T)
+    assert np.allclose(tile(z, 1, 0, T)[low], t.attention[I - 1, 0].mean(axis=0)[low], atol=1e-6)
+    assert z_of(F.attention_grid_figure(t, layer=0, head=1, max_rows=3)).shape == (3 * (T + 1) - 1, T)
     df = F.attention_grid_data(t, layer=0, rows=[0], head="all")
     assert len(df) == H * T * T
 
 
 def test_attention_grid_deep(traces):
     _, d = traces
+    T = d.n_tokens
     fig = F.attention_grid_figure(d, head="all")
-    assert len(fig.data) == DEEP_L * H
+    z = z_of(fig)
+    assert len(fig.data) == 1 and z.shape == (DEEP_L * (T + 1) - 1, H * (T + 1) - 1)
     assert "layer 3" in [a.text for a in fig.layout.annotations]
-    assert np.allclose(np.nan_to_num(z_of(fig, 2)), d.attention[0, 1, 0])  # layer 1, head 0
+    assert np.allclose(np.nan_to_num(tile(z, 1, 0, T)), d.attention[0, 1, 0], atol=1e-6)  # layer 1, head 0
 
 
 def test_attention_distance_figure(traces):
@@ -135,7 +147,9 @@ def test_attention_figures_with_nan(traces):
 
     t = nan_trace(traces[0])
     fig = F.attention_grid_figure(t, layer=0)
-    assert np.isnan(z_of(fig, len(fig.data) - 1)).any()
+    T = t.n_tokens
+    last = tile(z_of(fig), I - 1, 0, T)
+    assert np.isnan(last[3]).all() and np.isfinite(tile(z_of(fig), 0, 0, T)[3, :4]).all()
     m = attention_distance_matrix(t.attention)
     fig = F.attention_distance_figure(m, t)
     assert np.isnan(z_of(fig)).any() and np.isfinite(z_of(fig)).any()
