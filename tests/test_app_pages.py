@@ -190,3 +190,33 @@ def test_lab_page(app):
     at.run()
     assert_clean(at)
     assert len(charts(at)["lab_steps"]["data"]) == 3
+
+
+def test_pages_survive_a_nan_trace(tmp_path):
+    """A diverged run (NaN states and attention), uploaded as the looped trace: every page still
+    draws (gaps, with the frame's warning), never a traceback."""
+    import dataclasses
+
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+    from app.state import resolve
+
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
+    at.run()
+    s = at.session_state["_settings"]
+    t = trace(load_checkpoint(resolve(s.looped)), s.prompt, iterations=4, seed=s.seed)
+    states, att = np.array(t.states), np.array(t.attention)
+    states[-1, :, 3] = np.nan
+    att[-1, :, :, 5] = np.nan
+    path = dataclasses.replace(t, states=states, attention=att).save(tmp_path / "nan.npz")
+    at.file_uploader(key="upload").set_value(("nan.npz", path.read_bytes(), "application/octet-stream"))
+    at.run()
+    assert "NaN" in "\n".join(str(w.value) for w in at.warning)
+    for page in ("attention", "stages", "correspondence"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception, f"{page}: " + "\n".join(str(e.value) for e in at.exception)
+    at.switch_page("app_pages/attention.py").run()
+    z = np.asarray(decode(charts(at)["attention_grid"]["data"][0]["z"]), dtype=float)
+    assert np.isnan(z).any() and np.isfinite(z).any()
