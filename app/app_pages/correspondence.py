@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis import correspondence
 from app import figures, state, ui
+
+try:
+    from analysis import correspondence
+except ImportError as exc:  # an installation without this measurement module
+    st.error(f"analysis.correspondence is not available in this installation ({exc}); this page needs it.")
+    st.stop()
 
 
 @st.cache_data(max_entries=32, show_spinner="Comparing the two models' representations (CKA)…")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import stages
 from app import figures, state, ui
+
+try:
+    from analysis import stages
+except ImportError as exc:  # an installation without this measurement module
+    st.error(f"analysis.stages is not available in this installation ({exc}); this page needs it.")
+    st.stop()
 
 s = state.current()
 big = s.settings.embed
