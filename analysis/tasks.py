@@ -112,3 +112,14 @@ def solve_chain(prompt: str) -> tuple[str, int] | None:
         cur = defs[cur]
         hops += 1
     return (cur, hops) if cur.isdigit() and hops else None
+
+
+def hop_path(prompt: str) -> list[str]:
+    """The token reached after each lookup from the query: ``a=7;b=a;?b=`` -> ["a", "7"]."""
+    body, _, query = prompt.rpartition("?")
+    defs = dict(stmt.split("=") for stmt in body.split(";") if stmt)
+    path, cur = [], query[:-1]
+    while cur in defs and len(path) <= len(defs):
+        cur = defs[cur]
+        path.append(cur)
+    return path

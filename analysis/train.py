@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .evaluate import chain_accuracy_by_hops, shortcut_by_hops, text_bits_per_char
 from .model import LoopConfig, LoopedTransformer
-from .tasks import CHAIN_CHARS, chain_batch, heldout_chains, text_chars, text_corpus
+from .tasks import CHAIN_CHARS, chain_batch, heldout_chains, hop_path, text_chars, text_corpus
 from .tokenizer import CharTokenizer
 
 ITERATION_SWEEP = (1, 2, 4, 8, 16, 32, 64)
@@ -54,6 +54,31 @@ def sample_iterations(rng: random.Random, mean: int, sigma: float = 0.5, lo: int
     return min(max(k, lo), hi)
 
 
+def hop_stage_logits(model: LoopedTransformer, x, iterations, seed, grad_iterations):
+    """Final logits (B, V) at the last position, and the logit lens (B, V) at the last position
+    after each supervised stage with the number of hops it should have done: after iteration t
+    of a looped model (t + 1 hops); for a deep model, after each second layer from the third
+    (the layers that end "iteration t" of a (1, 2⊗r, 1) model of the same depth)."""
+    cfg = model.cfg
+    e = model.encode(x)
+    s = model.initial_state(e, seed)
+    stages = []
+    if cfg.is_deep:
+        for l, layer in enumerate(model.block):
+            s = layer(s)
+            if l >= 2 and l % 2 == 0 and l < cfg.n_block - 1:
+                stages.append((l // 2, model.logit_lens(s[:, -1])))
+    else:
+        r = iterations or cfg.iterations
+        for t in range(r):
+            if grad_iterations is not None and t == r - grad_iterations:
+                s = s.detach()
+            s = model.step(s, e, t)
+            if grad_iterations is None or t >= r - grad_iterations:
+                stages.append((t + 1, model.logit_lens(s[:, -1])))
+    return model.decode(s)[:, -1], stages
+
+
 def build(preset: str, vocab_size: int, context: int) -> LoopedTransformer:
     _, kw, _ = PRESETS[preset]
     kw = dict(kw)
@@ -77,6 +102,10 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hop-supervision", type=int, default=1,
+                    help="1: also train the logit lens after each iteration (deep: each second layer) "
+                         "to name the token reached after that many hops")
+    ap.add_argument("--heldout-per-hops", type=int, default=250, help="final held-out examples per hop count")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     args = ap.parse_args(argv)
 
@@ -117,8 +146,15 @@ def main(argv=None):
             batch = chain_batch(rng, args.batch, (1, level), args.statements)
             x = torch.tensor([tok.encode(ex.prompt) for ex in batch], device=device)
             y = torch.tensor([tok.index[ex.answer] for ex in batch], device=device)
-            logits = model(x, iterations=r, seed=step, grad_iterations=gi)[:, -1]
-            loss = F.cross_entropy(logits, y)
+            if args.hop_supervision:
+                logits, stages = hop_stage_logits(model, x, r, step, gi)
+                paths = [hop_path(ex.prompt) for ex in batch]
+                hop_loss = sum(F.cross_entropy(lens, torch.tensor(
+                    [tok.index[p[min(h, len(p)) - 1]] for p in paths], device=device)) for h, lens in stages)
+                loss = F.cross_entropy(logits, y) + hop_loss / max(1, len(stages))
+            else:
+                logits = model(x, iterations=r, seed=step, grad_iterations=gi)[:, -1]
+                loss = F.cross_entropy(logits, y)
         else:
             starts = torch.randint(0, len(train_ids) - context - 1, (args.batch,), generator=gen)
             x = torch.stack([train_ids[s:s + context] for s in starts]).to(device)
@@ -158,7 +194,8 @@ def main(argv=None):
     card = {"preset": args.preset, "task": task_name, "architecture": cfg.describe(),
             "parameters": model.num_parameters(), "training_steps": steps_done, "batch": args.batch,
             "lr": args.lr, "seed": args.seed, "train_seconds": train_seconds, "threads": args.threads,
-            "device": device, "shift_offsets": cfg.shift_offsets, "history": history}
+            "device": device, "shift_offsets": cfg.shift_offsets,
+            "hop_supervision": bool(args.hop_supervision) if task_name == "chain" else None, "history": history}
     if random_r:
         card["trained_iterations"] = {"distribution": "log-normal Poisson", "mean": cfg.iterations,
                                       "sigma": 0.5, "min": 2, "max": 3 * cfg.iterations,
@@ -167,8 +204,9 @@ def main(argv=None):
         card["trained_iterations"] = {"fixed": cfg.iterations}
     if task_name == "chain":
         task = {"name": "chain", "n_statements": args.statements, "max_hops": args.max_hops}
-        ev = heldout_chains(args.seed + 999_999, 250, args.statements, args.statements)
-        card["heldout"] = {"examples_per_hops": 250, "seed": args.seed + 999_999}
+        ev = heldout_chains(args.seed + 999_999, args.heldout_per_hops, args.statements, args.statements)
+        card["heldout"] = {"examples_per_hops": args.heldout_per_hops, "seed": args.seed + 999_999,
+                           "n_statements": args.statements}
         card["accuracy_by_hops"] = chain_accuracy_by_hops(model, tok, ev)
         card["shortcut_by_hops"] = shortcut_by_hops(ev)
         if not cfg.is_deep:
