@@ -516,7 +516,7 @@ def apply_embed_style(embed: bool, hide_sidebar: bool) -> None:
     css = """
     html, body, [data-testid="stAppViewContainer"] { font-size: 20px; }
     [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
-    [data-testid="stMetricValue"], [data-testid="stMetricValue"] div { font-size: 2.6rem !important; }
+    [data-testid="stMetricValue"], [data-testid="stMetricValue"] div, [data-testid="stMetricValue"] p { font-size: 2.6rem !important; line-height: 1.2; }
     h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; }
     """
     if hide_sidebar:
