@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -79,9 +80,9 @@ def hop_stage_logits(model: LoopedTransformer, x, iterations, seed, grad_iterati
     return model.decode(s)[:, -1], stages
 
 
-def build(preset: str, vocab_size: int, context: int) -> LoopedTransformer:
+def build(preset: str, vocab_size: int, context: int, **overrides) -> LoopedTransformer:
     _, kw, _ = PRESETS[preset]
-    kw = dict(kw)
+    kw = dict(kw, **overrides)
     if "deep_layers" in kw:
         cfg = LoopConfig.deep(kw.pop("deep_layers"), vocab_size=vocab_size, context_length=context, **kw)
     else:
@@ -102,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--norm-layout", choices=["pre", "huginn", "ouro"], help="override the preset's norm layout")
     ap.add_argument("--hop-supervision", type=int, default=1,
                     help="1: also train the logit lens after each iteration (deep: each second layer) "
                          "to name the token reached after that many hops")
@@ -120,7 +122,8 @@ def main(argv=None):
     else:
         tok = CharTokenizer(text_chars())
         context = 64
-    model = build(args.preset, tok.vocab_size, context).to(device)
+    overrides = {"norm_layout": args.norm_layout} if args.norm_layout else {}
+    model = build(args.preset, tok.vocab_size, context, **overrides).to(device)
     cfg = model.cfg
     random_r = train_kw.get("random_iterations", False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -222,11 +225,11 @@ def main(argv=None):
                 r: text_bits_per_char(model, tok, heldout_text, context, n_windows=128, iterations=r)[0]
                 for r in ITERATION_SWEEP}
     card = json.loads(json.dumps(card))  # int keys -> str, as they will be read back
+    cmd = " ".join(["python -m analysis.train"] + (argv if argv is not None else sys.argv[1:]))
     readme = (f"# {Path(args.out).name}\n\n{args.preset}: {cfg.describe()}, d_model {cfg.d_model}, "
               f"{cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, initial state "
               f"{cfg.initial_state}, {card['parameters']:,} parameters.\n\nTrained with "
-              f"`python -m analysis.train --preset {args.preset} --steps {args.steps} --batch {args.batch} "
-              f"--lr {args.lr} --seed {args.seed} --threads {args.threads}` ({steps_done} steps, "
+              f"`{cmd}` ({steps_done} steps, "
               f"{train_seconds} s). See card.json for held-out numbers.\n")
     if cfg.shift_offsets:
         readme += (f"\nToken-shift features {cfg.shift_offsets}: each position also embeds the tokens that many "
