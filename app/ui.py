@@ -11,7 +11,7 @@ def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> N
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
     from app.export_ui import figure_export_row  # lazy: keeps this module's imports light
 
-    st.plotly_chart(fig, key=key, width="stretch")
+    st.plotly_chart(fig, key=key, width="stretch", theme=None)  # our own theme (bigger fonts when projecting)
     figure_export_row(fig, key, data)
 
 
