@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then evaluate and save")
     ap.add_argument("--norm-layout", choices=["pre", "huginn", "ouro"], help="override the preset's norm layout")
     ap.add_argument("--hop-supervision", type=int, default=1,
                     help="1: also train the logit lens after each iteration (deep: each second layer) "
@@ -141,7 +143,12 @@ def main(argv=None):
     t0 = time.time()
     bar = tqdm(range(1, args.steps + 1), desc=args.preset, mininterval=10)
     steps_done = 0
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # kill -TERM: finish, evaluate, save
     for step in bar:
+        if stop["now"] or (args.max_minutes and time.time() - t0 > 60 * args.max_minutes):
+            tqdm.write(f"stopping at step {step - 1} (time limit or SIGTERM)")
+            break
         model.train()
         r = sample_iterations(rng, cfg.iterations) if random_r else None
         gi = train_kw.get("grad_iterations") if random_r else None
