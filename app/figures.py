@@ -815,40 +815,37 @@ def answer_rank_data(looped: pd.DataFrame | None, deep: pd.DataFrame | None = No
 
 
 def answer_rank_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None = None, x_by: str = "relative_depth",
-                       log_y: bool = True, max_lines: int = 17, title: str | None = None,
-                       big: bool = False) -> go.Figure:
+                       log_y: bool = True, title: str | None = None, big: bool = False) -> go.Figure:
     """The answer token's logit-lens rank (+1, so the top is 1) through depth, both models.
 
-    looped / deep: ``analysis.correspondence.answer_through_depth`` tables. x_by
-    "relative_depth": one line per looped iteration (at most ``max_lines``) against depth
-    within the block, the deep model's line over its whole depth; "depth": the looped model as
-    one line over realized depth (layer calls), the deep one over its layers.
-    Traces: (drawn iterations or 1) + 1 with a deep table."""
+    looped / deep: ``analysis.correspondence.answer_through_depth`` tables (depth 0-based,
+    relative_depth = percent of the model's whole realized depth). x_by "relative_depth": both
+    models on 0–100 % of their depth, so one pass of the loop lines up with a slice of the deep
+    stack; "depth": layer calls (1 = after the first). The looped line's markers are coloured by
+    iteration. Traces: 1 for the looped model + 1 with a deep table."""
     fig = go.Figure()
-    if x_by == "depth":
-        if looped is not None and len(looped):
-            g = looped.sort_values("depth")
-            fig.add_trace(go.Scatter(x=g["depth"], y=g["rank"].astype(float) + 1, mode="lines+markers",
-                                     name="looped", line=dict(color=LOOPED_COLOR, width=2),
-                                     customdata=np.stack([g["iteration"], g["layer"]], axis=-1),
-                                     hovertemplate="looped depth %{x} (iteration %{customdata[0]}, layer "
-                                                   "%{customdata[1]}): rank %{y}<extra></extra>"))
-        xtitle = "realized depth (layer calls)"
-    else:
-        groups = _iteration_groups(looped, max_lines) if looped is not None and len(looped) else []
-        for (it, g), color in zip(groups, _iteration_colors(len(groups))):
-            fig.add_trace(go.Scatter(x=g["relative_depth"], y=g["rank"].astype(float) + 1, mode="lines+markers",
-                                     name=f"iteration {it}", line=dict(color=color, width=1.8),
-                                     showlegend=it in (groups[0][0], groups[-1][0]),
-                                     hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: rank %{{y}}<extra></extra>"))
-        xtitle = "relative depth (%)"
+    x_col = "depth" if x_by == "depth" else "relative_depth"
+    shift = 1 if x_by == "depth" else 0
+    if looped is not None and len(looped):
+        g = looped.sort_values("depth")
+        its = g["iteration"].to_numpy()
+        it_rank = np.searchsorted(np.unique(its), its) + 1  # 1-based iteration
+        fig.add_trace(go.Scatter(
+            x=g[x_col].to_numpy(dtype=float) + shift, y=g["rank"].to_numpy(dtype=float) + 1, mode="lines+markers",
+            name="looped", line=dict(color="rgba(31,119,180,0.45)", width=1.5),
+            marker=dict(size=7 if not big else 10, color=it_rank, colorscale=SEQUENTIAL, showscale=bool(it_rank.max() > 1),
+                        colorbar=dict(title="iteration", thickness=12, x=1.02)),
+            customdata=np.stack([it_rank, g["layer"].to_numpy()], axis=-1),
+            hovertemplate="looped, iteration %{customdata[0]}, layer %{customdata[1]}: rank+1 = %{y}<extra></extra>"))
     if deep is not None and len(deep):
-        d = deep.sort_values("depth" if x_by == "depth" else "relative_depth")
-        fig.add_trace(go.Scatter(x=d["depth" if x_by == "depth" else "relative_depth"], y=d["rank"].astype(float) + 1,
+        d = deep.sort_values("depth")
+        fig.add_trace(go.Scatter(x=d[x_col].to_numpy(dtype=float) + shift, y=d["rank"].to_numpy(dtype=float) + 1,
                                  mode="lines", name="deep model", line=DEEP_LINE, opacity=0.75,
-                                 hovertemplate="deep, %{x}: rank %{y}<extra></extra>"))
-    fig.update_xaxes(title=xtitle)
+                                 customdata=d["layer"].to_numpy(),
+                                 hovertemplate="deep, layer %{customdata}: rank+1 = %{y}<extra></extra>"))
+    fig.update_xaxes(title="realized depth (layer calls)" if x_by == "depth" else "relative depth (% of the model's depth)")
     fig.update_yaxes(title="answer rank + 1 (1 = top)", type="log" if log_y else "linear")
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
     return theme(fig, big, title or "The answer's rank through depth (logit lens)")
 
 

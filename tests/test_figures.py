@@ -214,15 +214,17 @@ def test_answer_rank_figure(traces):
     t, d = traces
     la, da = corr.answer_through_depth(t), corr.answer_through_depth(d)
     fig = F.answer_rank_figure(la, da)
-    assert len(fig.data) == I + 1 and fig.layout.yaxis.type == "log"
-    assert fig.layout.xaxis.title.text == "relative depth (%)"
-    g = la[la["iteration"] == sorted(la["iteration"].unique())[0]].sort_values("relative_depth")
-    assert np.allclose(np.asarray(fig.data[0].y, dtype=float), g["rank"].to_numpy() + 1)
-    assert np.asarray(fig.data[-1].y, dtype=float).min() >= 1
+    assert len(fig.data) == 2 and fig.layout.yaxis.type == "log"
+    assert fig.layout.xaxis.title.text.startswith("relative depth")
+    looped, deep = fig.data
+    assert np.allclose(np.asarray(looped.y, dtype=float), la.sort_values("depth")["rank"].to_numpy() + 1)
+    assert np.allclose(np.asarray(looped.x, dtype=float), la.sort_values("depth")["relative_depth"].to_numpy())
+    assert list(looped.marker.color) == [i + 1 for i in range(I) for _ in range(L)]  # coloured by iteration
+    assert deep.name == "deep model" and len(deep.x) == DEEP_L and np.asarray(deep.y, dtype=float).min() >= 1
     fig = F.answer_rank_figure(la, da, x_by="depth", log_y=False)
-    assert len(fig.data) == 2 and len(fig.data[0].x) == I * L and fig.layout.yaxis.type == "linear"
-    assert fig.layout.xaxis.title.text == "realized depth (layer calls)"
-    assert len(F.answer_rank_figure(la, None).data) == I
+    assert list(fig.data[0].x) == list(range(1, I * L + 1)) and list(fig.data[1].x) == list(range(1, DEEP_L + 1))
+    assert fig.layout.yaxis.type == "linear" and fig.layout.xaxis.title.text == "realized depth (layer calls)"
+    assert len(F.answer_rank_figure(la, None).data) == 1
 
 
 def test_early_exit_kl_figure(traces):

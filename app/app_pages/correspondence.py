@@ -75,7 +75,7 @@ st.subheader("The answer's rank through depth")
 c1, c2 = st.columns(2)
 with c1:
     x_by = state.view_option("Horizontal axis", "correspondence_x", ["relative_depth", "depth"], "relative_depth",
-                             format_func={"relative_depth": "relative depth (one line per iteration)",
+                             format_func={"relative_depth": "relative depth (% of each model's depth)",
                                           "depth": "realized depth (layer calls)"}.get)
 with c2:
     log_y = state.view_bool("Log axis", "correspondence_log", True)
