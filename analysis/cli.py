@@ -1,0 +1,142 @@
+"""Command line: ``python -m analysis <subcommand> ...``.
+
+    python -m analysis trace --model DIR --prompt TEXT --iterations N [--seed S]
+                             [--fixed-point-iterations 128] [--no-attention] --out FILE.npz
+    python -m analysis metrics FILE.npz --out FILE.csv
+
+Subcommands are registered by functions ``add_parser(subparsers)`` that create their parser and
+``set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status. To add one,
+append its ``add_parser`` to ``SUBCOMMANDS`` (or see ``_optional_subcommands`` for ``report``).
+Any error prints one line to stderr and exits with status 2 (set ``LOOPSCOPE_DEBUG=1`` to see
+the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 2
+
+
+class CLIError(Exception):
+    """An error to report to the user in one line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), still exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------- trace
+def _cmd_trace(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .trace import trace
+
+    loaded = load_checkpoint(args.model)
+    fp = args.fixed_point_iterations or None
+    if loaded.config.is_deep:
+        fp = None  # a deep model runs its layers once: no fixed point to approach
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
+    tr = trace(loaded, args.prompt, iterations=args.iterations, seed=args.seed, answer=args.answer,
+               attention=not args.no_attention, fixed_point_iterations=fp)
+    tr.save(out)
+    I, L, T, D = tr.states.shape
+    print(f"wrote {out}: {I} iterations x {L} layers x {T} tokens (d_model {D}), "
+          f"prediction {tr.prediction()!r}" + (f", answer {tr.answer!r}" if tr.answer else ""))
+    return 0
+
+
+def add_trace_parser(subparsers) -> None:
+    p = subparsers.add_parser("trace", help="run a prompt through a checkpoint and save the Trace (.npz)",
+                              description="Run a prompt through a checkpoint and save every captured state.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--prompt", required=True, metavar="TEXT")
+    p.add_argument("--iterations", type=int, default=None, metavar="N",
+                   help="recurrences of the block (default: the trained count)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random initial state")
+    p.add_argument("--fixed-point-iterations", type=int, default=128, metavar="M",
+                   help="also run M iterations for the approximate fixed point s* (0: skip; default 128)")
+    p.add_argument("--answer", default=None, help="expected next token (default: solved for chain prompts)")
+    p.add_argument("--no-attention", action="store_true", help="do not capture attention maps")
+    p.add_argument("--out", required=True, metavar="FILE.npz")
+    p.set_defaults(func=_cmd_trace)
+
+
+# ---------------------------------------------------------------- metrics
+def _cmd_metrics(args) -> int:
+    from .metrics import state_metrics_table
+    from .trace import Trace
+
+    src = Path(args.trace)
+    if not src.is_file():
+        raise CLIError(f"{src} does not exist or is not a file")
+    tr = Trace.load(src)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
+    table = state_metrics_table(tr)
+    table.to_csv(out, index=False)
+    print(f"wrote {out}: {len(table)} rows x {table.shape[1]} columns")
+    return 0
+
+
+def add_metrics_parser(subparsers) -> None:
+    p = subparsers.add_parser("metrics", help="per-state metrics table of a trace as CSV",
+                              description="Write one row per token x iteration x layer of a trace.")
+    p.add_argument("trace", metavar="FILE.npz")
+    p.add_argument("--out", required=True, metavar="FILE.csv")
+    p.set_defaults(func=_cmd_metrics)
+
+
+# ---------------------------------------------------------------- registry
+SUBCOMMANDS = [add_trace_parser, add_metrics_parser]
+
+
+def _optional_subcommands(subparsers) -> None:
+    # ---- extension point: the `report` subcommand lives in app/report.py (another module owns
+    # it). If `app.report` is importable, its `add_parser(subparsers)` registers it here. ----
+    try:
+        from app import report  # noqa: PLC0415
+    except ImportError:
+        return
+    add = getattr(report, "add_parser", None)
+    if callable(add):
+        add(subparsers)
+
+
+def add_subcommands(subparsers) -> None:
+    """Register every subcommand on an argparse subparsers object."""
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    _optional_subcommands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m analysis", description="loopscope: capture and measure looped models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    add_subcommands(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` (default sys.argv[1:]), run the subcommand, return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback
+        if os.environ.get("LOOPSCOPE_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
