@@ -33,3 +33,14 @@ def chain_tokenizer():
 def sample_dir():
     """The repository's sample_checkpoints folder (it may be empty while models train)."""
     return Path(__file__).parents[1] / "sample_checkpoints"
+
+
+@pytest.fixture(scope="module")
+def real_samples():
+    """App tests run on the shipped checkpoints: unset LOOPSCOPE_SAMPLE_DIR for the module."""
+    folder = Path(__file__).parents[1] / "sample_checkpoints"
+    assert (folder / "chain-looped" / "config.json").is_file(), "sample_checkpoints/chain-looped is missing"
+    old = os.environ.pop("LOOPSCOPE_SAMPLE_DIR", None)
+    yield folder
+    if old is not None:
+        os.environ["LOOPSCOPE_SAMPLE_DIR"] = old

@@ -17,39 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "app" / "main.py")
-REAL = ROOT / "sample_checkpoints"
 TIMEOUT = 120
 
 
-@pytest.fixture(scope="module", autouse=True)
-def sample_dir(tmp_path_factory):
-    """The real samples if present, else freshly built stand-ins (LOOPSCOPE_SAMPLE_DIR)."""
-    old = os.environ.get("LOOPSCOPE_SAMPLE_DIR")
-    if (REAL / "chain-looped" / "config.json").is_file() and (REAL / "chain-deep" / "config.json").is_file():
-        os.environ.pop("LOOPSCOPE_SAMPLE_DIR", None)
-        path = REAL
-    else:
-        import torch
-
-        from analysis.checkpoint import save_checkpoint
-        from analysis.tasks import CHAIN_CHARS
-        from analysis.tokenizer import CharTokenizer
-        from analysis.train import build
-
-        path = tmp_path_factory.mktemp("samples")
-        torch.manual_seed(0)
-        for preset in ("chain-looped", "chain-deep"):
-            model = build(preset, len(CHAIN_CHARS), 64)
-            card = {"preset": preset, "parameters": model.num_parameters(),
-                    "trained_iterations": {"fixed": model.cfg.iterations},
-                    "accuracy_by_hops": {str(h): 0.1 for h in range(1, 9)}}
-            save_checkpoint(path / preset, model, CharTokenizer(CHAIN_CHARS), task={"name": "chain"}, card=card)
-        os.environ["LOOPSCOPE_SAMPLE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("LOOPSCOPE_SAMPLE_DIR", None)
-    else:
-        os.environ["LOOPSCOPE_SAMPLE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("real_samples")  # the shipped checkpoints (conftest.py)
 
 
 def decode(value):
