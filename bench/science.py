@@ -1,0 +1,67 @@
+"""Print the paper's headline measurements for a shipped looped checkpoint.
+
+    .venv/bin/python bench/science.py [sample_checkpoints/chain-looped] [--prompts 20]
+
+Over seeded held-out chain prompts: median step size at the trained iteration count and at 4×
+it, fixed-point spread (min cosine between the block layers' fixed points), same-layer vs
+cross-layer attention distance (Frobenius, head-averaged), the token class counts, and the
+local Jacobian spectral radius at the fixed point of one prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analysis.attention import attention_distance_matrix, same_vs_cross_layer  # noqa: E402
+from analysis.checkpoint import load_checkpoint  # noqa: E402
+from analysis.dynamics import (class_counts, classify_trajectories, fixed_point_spread,  # noqa: E402
+                               jacobian_spectral_radius, step_sizes)
+from analysis.tasks import make_chain  # noqa: E402
+from analysis.trace import trace  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default="sample_checkpoints/chain-looped")
+    ap.add_argument("--prompts", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    m = load_checkpoint(args.model)
+    r = m.config.iterations
+    n_st = m.card.get("heldout", {}).get("n_statements", 6)
+    rng = random.Random(7)
+    prompts = [make_chain(rng, rng.randint(1, 4), n_st).prompt for _ in range(args.prompts)]
+    steps_r, steps_4r, spreads, same, cross = [], [], [], [], []
+    counts = {}
+    for p in prompts:
+        long = trace(m, p, iterations=4 * r, fixed_point_iterations=128)
+        steps_r.append(step_sizes(long.states[:r])[-1])          # [L, T] at iteration r
+        steps_4r.append(step_sizes(long.states)[-1])            # [L, T] at iteration 4r
+        spreads.append(fixed_point_spread(long.fixed_point))     # [T]
+        d = same_vs_cross_layer(attention_distance_matrix(long.attention), long.n_layers)
+        same.append(d["same_layer"])
+        cross.append(d["cross_layer"])
+        t128 = trace(m, p, iterations=128, attention=False)
+        for k, v in class_counts(classify_trajectories(t128.states)).items():
+            counts[k] = counts.get(k, 0) + v
+    jac = jacobian_spectral_radius(m.model, trace(m, prompts[0], iterations=r, fixed_point_iterations=128))
+    print(f"model {m.name} {m.config.describe()}, trained iterations r = {r}; {len(prompts)} held-out prompts")
+    print(f"median step size ||s_t - s_t-1|| / ||s_t|| at t = r ({r}):  {np.median(np.concatenate(steps_r, None)):.3g}")
+    print(f"median step size at t = 4r ({4 * r}):                 {np.median(np.concatenate(steps_4r, None)):.3g}")
+    print(f"fixed-point spread min_l cos(X*_1, X*_l): median {np.median(np.concatenate(spreads)):.3f}, "
+          f"min {np.min(np.concatenate(spreads)):.3f}")
+    print(f"attention distance (Frobenius, head-averaged, {4 * r} iterations): same layer {np.mean(same):.3g}, "
+          f"cross layer {np.mean(cross):.3g}")
+    print(f"token classes over 128 iterations: {counts}")
+    print(f"Jacobian spectral radius at s* (prompt 1): {jac.radius:.3f}, leading eigenvalue argument {jac.argument:.3f} rad")
+
+
+if __name__ == "__main__":
+    main()
