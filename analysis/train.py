@@ -56,11 +56,14 @@ def sample_iterations(rng: random.Random, mean: int, sigma: float = 0.5, lo: int
     return min(max(k, lo), hi)
 
 
-def hop_stage_logits(model: LoopedTransformer, x, iterations, seed, grad_iterations):
+def hop_stage_logits(model: LoopedTransformer, x, iterations, seed, grad_iterations, prelude_hop=False):
     """Final logits (B, V) at the last position, and the logit lens (B, V) at the last position
     after each supervised stage with the number of hops it should have done: after iteration t
     of a looped model (t + 1 hops); for a deep model, after each second layer from the third
-    (the layers that end "iteration t" of a (1, 2⊗r, 1) model of the same depth)."""
+    (the layers that end "iteration t" of a (1, 2⊗r, 1) model of the same depth).
+    prelude_hop: the looped model's prelude output is trained to hold the first hop, and
+    iteration t then the (t + 2)-th, so every iteration does the same kind of lookup (from a
+    copied variable) and the first lookup (from the query letter itself) happens once."""
     cfg = model.cfg
     e = model.encode(x)
     s = model.initial_state(e, seed)
@@ -71,13 +74,15 @@ def hop_stage_logits(model: LoopedTransformer, x, iterations, seed, grad_iterati
             if l >= 2 and l % 2 == 0 and l < cfg.n_block - 1:
                 stages.append((l // 2, model.logit_lens(s[:, -1])))
     else:
+        if prelude_hop:
+            stages.append((1, model.logit_lens(e[:, -1])))
         r = iterations or cfg.iterations
         for t in range(r):
             if grad_iterations is not None and t == r - grad_iterations:
                 s = s.detach()
             s = model.step(s, e, t)
             if grad_iterations is None or t >= r - grad_iterations:
-                stages.append((t + 1, model.logit_lens(s[:, -1])))
+                stages.append((t + 1 + prelude_hop, model.logit_lens(s[:, -1])))
     return model.decode(s)[:, -1], stages
 
 
@@ -105,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then evaluate and save")
+    ap.add_argument("--prelude-hop", type=int, default=0,
+                    help="1: with hop supervision, the prelude holds hop 1 and iteration t hop t + 2")
     ap.add_argument("--norm-layout", choices=["pre", "huginn", "ouro"], help="override the preset's norm layout")
     ap.add_argument("--hop-supervision", type=int, default=1,
                     help="1: also train the logit lens after each iteration (deep: each second layer) "
@@ -157,7 +164,7 @@ def main(argv=None):
             x = torch.tensor([tok.encode(ex.prompt) for ex in batch], device=device)
             y = torch.tensor([tok.index[ex.answer] for ex in batch], device=device)
             if args.hop_supervision:
-                logits, stages = hop_stage_logits(model, x, r, step, gi)
+                logits, stages = hop_stage_logits(model, x, r, step, gi, bool(args.prelude_hop))
                 paths = [hop_path(ex.prompt) for ex in batch]
                 hop_loss = sum(F.cross_entropy(lens, torch.tensor(
                     [tok.index[p[min(h, len(p)) - 1]] for p in paths], device=device)) for h, lens in stages)
@@ -205,7 +212,8 @@ def main(argv=None):
             "parameters": model.num_parameters(), "training_steps": steps_done, "batch": args.batch,
             "lr": args.lr, "seed": args.seed, "train_seconds": train_seconds, "threads": args.threads,
             "device": device, "shift_offsets": cfg.shift_offsets,
-            "hop_supervision": bool(args.hop_supervision) if task_name == "chain" else None, "history": history}
+            "hop_supervision": bool(args.hop_supervision) if task_name == "chain" else None,
+            "prelude_hop": bool(args.prelude_hop), "history": history}
     if random_r:
         card["trained_iterations"] = {"distribution": "log-normal Poisson", "mean": cfg.iterations,
                                       "sigma": 0.5, "min": 2, "max": 3 * cfg.iterations,
