@@ -23,7 +23,7 @@ class ChainExample:
     n_chains: int  # chains in the prompt (1 true + distractors)
 
 
-def make_chain(rng: random.Random, hops: int, n_statements: int = 8, max_distractor_len: int = 4) -> ChainExample:
+def make_chain(rng: random.Random, hops: int, n_statements: int = 6, max_distractor_len: int = 4) -> ChainExample:
     """One chain prompt with ``hops`` lookups padded to ``n_statements`` by distractor chains."""
     if not 1 <= hops <= n_statements:
         raise ValueError(f"hops must be between 1 and n_statements={n_statements}, got {hops}")
@@ -52,13 +52,13 @@ def make_chain(rng: random.Random, hops: int, n_statements: int = 8, max_distrac
     return ChainExample("".join(statements) + f"?{query}=", digits[0], hops, len(lengths))
 
 
-def chain_batch(rng: random.Random, n: int, hops_range: tuple[int, int], n_statements: int = 8) -> list[ChainExample]:
+def chain_batch(rng: random.Random, n: int, hops_range: tuple[int, int], n_statements: int = 6) -> list[ChainExample]:
     """n examples with hops drawn uniformly from the inclusive ``hops_range``."""
     lo, hi = hops_range
     return [make_chain(rng, rng.randint(lo, hi), n_statements) for _ in range(n)]
 
 
-def heldout_chains(seed: int, per_hops: int, max_hops: int, n_statements: int = 8) -> list[ChainExample]:
+def heldout_chains(seed: int, per_hops: int, max_hops: int, n_statements: int = 6) -> list[ChainExample]:
     """A fixed evaluation set: ``per_hops`` examples for each hops in 1..max_hops (seeded)."""
     rng = random.Random(10_000 + seed)
     return [make_chain(rng, h, n_statements) for h in range(1, max_hops + 1) for _ in range(per_hops)]

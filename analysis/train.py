@@ -105,7 +105,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-hops", type=int, default=4)
-    ap.add_argument("--statements", type=int, default=8)
+    ap.add_argument("--statements", type=int, default=6)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
     ap.add_argument("--threads", type=int, default=2)

@@ -62,11 +62,18 @@ def model_card(model) -> None:
     if cfg.is_deep:
         c2.metric("Layers", cfg.n_block)
     else:
-        c2.metric("Trained iterations", trained_iterations(card, cfg.iterations),
+        shown = trained_iterations(card, cfg.iterations)
+        if isinstance(ti, dict) and {"mean", "min", "max"} <= set(ti):
+            shown = f"{ti['mean']} ({ti['min']}–{ti['max']})"
+        c2.metric("Trained iterations", shown,
                   help=f"card.json trained_iterations: {ti}" if ti is not None else None)
     acc = card.get("accuracy_by_hops") or {}
     if acc:
-        c3.metric("Held-out accuracy", f"{sum(acc.values()) / len(acc):.0%}", help="mean over hops 1–8 (card.json)")
+        lo, hi = card.get("trained_hops") or (min(map(int, acc)), max(map(int, acc)))
+        inside = [v for h, v in acc.items() if lo <= int(h) <= hi]
+        c3.metric(f"Accuracy, {lo}–{hi} hops", f"{sum(inside) / max(1, len(inside)):.0%}",
+                  help=f"held-out accuracy averaged over the trained hops {lo}–{hi} (card.json); "
+                       "the bar chart below has each hop count beside the best shortcut")
     elif card.get("heldout_bits_per_char") is not None:
         c3.metric("Held-out bits/char", f"{card['heldout_bits_per_char']:.2f}")
     st.caption(f"d_model {cfg.d_model}, {cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, "
