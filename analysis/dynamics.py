@@ -238,10 +238,12 @@ def spectral_radius_of(fn, x0, n_power_iterations: int = 50, seed: int = 0, meth
 
 class _ExplicitAttention:
     """A capture stand-in that asks the model for explicit softmax attention (forward-mode AD has
-    no rule for fused SDPA kernels) and records nothing."""
+    no rule for the fused CPU SDPA kernel) and records nothing."""
+
+    explicit_attention = True
 
     def wants(self, name: str) -> bool:
-        return name.endswith("hook_pattern")
+        return False
 
     def record(self, name, x) -> None:
         pass

@@ -9,6 +9,8 @@ Shapes used throughout: ``B`` batch, ``T`` tokens, ``D`` d_model, ``H`` heads, `
 
 Capture: pass ``capture=Capture(names)`` to ``forward`` and every named activation is recorded
 into that object only (no hooks are left on modules), so concurrent calls never share buffers.
+Capturing never changes the numbers (attention output always comes from SDPA; a wanted pattern
+is computed beside it, only to be recorded).
 Names, with their shapes for a batch of one prompt:
 
     embed.hook_out                               [B, T, D]   token (+ shift) + position embeddings
@@ -105,13 +107,14 @@ class LoopConfig:
 class Capture:
     """Records named activations of one forward call.
 
-    ``names``: None records everything; otherwise a list of fnmatch patterns
+    ``names``: None records everything; otherwise an fnmatch pattern or a list of them
     (``"loop.*.blocks.*.hook_resid_post"``) or a predicate ``name -> bool``.
-    Recorded tensors are detached; ``store`` maps name -> tensor.
+    Recorded tensors are detached; ``store`` maps name -> tensor. Recording never changes the
+    computation: a captured forward returns exactly (bitwise) a plain forward's logits.
     """
 
     def __init__(self, names=None):
-        self.names = names
+        self.names = [names] if isinstance(names, str) else names
         self.store: dict[str, torch.Tensor] = {}
 
     def wants(self, name: str) -> bool:
@@ -132,8 +135,11 @@ def _record(capture: Capture | None, name: str, x: torch.Tensor) -> None:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention. Scaled dot-product attention for speed; the explicit
-    softmax (same numbers up to float rounding) when a capture asks for the pattern."""
+    """Causal multi-head self-attention, always computed by scaled dot-product attention (SDPA),
+    so a capture never changes the numbers. When a capture wants ``.hook_pattern``, the softmax
+    probabilities are computed separately, only to be recorded. A capture object with
+    ``explicit_attention = True`` (the Jacobian estimator's: forward-mode AD has no rule for the
+    fused CPU kernel) makes the output itself use the explicit softmax (equal up to rounding)."""
 
     def __init__(self, cfg: LoopConfig):
         super().__init__()
@@ -141,19 +147,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
+    @staticmethod
+    def pattern(q, k):
+        """Softmax probabilities (B, H, T, T) (query, key) of causal attention for q, k (B, H, T, hd)."""
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
     def forward(self, x, capture=None, name=""):
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (z.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
         pattern_name = name + ".hook_pattern"
-        if capture is not None and capture.wants(pattern_name):
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            pattern = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            capture.record(pattern_name, pattern)
-            y = pattern @ v
+        if capture is not None and getattr(capture, "explicit_attention", False):
+            y = self.pattern(q, k) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if capture is not None and capture.wants(pattern_name):
+            capture.record(pattern_name, self.pattern(q, k))
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -41,7 +41,7 @@ def test_traced_logits_equal_plain_forward_looped(layout, attention, chain_token
     model = small_model(norm_layout=layout, iterations=4)
     for r in (1, 4, 12):  # 12 = 3x the trained count
         tr = trace(model, PROMPT, iterations=r, seed=3, tokenizer=chain_tokenizer, attention=attention)
-        np.testing.assert_allclose(tr.logits, plain_logits(model, chain_tokenizer, PROMPT, r, seed=3), atol=1e-5)
+        assert np.array_equal(tr.logits, plain_logits(model, chain_tokenizer, PROMPT, r, seed=3))  # exactly
         assert tr.states.shape == (r, 2, len(PROMPT), 32)
         assert (tr.attention is None) == (not attention)
 
@@ -52,12 +52,34 @@ def test_traced_logits_equal_plain_forward_deep(layout, chain_tokenizer):
     model = LoopedTransformer(LoopConfig.deep(5, vocab_size=V, d_model=32, n_heads=2, d_mlp=64,
                                               norm_layout=layout)).eval()
     tr = trace(model, PROMPT, tokenizer=chain_tokenizer)
-    np.testing.assert_allclose(tr.logits, plain_logits(model, chain_tokenizer, PROMPT, 1), atol=1e-5)
+    assert np.array_equal(tr.logits, plain_logits(model, chain_tokenizer, PROMPT, 1))
     assert tr.states.shape == (1, 5, len(PROMPT), 32)
     assert tr.attention.shape == (1, 5, 2, len(PROMPT), len(PROMPT))
     assert tr.is_deep and tr.n_iterations == 1
     with pytest.raises(ValueError):
         trace(model, PROMPT, iterations=2, tokenizer=chain_tokenizer)
+
+
+def test_capture_object_never_changes_logits(tiny_model, chain_tokenizer):
+    x = torch.tensor([chain_tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        plain = tiny_model(x, iterations=128, seed=1)
+        for names in (None, ["loop.*.blocks.*.attn.hook_pattern"], ["hook_final"]):
+            assert torch.equal(tiny_model(x, iterations=128, seed=1, capture=Capture(names)), plain)
+
+
+@pytest.mark.parametrize("iterations", [None, 128])
+def test_traced_logits_equal_plain_forward_sample_checkpoint(sample_dir, iterations):
+    from analysis.checkpoint import load_checkpoint
+
+    lm = load_checkpoint(sample_dir / "chain-looped")
+    prompt = "a=7;b=a;c=b;d=c;e=d;f=e;?f="
+    tr = trace(lm, prompt, iterations=iterations, seed=2, fixed_point_iterations=0)
+    with torch.no_grad():
+        plain = lm.model(torch.tensor([lm.tokenizer.encode(prompt)]), iterations=iterations, seed=2)[0]
+    assert tr.n_iterations == (iterations or lm.model.cfg.iterations)
+    assert np.array_equal(tr.logits, plain.numpy())
+    assert tr.attention is not None
 
 
 def test_concurrent_traces_of_one_model_match_sequential(tiny_model, chain_tokenizer):
