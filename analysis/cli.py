@@ -1,7 +1,7 @@
 """Command line: ``python -m analysis <subcommand> ...``.
 
     python -m analysis trace --model DIR --prompt TEXT --iterations N [--seed S]
-                             [--fixed-point-iterations 128] [--no-attention] --out FILE.npz
+                             [--fixed-point-iterations M] [--no-attention] --out FILE.npz
     python -m analysis metrics FILE.npz --out FILE.csv
 
 Subcommands are registered by functions ``add_parser(subparsers)`` that create their parser and
@@ -37,14 +37,11 @@ def _cmd_trace(args) -> int:
     from .trace import trace
 
     loaded = load_checkpoint(args.model)
-    fp = args.fixed_point_iterations or None
-    if loaded.config.is_deep:
-        fp = None  # a deep model runs its layers once: no fixed point to approach
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
     tr = trace(loaded, args.prompt, iterations=args.iterations, seed=args.seed, answer=args.answer,
-               attention=not args.no_attention, fixed_point_iterations=fp)
+               attention=not args.no_attention, fixed_point_iterations=args.fixed_point_iterations)
     tr.save(out)
     I, L, T, D = tr.states.shape
     print(f"wrote {out}: {I} iterations x {L} layers x {T} tokens (d_model {D}), "
@@ -60,8 +57,9 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("--iterations", type=int, default=None, metavar="N",
                    help="recurrences of the block (default: the trained count)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random initial state")
-    p.add_argument("--fixed-point-iterations", type=int, default=128, metavar="M",
-                   help="also run M iterations for the approximate fixed point s* (0: skip; default 128)")
+    p.add_argument("--fixed-point-iterations", type=int, default=None, metavar="M",
+                   help="s* is the state after max(M, N) iterations (0: skip; default M = 128; "
+                        "none for a deep model)")
     p.add_argument("--answer", default=None, help="expected next token (default: solved for chain prompts)")
     p.add_argument("--no-attention", action="store_true", help="do not capture attention maps")
     p.add_argument("--out", required=True, metavar="FILE.npz")

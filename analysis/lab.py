@@ -120,11 +120,11 @@ def run_lab(settings: LabSettings, progress=None, attention: bool = False) -> Tr
     model = build_lab_model(settings)
     if progress is not None:
         progress(0.05)
-    tr = trace(model, settings.prompt(), iterations=settings.iterations, seed=settings.seed,
-               tokenizer=CharTokenizer(CHAIN_CHARS), attention=attention, fixed_point_iterations=None)
     label = (f"lab: {settings.norm_layout}-norm, injection {settings.injection}, "
              f"{settings.init} init, seed {settings.seed}")
-    tr.metadata.update(lab=settings.to_dict(), model_name=label)
+    tr = trace(model, settings.prompt(), iterations=settings.iterations, seed=settings.seed,
+               tokenizer=CharTokenizer(CHAIN_CHARS), attention=attention, fixed_point_iterations=0,
+               metadata={"lab": settings.to_dict(), "model_name": label})
     if progress is not None:
         progress(1.0)
     return tr

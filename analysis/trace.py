@@ -8,32 +8,40 @@ A deep model's trace has iteration axis 1 and its L layers on the layer axis.
 """
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field, fields
+import numbers
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .model import Capture, LoopedTransformer
+from .model import MAX_ITERATIONS, Capture, LoopedTransformer
 from .tasks import solve_chain
 from .tokenizer import CharTokenizer
 
 TRACE_FORMAT = "loopscope-trace"
 TRACE_VERSION = 1
 LENS_TOP_K = 5
+FIXED_POINT_ITERATIONS = 128  # s* comes from max(this, iterations) iterations unless told otherwise
 
-# name -> (axes, dtype, required); the npz keys are these names, plus "metadata" (a JSON string)
+# name -> (axes, dtype, required); the npz keys are these names, plus "metadata" (a JSON string).
+# Optional fields are None when not captured (``trace(names=...)``, ``attention=False``, no answer,
+# no fixed-point run).
 ARRAYS = {
     "tokens": (("token",), np.int64, True),
     "states": (("iteration", "layer", "token", "d_model"), np.float32, True),
     "attention": (("iteration", "layer", "head", "query", "key"), np.float32, False),
     "initial_state": (("token", "d_model"), np.float32, True),
     "injected": (("token", "d_model"), np.float32, True),
-    "prelude_states": (("prelude_layer", "token", "d_model"), np.float32, True),
+    "prelude_states": (("prelude_layer", "token", "d_model"), np.float32, False),
     "prelude_attention": (("prelude_layer", "head", "query", "key"), np.float32, False),
-    "coda_states": (("coda_layer", "token", "d_model"), np.float32, True),
+    "coda_states": (("coda_layer", "token", "d_model"), np.float32, False),
     "coda_attention": (("coda_layer", "head", "query", "key"), np.float32, False),
     "logits": (("token", "vocab"), np.float32, True),
     "lens_top_ids": (("iteration", "layer", "token", "k"), np.int64, True),
@@ -44,34 +52,120 @@ ARRAYS = {
     "fixed_point": (("layer", "token", "d_model"), np.float32, False),
 }
 
+# metadata entries with a known meaning -> the types they may have (None is always allowed)
+_META_TYPES = {"model_name": str, "checkpoint_sha256": str, "architecture": str, "tokenizer_chars": str,
+               "config": Mapping, "seed": numbers.Integral, "iterations": numbers.Integral,
+               "trained_iterations": numbers.Integral, "is_deep": bool,
+               "fixed_point_iterations": numbers.Integral, "answer_hops": numbers.Integral}
+# config entry -> the array axis it must equal
+_CONFIG_AXES = {"n_block": "layer", "d_model": "d_model", "n_heads": "head", "n_prelude": "prelude_layer",
+                "n_coda": "coda_layer", "vocab_size": "vocab"}
+
 
 class TraceFormatError(ValueError):
     """A file is not a loopscope trace this version can read; the message says why."""
 
 
+class FrozenDict(dict):
+    """A dict that refuses changes: ``Trace.metadata``. Build a new dict and use
+    ``dataclasses.replace(trace, metadata=...)`` to change a trace's metadata."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("Trace metadata is read-only; use dataclasses.replace(trace, metadata={...})")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):  # pickling (st.cache_data) must not go through __setitem__
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _freeze(value):
+    """A deep, read-only copy: dicts -> FrozenDict, lists and tuples -> tuples."""
+    if isinstance(value, Mapping):
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return copy.deepcopy(value)
+
+
+# arrays that a Trace owns and has made read-only (by id; entries vanish with their arrays), so
+# that dataclasses.replace does not copy them again
+_OWNED: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def _is_owned(arr: np.ndarray) -> bool:
+    while isinstance(arr, np.ndarray):
+        if _OWNED.get(id(arr)) is arr:
+            return True
+        if arr.flags.writeable:
+            return False
+        arr = arr.base
+    return False
+
+
+def _own(arr: np.ndarray) -> np.ndarray:
+    """Make ``arr`` (which no one else holds) read-only and remember it as a Trace's own."""
+    arr.setflags(write=False)
+    _OWNED[id(arr)] = arr
+    return arr
+
+
+def _checked_array(name: str, arr, dtype) -> np.ndarray:
+    """``arr`` as a read-only array of ``dtype`` that the caller cannot change (copied unless a
+    Trace already owns it). Floats convert to float32, integers to int64; other kinds raise."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"Trace.{name} must be a numpy array, got {type(arr).__name__}")
+    want_float = np.issubdtype(dtype, np.floating)
+    ok_kind = (np.issubdtype(arr.dtype, np.floating) if want_float
+               else np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_)
+    if not ok_kind:
+        raise TypeError(f"Trace.{name} must hold {'floats' if want_float else 'integers'} "
+                        f"(stored as {np.dtype(dtype).name}), got dtype {arr.dtype}")
+    if arr.dtype != dtype:
+        return _own(arr.astype(dtype))
+    if _is_owned(arr):
+        return arr
+    return _own(arr.copy())
+
+
 @dataclass(frozen=True)
 class Trace:
-    """One prompt's run. Arrays (numpy; I iterations, L block layers, T tokens, D d_model,
-    H heads, V vocabulary, K = top-k of the logit lens):
+    """One prompt's run. Arrays (numpy, read-only; I iterations, L block layers, T tokens,
+    D d_model, H heads, V vocabulary, K = top-k of the logit lens, p / c prelude / coda layers):
 
-    tokens          [T]              token ids
+    tokens          [T]              token ids (int64)
     states          [I, L, T, D]     block state after each layer call (``loop.{t}.blocks.{l}.hook_resid_post``)
     attention       [I, L, H, T, T]  attention probabilities (query, key); None if not captured
     initial_state   [T, D]           s_0
     injected        [T, D]           e, the input each iteration receives (prelude output, normalised)
-    prelude_states  [p, T, D], prelude_attention [p, H, T, T]
-    coda_states     [c, T, D], coda_attention [c, H, T, T]
-    logits          [T, V]           final next-token logits (equal to a plain forward's)
+    prelude_states  [p, T, D], prelude_attention [p, H, T, T]   None if not captured
+    coda_states     [c, T, D], coda_attention [c, H, T, T]         None if not captured
+    logits          [T, V]           final next-token logits (exactly a plain forward's)
     lens_top_ids    [I, L, T, K], lens_top_probs [I, L, T, K]   logit lens of every block state
     lens_kl         [I, T]           KL(p_{t-1} || p_t) of the lens at the block's last layer, nats
                                      (NaN at t = 0): Huginn's early-exit signal
     answer_rank     [I, L]           rank (0 = top) of the answer token at the last position; None without answer
     answer_prob     [I, L]           its lens probability
-    fixed_point     [L, T, D]        block states after ``metadata["fixed_point_iterations"]`` iterations (s*)
+    fixed_point     [L, T, D]        block states after ``metadata["fixed_point_iterations"]`` iterations (s*);
+                                     None if not computed
+
+    Required: tokens, states, initial_state, injected, logits, lens_top_ids, lens_top_probs,
+    lens_kl. Float arrays are stored as float32, integer arrays as int64 (other numeric floats or
+    integers are converted; anything else raises TypeError). Arrays are copied in (unless they
+    already belong to a Trace), so the caller's arrays stay writeable and the Trace's cannot change.
 
     prompt, token_labels (one readable label per token), answer (a string or None) and
     metadata (JSON-able: model name, checkpoint sha256, config, tokenizer chars, seed,
-    iterations, trained iterations, is_deep, format and version).
+    iterations, trained iterations, is_deep, fixed_point_iterations, answer_hops), deep-copied
+    in as a read-only ``FrozenDict`` (nested dicts too; lists become tuples).
+    Shapes are checked across arrays (token, layer, head, vocab, top-k, prelude and coda axes)
+    and against ``metadata["config"]`` when present: ValueError when they disagree.
     """
 
     prompt: str
@@ -82,12 +176,12 @@ class Trace:
     states: np.ndarray
     initial_state: np.ndarray
     injected: np.ndarray
-    prelude_states: np.ndarray
-    coda_states: np.ndarray
     logits: np.ndarray
     lens_top_ids: np.ndarray
     lens_top_probs: np.ndarray
     lens_kl: np.ndarray
+    prelude_states: np.ndarray | None = None
+    coda_states: np.ndarray | None = None
     attention: np.ndarray | None = None
     prelude_attention: np.ndarray | None = None
     coda_attention: np.ndarray | None = None
@@ -96,8 +190,21 @@ class Trace:
     fixed_point: np.ndarray | None = None
 
     def __post_init__(self):
-        if self.states.ndim != 4:
-            raise ValueError(f"states must be [iteration, layer, token, d_model], got shape {self.states.shape}")
+        put = partial(object.__setattr__, self)
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"Trace.prompt must be a string, got {type(self.prompt).__name__}")
+        if self.answer is not None and not isinstance(self.answer, str):
+            raise TypeError(f"Trace.answer must be a string or None, got {type(self.answer).__name__}")
+        if isinstance(self.token_labels, (str, bytes)) or not isinstance(self.token_labels, (list, tuple)):
+            raise TypeError("Trace.token_labels must be a list or tuple of strings")
+        labels = tuple(self.token_labels)
+        if not all(isinstance(x, str) for x in labels):
+            raise TypeError("Trace.token_labels must all be strings")
+        put("token_labels", labels)
+        put("metadata", _checked_metadata(self.metadata))
+
+        if not isinstance(self.states, np.ndarray) or self.states.ndim != 4:
+            raise ValueError(f"states must be [iteration, layer, token, d_model], got shape {np.shape(self.states)}")
         I, L, T, D = self.states.shape
         sizes = {"iteration": I, "layer": L, "token": T, "d_model": D, "query": T, "key": T}
         for name, (axes, dtype, required) in ARRAYS.items():
@@ -106,16 +213,31 @@ class Trace:
                 if required:
                     raise ValueError(f"Trace.{name} is required")
                 continue
-            if not isinstance(arr, np.ndarray):
-                raise TypeError(f"Trace.{name} must be a numpy array")
+            arr = _checked_array(name, arr, dtype)
             if arr.ndim != len(axes):
                 raise ValueError(f"Trace.{name} must have axes {axes}, got shape {arr.shape}")
             for ax, n in zip(axes, arr.shape):
-                if ax in sizes and sizes[ax] != n:
+                if sizes.setdefault(ax, n) != n:
                     raise ValueError(f"Trace.{name} axis {ax} is {n}, expected {sizes[ax]} (states {self.states.shape})")
-            arr.setflags(write=False)
-        if len(self.token_labels) != T:
-            raise ValueError(f"{len(self.token_labels)} token labels for {T} tokens")
+            put(name, arr)
+        if len(labels) != T:
+            raise ValueError(f"{len(labels)} token labels for {T} tokens")
+        if (self.answer_rank is None) != (self.answer_prob is None):
+            raise ValueError("Trace.answer_rank and Trace.answer_prob come together (both or neither)")
+        V, K = sizes["vocab"], sizes["k"]
+        if not 1 <= K <= V:
+            raise ValueError(f"the logit lens keeps top-{K} of a vocabulary of {V}")
+        for name in ("tokens", "lens_top_ids", "answer_rank"):
+            arr = getattr(self, name)
+            if arr is not None and arr.size and not (0 <= arr.min() and arr.max() < V):
+                raise ValueError(f"Trace.{name} has values outside [0, {V}) (vocabulary {V})")
+        chars = self.metadata.get("tokenizer_chars")
+        if chars and len(chars) != V:
+            raise ValueError(f"metadata tokenizer_chars has {len(chars)} characters for a vocabulary of {V}")
+        cfg = self.metadata.get("config") or {}
+        for key, ax in _CONFIG_AXES.items():
+            if key in cfg and ax in sizes and cfg[key] != sizes[ax]:
+                raise ValueError(f"metadata config {key} = {cfg[key]!r} but the arrays' {ax} axis is {sizes[ax]}")
 
     # sizes --------------------------------------------------------------
     @property
@@ -150,9 +272,15 @@ class Trace:
 
     def capture_names(self) -> list[str]:
         """The capture point names this trace holds, e.g. ``loop.3.blocks.1.hook_resid_post``."""
-        names = [f"loop.{t}.blocks.{l}.hook_resid_post" for t in range(self.n_iterations) for l in range(self.n_layers)]
+        I, L = self.n_iterations, self.n_layers
+        names = [f"loop.{t}.blocks.{l}.hook_resid_post" for t in range(I) for l in range(L)]
         if self.attention is not None:
-            names += [f"loop.{t}.blocks.{l}.attn.hook_pattern" for t in range(self.n_iterations) for l in range(self.n_layers)]
+            names += [f"loop.{t}.blocks.{l}.attn.hook_pattern" for t in range(I) for l in range(L)]
+        for part in ("prelude", "coda"):
+            for field, hook in (("states", "hook_resid_post"), ("attention", "attn.hook_pattern")):
+                arr = getattr(self, f"{part}_{field}")
+                if arr is not None:
+                    names += [f"{part}.{l}.{hook}" for l in range(arr.shape[0])]
         return names
 
     # files --------------------------------------------------------------
@@ -170,18 +298,30 @@ class Trace:
     @classmethod
     def load(cls, source) -> "Trace":
         """Read a file written by ``save`` (a path or a binary file object); never unpickles.
-        Raises TraceFormatError for anything else."""
+        Raises TraceFormatError, and only that, for anything that is not such a file (not a zip,
+        truncated, pickled objects, bad or missing metadata, missing or misshapen arrays)."""
         try:
-            with np.load(source, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
+            z = np.load(source, allow_pickle=False)
         except Exception as exc:  # zip, header or pickle errors all mean the same to a user
             raise TraceFormatError(f"not a loopscope trace file (.npz): {exc}") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise TraceFormatError("not a loopscope trace file: a single .npy array, not an .npz archive")
+        try:
+            with z:
+                data = {k: z[k] for k in z.files}
+        except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
+            raise TraceFormatError(f"trace file is damaged or holds objects: {exc}") from None
         if "metadata" not in data:
             raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
+        raw = data.pop("metadata")
+        if raw.ndim != 0 or raw.dtype.kind != "U":
+            raise TraceFormatError("trace metadata must be one JSON string")
         try:
-            meta = json.loads(str(data.pop("metadata")))
-        except json.JSONDecodeError:
+            meta = json.loads(str(raw[()]))
+        except (ValueError, RecursionError):
             raise TraceFormatError("trace metadata is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise TraceFormatError(f"trace metadata must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") != TRACE_FORMAT:
             raise TraceFormatError(f"not a loopscope trace (format {meta.get('format')!r})")
         if meta.get("format_version") != TRACE_VERSION:
@@ -190,29 +330,109 @@ class Trace:
         unknown = set(data) - set(ARRAYS)
         if unknown:
             raise TraceFormatError(f"unexpected arrays in trace: {sorted(unknown)}")
+        missing = [k for k in ("prompt", "token_labels", "answer") if k not in meta]
+        if missing:
+            raise TraceFormatError(f"trace metadata lacks {missing}")
+        prompt, labels, answer = meta.pop("prompt"), meta.pop("token_labels"), meta.pop("answer")
+        meta.pop("format"), meta.pop("format_version")
+        if not isinstance(labels, list):
+            raise TraceFormatError("trace metadata token_labels must be a list of strings")
         try:
-            prompt, labels, answer = meta.pop("prompt"), tuple(meta.pop("token_labels")), meta.pop("answer")
-            meta.pop("format"), meta.pop("format_version")
-            arrays = {k: v.astype(ARRAYS[k][1], copy=False) for k, v in data.items()}
-            return cls(prompt=prompt, token_labels=labels, answer=answer, metadata=meta, **arrays)
-        except (KeyError, TypeError, ValueError) as exc:
+            return cls(prompt=prompt, token_labels=tuple(labels), answer=answer, metadata=meta,
+                       **{k: _own(v) for k, v in data.items()})
+        except Exception as exc:  # every check of __post_init__: shapes, dtypes, metadata types
             raise TraceFormatError(f"trace file is malformed: {exc}") from None
+
+
+def _checked_metadata(metadata) -> FrozenDict:
+    """A read-only deep copy of ``metadata``; TypeError for non-string keys or a known entry
+    (``_META_TYPES``) of the wrong type."""
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"Trace.metadata must be a dict, got {type(metadata).__name__}")
+    bad = [k for k in metadata if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"Trace.metadata keys must be strings, got {bad[:3]}")
+    for key, kind in _META_TYPES.items():
+        v = metadata.get(key)
+        if v is not None and (not isinstance(v, kind) or (kind is not bool and isinstance(v, bool))):
+            raise TypeError(f"metadata {key!r} must be {getattr(kind, '__name__', kind)}, got {type(v).__name__}")
+    cfg = metadata.get("config") or {}
+    for key in _CONFIG_AXES:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise TypeError(f"metadata config {key!r} must be an integer, got {type(v).__name__}")
+    return _freeze(metadata)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().float().numpy()
 
 
+def _fixed_point_count(fixed_point_iterations, r: int, deep: bool) -> int | None:
+    """Iterations of the s* run: None (skip) for 0/False or a deep model; the default (None or
+    True) is max(FIXED_POINT_ITERATIONS, r); an explicit n gives max(n, r)."""
+    fp = fixed_point_iterations
+    if deep or fp is False:
+        return None
+    if fp is None or fp is True:
+        return max(FIXED_POINT_ITERATIONS, r)
+    if not isinstance(fp, numbers.Integral) or fp < 0:
+        raise ValueError(f"fixed_point_iterations must be an integer >= 0 (0: skip), got {fp!r}")
+    if fp == 0:
+        return None
+    n = max(int(fp), r)
+    if n > MAX_ITERATIONS:
+        raise ValueError(f"fixed_point_iterations must be at most {MAX_ITERATIONS}, got {fp}")
+    return n
+
+
+def _choose_fields(names, attention: bool, r: int, cfg) -> dict[str, list[str]]:
+    """Optional Trace fields to capture -> their capture names. ``names`` (fnmatch patterns or a
+    predicate, as in ``Capture``) must select all of a field's names or none of them."""
+    k = cfg.n_block
+    fields = {"attention": [f"loop.{t}.blocks.{l}.attn.hook_pattern" for t in range(r) for l in range(k)]}
+    for part, n in (("prelude", cfg.n_prelude), ("coda", cfg.n_coda)):
+        for field, hook in (("states", "hook_resid_post"), ("attention", "attn.hook_pattern")):
+            # an empty part is decided by its layer-0 name (nothing is recorded under it)
+            fields[f"{part}_{field}"] = [f"{part}.{l}.{hook}" for l in range(max(n, 1))]
+    if not attention:
+        fields = {f: v for f, v in fields.items() if not f.endswith("attention")}
+    if names is None:
+        return fields
+    wants = Capture(names).wants
+    chosen = {}
+    for field, field_names in fields.items():
+        hits = sum(map(wants, field_names))
+        if hits == len(field_names):
+            chosen[field] = field_names
+        elif hits:
+            raise ValueError(f"names select {hits} of the {len(field_names)} capture points of Trace.{field} "
+                             f"(such as {field_names[0]!r}); a Trace holds all of a field or none of it")
+    return chosen
+
+
 def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answer: str | None = None,
           tokenizer: CharTokenizer | None = None, attention: bool = True,
-          fixed_point_iterations: int | None = None, lens_top_k: int = LENS_TOP_K) -> Trace:
+          fixed_point_iterations: int | None = None, lens_top_k: int = LENS_TOP_K, names=None,
+          metadata: dict | None = None) -> Trace:
     """Run ``prompt`` through ``model`` (a LoadedModel, or a LoopedTransformer with ``tokenizer``)
-    for ``iterations`` (default: the trained count) and capture everything.
+    for ``iterations`` (default: the trained count) and capture everything asked for.
 
     answer: the expected next token; for chain prompts it is found by solving the chain.
-    fixed_point_iterations: also run this many iterations (e.g. 128) and keep the final block
-    states as the approximate fixed point s*. Raises ValueError (TokenizerError included) for an
-    empty or overlong prompt, unknown characters, or iterations out of range.
+    fixed_point_iterations: length of the run whose last block states are s* (``fixed_point``):
+    default (None) max(128, iterations); an integer n gives max(n, iterations); 0 or False
+    skips it (fixed_point None). The s* run continues from the traced run's last state, so it
+    equals a plain forward of that length. A deep model has no s*.
+    names: capture only these optional fields (fnmatch patterns or a predicate over capture
+    names, as in ``Capture``): ``loop.*.blocks.*.attn.hook_pattern`` (attention),
+    ``prelude.*.hook_resid_post`` / ``coda.*.hook_resid_post`` (prelude_states / coda_states),
+    ``prelude.*.attn.hook_pattern`` / ``coda.*.attn.hook_pattern``; the others are None. A
+    pattern that selects only part of a field raises ValueError. Block states, s_0, e, logits
+    and the logit lens are always captured. Default None: everything. ``attention=False``
+    drops the three attention fields whatever ``names`` says.
+    metadata: extra entries merged over the computed metadata (JSON-able).
+    Raises ValueError (TokenizerError included) for an empty or overlong prompt, unknown
+    characters, iterations out of range.
     """
     meta: dict = {}
     if isinstance(model, LoadedModel):
@@ -228,72 +448,84 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
         raise ValueError(f"the prompt has {len(prompt)} characters; this model reads at most {cfg.context_length}")
     ids = tokenizer.encode(prompt)
     r = model.check_iterations(iterations)
+    n_fixed = _fixed_point_count(fixed_point_iterations, r, cfg.is_deep)
     if answer is None:
         solved = solve_chain(prompt) if set("=;?") <= set(tokenizer.chars) else None
         answer = solved[0] if solved else None
     if answer is not None and (len(answer) != 1 or answer not in tokenizer.index):
         raise ValueError(f"answer {answer!r} is not a single token of this model's vocabulary")
 
-    names = ["embed.hook_out", "loop.hook_input", "loop.hook_initial_state", "prelude.*.hook_resid_post",
-             "loop.*.blocks.*.hook_resid_post", "coda.*.hook_resid_post"]
-    if attention:
-        names += ["prelude.*.attn.hook_pattern", "loop.*.blocks.*.attn.hook_pattern",
-                  "coda.*.attn.hook_pattern"]
-    cap = Capture(names)
+    k, T = cfg.n_block, len(ids)
+    chosen = _choose_fields(names, attention, r, cfg)
+    wanted = {f"loop.{t}.blocks.{l}.hook_resid_post" for t in range(r) for l in range(k)}
+    wanted |= {"loop.hook_input", "loop.hook_initial_state", f"loop.{r - 1}.hook_state_out"}
+    for field_names in chosen.values():
+        wanted.update(field_names)
+    cap = Capture(frozenset(wanted).__contains__)
     x = torch.tensor([ids])
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        logits = model(x, iterations=r, capture=cap, seed=seed)[0]
-        st = cap.store
-        k = cfg.n_block
-        states = torch.stack([torch.stack([st[f"loop.{t}.blocks.{l}.hook_resid_post"][0] for l in range(k)])
-                              for t in range(r)])  # [I, L, T, D]
-        attn = None
-        if attention:
-            attn = torch.stack([torch.stack([st[f"loop.{t}.blocks.{l}.attn.hook_pattern"][0] for l in range(k)])
-                                for t in range(r)])  # [I, L, H, T, T]
+    try:
+        with torch.no_grad():
+            logits = model(x, iterations=r, capture=cap, seed=seed)[0]
+            st = cap.store
+            states = torch.stack([torch.stack([st[f"loop.{t}.blocks.{l}.hook_resid_post"][0] for l in range(k)])
+                                  for t in range(r)])  # [I, L, T, D]
+            attn = None
+            if "attention" in chosen:
+                attn = _np(torch.stack([torch.stack([st[f"loop.{t}.blocks.{l}.attn.hook_pattern"][0]
+                                                     for l in range(k)]) for t in range(r)]))  # [I, L, H, T, T]
 
-        def stack_part(part, n, hook):
-            if n == 0:
-                shape = (0, len(ids), cfg.d_model) if hook == "hook_resid_post" else (0, cfg.n_heads, len(ids), len(ids))
-                return np.zeros(shape, np.float32)
-            return _np(torch.stack([st[f"{part}.{l}.{hook}"][0] for l in range(n)]))
+            def part(field, n, hook):
+                if field not in chosen:
+                    return None
+                if n == 0:
+                    shape = (0, T, cfg.d_model) if hook == "hook_resid_post" else (0, cfg.n_heads, T, T)
+                    return np.zeros(shape, np.float32)
+                return _np(torch.stack([st[f"{field.split('_')[0]}.{l}.{hook}"][0] for l in range(n)]))
 
-        lens_logp = model.logit_lens(states).log_softmax(-1)  # [I, L, T, V]
-        top = lens_logp.topk(min(lens_top_k, cfg.vocab_size), dim=-1)
-        last = lens_logp[:, -1]  # [I, T, V] block's last layer per iteration
-        kl = torch.full((r, len(ids)), float("nan"))
-        if r > 1:
-            kl[1:] = (last[:-1].exp() * (last[:-1] - last[1:])).sum(-1)
-        rank = prob = None
-        if answer is not None:
-            a = tokenizer.index[answer]
-            final = lens_logp[:, :, -1]  # [I, L, V] at the last position
-            rank = (final > final[..., a:a + 1]).sum(-1)
-            prob = final[..., a].exp()
-        fixed = None
-        if fixed_point_iterations:
-            n = model.check_iterations(fixed_point_iterations)
-            cap2 = Capture([f"loop.{n - 1}.blocks.*.hook_resid_post"])
-            model(x, iterations=n, capture=cap2, seed=seed)
-            fixed = _np(torch.stack([cap2.store[f"loop.{n - 1}.blocks.{l}.hook_resid_post"][0] for l in range(k)]))
-    model.train(was_training)
+            lens_logp = model.logit_lens(states).log_softmax(-1)  # [I, L, T, V]
+            top = lens_logp.topk(min(lens_top_k, cfg.vocab_size), dim=-1)
+            last = lens_logp[:, -1]  # [I, T, V] block's last layer per iteration
+            kl = torch.full((r, T), float("nan"))
+            if r > 1:
+                kl[1:] = (last[:-1].exp() * (last[:-1] - last[1:])).sum(-1)
+            rank = prob = None
+            if answer is not None:
+                a = tokenizer.index[answer]
+                final = lens_logp[:, :, -1]  # [I, L, V] at the last position
+                rank = (final > final[..., a:a + 1]).sum(-1)
+                prob = final[..., a].exp()
+            fixed = None
+            if n_fixed == r:
+                fixed = _np(states[-1]).copy()
+            elif n_fixed is not None:  # continue from s_r: the same numbers as a plain n-iteration run
+                s, e = st[f"loop.{r - 1}.hook_state_out"], st["loop.hook_input"]
+                for t in range(r, n_fixed - 1):
+                    s = model.step(s, e, t)
+                cap2 = Capture([f"loop.{n_fixed - 1}.blocks.*.hook_resid_post"])
+                model.step(s, e, n_fixed - 1, cap2)
+                fixed = _np(torch.stack([cap2.store[f"loop.{n_fixed - 1}.blocks.{l}.hook_resid_post"][0]
+                                         for l in range(k)]))
+    finally:
+        model.train(was_training)
 
-    meta.update(config=cfg.to_dict(), architecture=cfg.describe(), tokenizer_chars=tokenizer.chars, seed=seed,
+    meta.update(config=cfg.to_dict(), architecture=cfg.describe(), tokenizer_chars=tokenizer.chars, seed=int(seed),
                 iterations=r, trained_iterations=cfg.iterations, is_deep=cfg.is_deep,
-                fixed_point_iterations=fixed_point_iterations if fixed is not None else None,
-                answer_hops=(solve_chain(prompt) or (None, None))[1])
-    return Trace(
-        prompt=prompt, token_labels=tuple(tokenizer.token_labels(prompt)), answer=answer, metadata=meta,
-        tokens=np.asarray(ids, dtype=np.int64), states=_np(states),
-        attention=None if attn is None else _np(attn),
+                fixed_point_iterations=n_fixed, answer_hops=(solve_chain(prompt) or (None, None))[1])
+    meta.update(metadata or {})
+    arrays = dict(
+        tokens=np.asarray(ids, dtype=np.int64), states=_np(states), attention=attn,
         initial_state=_np(st["loop.hook_initial_state"][0]), injected=_np(st["loop.hook_input"][0]),
-        prelude_states=stack_part("prelude", cfg.n_prelude, "hook_resid_post"),
-        prelude_attention=stack_part("prelude", cfg.n_prelude, "attn.hook_pattern") if attention else None,
-        coda_states=stack_part("coda", cfg.n_coda, "hook_resid_post"),
-        coda_attention=stack_part("coda", cfg.n_coda, "attn.hook_pattern") if attention else None,
+        prelude_states=part("prelude_states", cfg.n_prelude, "hook_resid_post"),
+        prelude_attention=part("prelude_attention", cfg.n_prelude, "attn.hook_pattern"),
+        coda_states=part("coda_states", cfg.n_coda, "hook_resid_post"),
+        coda_attention=part("coda_attention", cfg.n_coda, "attn.hook_pattern"),
         logits=_np(logits), lens_top_ids=top.indices.numpy().astype(np.int64), lens_top_probs=_np(top.values.exp()),
         lens_kl=_np(kl), answer_rank=None if rank is None else rank.numpy().astype(np.int64),
         answer_prob=None if prob is None else _np(prob), fixed_point=fixed,
     )
+    # the arrays are new and held by no one else: the Trace adopts them without copying
+    arrays = {name: None if a is None else _own(a) for name, a in arrays.items()}
+    return Trace(prompt=prompt, token_labels=tuple(tokenizer.token_labels(prompt)), answer=answer, metadata=meta,
+                 **arrays)

@@ -231,3 +231,225 @@ def test_answer_found_and_lens_consistent(tiny_model, chain_tokenizer):
     zero = tr2.answer_rank == 0
     assert np.all(tr2.lens_top_ids[:, :, -1, 0][zero] == a)
     np.testing.assert_allclose(tr2.lens_top_probs[:, :, -1, 0][zero], tr2.answer_prob[zero], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- names filter
+def test_names_filter_captures_only_what_is_asked(tiny_model, chain_tokenizer):
+    full = trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer)
+    lean = trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer, names=[])
+    for name in ("attention", "prelude_states", "prelude_attention", "coda_states", "coda_attention"):
+        assert getattr(lean, name) is None, name
+    for name in ("states", "logits", "lens_top_ids", "lens_kl", "initial_state", "injected", "fixed_point"):
+        assert np.array_equal(getattr(lean, name), getattr(full, name), equal_nan=True), name
+    only_attn = trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer,
+                      names="loop.*.blocks.*.attn.hook_pattern")
+    assert np.array_equal(only_attn.attention, full.attention)
+    assert only_attn.prelude_states is None and only_attn.coda_attention is None
+    parts = trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer,
+                  names=["prelude.*", "coda.*.hook_resid_post"])
+    assert parts.attention is None and parts.coda_attention is None
+    assert np.array_equal(parts.prelude_states, full.prelude_states)
+    assert np.array_equal(parts.prelude_attention, full.prelude_attention)
+    assert np.array_equal(parts.coda_states, full.coda_states)
+    assert trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer, attention=False,
+                 names=["loop.*"]).attention is None                       # attention=False wins
+    pred = trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer,
+                 names=lambda n: n.startswith("coda."))
+    assert pred.coda_states is not None and pred.coda_attention is not None and pred.attention is None
+    with pytest.raises(ValueError, match="all of a field or none"):  # part of a field
+        trace(tiny_model, PROMPT, iterations=4, tokenizer=chain_tokenizer, names=["loop.3.blocks.*.attn.hook_pattern"])
+    for tr in (lean, only_attn, parts):  # a lean trace still saves and loads
+        assert set(tr.capture_names()) <= set(full.capture_names())
+
+
+def test_names_filter_round_trip(tiny_model, chain_tokenizer, tmp_path):
+    lean = trace(tiny_model, PROMPT, iterations=3, tokenizer=chain_tokenizer, names=[])
+    _assert_traces_equal(lean, Trace.load(lean.save(tmp_path / "lean.npz")))
+
+
+# ---------------------------------------------------------------- fixed point
+def brute_force_block_states(model, tok, prompt, n, seed):
+    """Block states [L, T, D] after n iterations, from model.step and the layers called by hand."""
+    with torch.no_grad():
+        e = model.encode(torch.tensor([tok.encode(prompt)]))
+        s = model.initial_state(e, seed)
+        for t in range(n - 1):
+            s = model.step(s, e, t)
+        s = model.inject(s, e)
+        out = []
+        for layer in model.block:
+            s = layer(s)
+            out.append(s[0])
+    return torch.stack(out).numpy()
+
+
+@pytest.mark.parametrize("layout", ["pre", "huginn", "ouro"])
+def test_fixed_point_default_equals_long_run(layout, chain_tokenizer):
+    model = small_model(norm_layout=layout, iterations=4)
+    tr = trace(model, PROMPT, iterations=5, seed=4, tokenizer=chain_tokenizer)
+    assert tr.metadata["fixed_point_iterations"] == 128
+    assert np.array_equal(tr.fixed_point, brute_force_block_states(model, chain_tokenizer, PROMPT, 128, 4))
+    # more iterations than the default: s* from as many as the run itself, i.e. its last states
+    long = trace(model, PROMPT, iterations=130, seed=4, tokenizer=chain_tokenizer)
+    assert long.metadata["fixed_point_iterations"] == 130
+    assert np.array_equal(long.fixed_point, long.states[-1])
+    assert np.array_equal(long.fixed_point, brute_force_block_states(model, chain_tokenizer, PROMPT, 130, 4))
+
+
+def test_fixed_point_options(tiny_model, chain_tokenizer):
+    for off in (0, False):
+        tr = trace(tiny_model, PROMPT, iterations=3, tokenizer=chain_tokenizer, fixed_point_iterations=off)
+        assert tr.fixed_point is None and tr.metadata["fixed_point_iterations"] is None
+    tr = trace(tiny_model, PROMPT, iterations=20, tokenizer=chain_tokenizer, fixed_point_iterations=8)
+    assert tr.metadata["fixed_point_iterations"] == 20           # never fewer than the run itself
+    assert np.array_equal(tr.fixed_point, tr.states[-1])
+    tr = trace(tiny_model, PROMPT, iterations=3, seed=1, tokenizer=chain_tokenizer, fixed_point_iterations=40)
+    assert tr.metadata["fixed_point_iterations"] == 40
+    assert np.array_equal(tr.fixed_point, brute_force_block_states(tiny_model, chain_tokenizer, PROMPT, 40, 1))
+    for bad in (-1, 2.5, 10_000):
+        with pytest.raises(ValueError, match="fixed_point_iterations"):
+            trace(tiny_model, PROMPT, iterations=3, tokenizer=chain_tokenizer, fixed_point_iterations=bad)
+    deep = trace(deep_model(), PROMPT, tokenizer=chain_tokenizer, fixed_point_iterations=64)
+    assert deep.fixed_point is None and deep.metadata["fixed_point_iterations"] is None
+
+
+# ---------------------------------------------------------------- logit lens, by hand
+def test_lens_kl_and_top_k_by_hand(tiny_model, chain_tokenizer):
+    tr = trace(tiny_model, PROMPT, iterations=6, tokenizer=chain_tokenizer, fixed_point_iterations=0)
+    with torch.no_grad():
+        logp = torch.stack([torch.stack([tiny_model.logit_lens(torch.from_numpy(np.array(tr.states[t, l])))
+                                         for l in range(tr.n_layers)]) for t in range(6)]).log_softmax(-1).double()
+    p = logp.exp().numpy()
+    # KL(p_{t-1} || p_t) at the block's last layer, summed by hand over the vocabulary
+    want = np.full((6, len(PROMPT)), np.nan)
+    for t in range(1, 6):
+        for k in range(len(PROMPT)):
+            a, b = p[t - 1, -1, k], p[t, -1, k]
+            want[t, k] = sum(a[v] * (np.log(a[v]) - np.log(b[v])) for v in range(len(a)))
+    assert np.isnan(tr.lens_kl[0]).all()
+    np.testing.assert_allclose(tr.lens_kl[1:], want[1:], rtol=1e-3, atol=1e-7)
+    top = torch.topk(logp, tr.lens_top_ids.shape[-1], dim=-1)
+    np.testing.assert_allclose(tr.lens_top_probs, top.values.exp().numpy(), rtol=1e-5, atol=1e-7)
+    gaps = np.abs(np.diff(top.values.exp().numpy(), axis=-1))
+    clear = np.concatenate([gaps > 1e-5, np.ones(gaps.shape[:-1] + (1,), bool)], -1)  # no near-tie at that rank
+    clear &= np.concatenate([np.ones(gaps.shape[:-1] + (1,), bool), gaps > 1e-5], -1)
+    assert clear.mean() > 0.9
+    assert np.array_equal(tr.lens_top_ids[clear], top.indices.numpy()[clear])
+
+
+# ---------------------------------------------------------------- Trace checks
+def test_post_init_dtypes_copies_and_axes(tiny_model, chain_tokenizer):
+    tr = trace(tiny_model, PROMPT, iterations=3, tokenizer=chain_tokenizer, fixed_point_iterations=0)
+    mine = np.array(tr.states, dtype=np.float64)
+    t2 = dataclasses.replace(tr, states=mine)
+    assert t2.states.dtype == np.float32 and np.array_equal(t2.states, tr.states)
+    assert mine.flags.writeable and not t2.states.flags.writeable      # the caller's array stays writeable
+    own = np.array(tr.logits)
+    t3 = dataclasses.replace(tr, logits=own)
+    own[0, 0] = 123.0                                                  # changing it does not reach the Trace
+    assert t3.logits[0, 0] == tr.logits[0, 0] and not t3.logits.flags.writeable
+    assert dataclasses.replace(tr, tokens=tr.tokens.astype(np.int32)).tokens.dtype == np.int64
+    with pytest.raises(TypeError, match="floats"):
+        dataclasses.replace(tr, states=tr.states.astype(np.int64))
+    with pytest.raises(TypeError, match="integers"):
+        dataclasses.replace(tr, tokens=tr.tokens.astype(np.float32))
+    with pytest.raises(TypeError):
+        dataclasses.replace(tr, states=tr.states.astype(np.complex64))
+    with pytest.raises(ValueError):
+        tr.states[0, 0, 0, 0] = 1.0
+    T, H = len(PROMPT), 2
+    bad = [
+        dict(prelude_attention=np.zeros((1, 3, T, T), np.float32)),                # head axis vs attention
+        dict(coda_attention=np.zeros((2, H, T, T), np.float32)),                   # coda axis vs coda_states
+        dict(prelude_states=np.zeros((2, T, 32), np.float32)),                     # prelude axis vs attention / config
+        dict(lens_top_probs=np.array(tr.lens_top_probs[..., :2])),                 # top-k axis
+        dict(lens_top_ids=np.array(tr.lens_top_ids) + 100),                       # ids outside the vocabulary
+        dict(logits=np.zeros((T, 7), np.float32)),                                 # vocab vs tokenizer and config
+        dict(answer_prob=None),                                                    # rank without prob
+        dict(metadata=dict(tr.metadata, config=dict(tr.metadata["config"], n_heads=4))),  # config vs head axis
+        dict(metadata=dict(tr.metadata, seed="zero")),                             # wrong type
+        dict(metadata={1: "x"}),                                                   # key type
+        dict(metadata="not a dict"),
+        dict(token_labels=tuple(range(T))),
+        dict(prompt=7),
+    ]
+    for change in bad:
+        with pytest.raises((ValueError, TypeError)):
+            dataclasses.replace(tr, **change)
+
+
+def test_metadata_is_a_read_only_copy(tiny_model, chain_tokenizer):
+    import pickle
+
+    extra = {"lab": {"n_block": 2, "offsets": [1, 2]}}
+    tr = trace(tiny_model, PROMPT, iterations=2, tokenizer=chain_tokenizer, fixed_point_iterations=0, metadata=extra)
+    extra["lab"]["n_block"] = 99
+    assert tr.metadata["lab"]["n_block"] == 2 and tr.metadata["lab"]["offsets"] == (1, 2)
+    for mutate in (lambda m: m.update(a=1), lambda m: m.__setitem__("seed", 5), lambda m: m.pop("seed"),
+                   lambda m: m["config"].__setitem__("d_model", 1), lambda m: m.clear()):
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(tr.metadata)
+    assert isinstance(tr.metadata, dict) and json.loads(json.dumps(tr.metadata))["seed"] == 0
+    again = pickle.loads(pickle.dumps(tr))                             # st.cache_data pickles traces
+    assert again.metadata == tr.metadata
+    changed = dataclasses.replace(tr, metadata=dict(tr.metadata, note="x"))
+    assert changed.metadata["note"] == "x" and "note" not in tr.metadata
+
+
+def test_lab_trace_metadata(chain_tokenizer):
+    from analysis.lab import LabSettings, run_lab
+
+    s = LabSettings(n_block=2, d_model=16, n_heads=2, iterations=3, n_tokens=5)
+    tr = run_lab(s)
+    assert tr.metadata["lab"] == s.to_dict() and tr.metadata["model_name"].startswith("lab:")
+    assert tr.fixed_point is None
+
+
+# ---------------------------------------------------------------- malformed files
+def _saved_parts(tr, tmp_path):
+    with np.load(tr.save(tmp_path / "ok.npz"), allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    return json.loads(str(data.pop("metadata"))), data
+
+
+def test_load_malformed_files_raise_trace_format_error(tiny_model, chain_tokenizer, tmp_path):
+    tr = trace(tiny_model, PROMPT, iterations=2, tokenizer=chain_tokenizer, fixed_point_iterations=4)
+    meta, data = _saved_parts(tr, tmp_path)
+    good = (tmp_path / "ok.npz").read_bytes()
+    cases = {
+        "meta_list": (json.dumps([1, 2]), data),
+        "meta_number": (json.dumps(5), data),
+        "meta_string": (json.dumps("loopscope-trace"), data),
+        "no_prompt": (json.dumps({k: v for k, v in meta.items() if k != "prompt"}), data),
+        "labels_int": (json.dumps(dict(meta, token_labels=5)), data),
+        "labels_str": (json.dumps(dict(meta, token_labels="abc")), data),
+        "labels_nums": (json.dumps(dict(meta, token_labels=list(range(len(PROMPT))))), data),
+        "prompt_int": (json.dumps(dict(meta, prompt=3)), data),
+        "answer_list": (json.dumps(dict(meta, answer=["7"])), data),
+        "config_str": (json.dumps(dict(meta, config="big")), data),
+        "seed_str": (json.dumps(dict(meta, seed="0")), data),
+        "deep_nest": ("[" * 100_000 + "]" * 100_000, data),
+        "missing_states": (json.dumps(meta), {k: v for k, v in data.items() if k != "states"}),
+        "missing_logits": (json.dumps(meta), {k: v for k, v in data.items() if k != "logits"}),
+        "short_states": (json.dumps(meta), dict(data, states=data["states"][:, :, :-1])),
+        "flat_logits": (json.dumps(meta), dict(data, logits=data["logits"].ravel())),
+        "string_tokens": (json.dumps(meta), dict(data, tokens=np.array(list(PROMPT)))),
+        "float_ids": (json.dumps(meta), dict(data, lens_top_ids=data["lens_top_ids"].astype(np.float32))),
+        "fixed_point_layers": (json.dumps(meta), dict(data, fixed_point=np.zeros((7, len(PROMPT), 32), np.float32))),
+    }
+    for name, (meta_text, arrays) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", metadata=np.array(meta_text), **arrays)
+    np.savez(tmp_path / "meta_array.npz", metadata=np.arange(3), **data)
+    np.savez(tmp_path / "objects.npz", metadata=np.array(json.dumps(meta)),
+             **dict(data, attention=np.array([None, {"x": 1}], dtype=object)))
+    (tmp_path / "truncated.npz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "truncated_end.npz").write_bytes(good[:-30])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    files = [tmp_path / f"{n}.npz" for n in [*cases, "meta_array", "objects", "truncated", "truncated_end", "empty"]]
+    for path in [*files, tmp_path / "single.npy"]:
+        with pytest.raises(TraceFormatError):
+            Trace.load(path)
+        with pytest.raises(TraceFormatError):
+            Trace.load(io.BytesIO(path.read_bytes()))
+    Trace.load(io.BytesIO(good))  # the untouched file still loads
