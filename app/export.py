@@ -75,13 +75,7 @@ def _find_browser() -> str | None:
     return next((p for p in _FALLBACK_BROWSERS if _is_exe(p)), None)
 
 
-_last_failure: str | None = None  # reason of the last real render failure in this process
 _status_lock = threading.Lock()
-
-
-def last_render_failure() -> str | None:
-    """The reason the last render in this process failed, or None (cleared by a success)."""
-    return _last_failure
 
 
 def static_export_unavailable_reason() -> str | None:
@@ -116,8 +110,8 @@ def figure_to_image(fig: go.Figure, fmt: str = "png", width: int | None = None, 
 
     Works offline: plotly.js comes from the installed plotly package and MathJax is disabled.
     Results are cached (bounded) by figure content, format and size. Raises
-    StaticExportUnavailable with the reason when no browser is available or rendering fails."""
-    global _last_failure
+    StaticExportUnavailable with the reason when no browser is available or rendering fails (no
+    failure state is kept here: the app shows it in the session of the user who asked)."""
     fmt = fmt.lower().lstrip(".")
     if fmt == "jpg":
         fmt = "jpeg"
@@ -144,15 +138,12 @@ def figure_to_image(fig: go.Figure, fmt: str = "png", width: int | None = None, 
             kopts=dict(mathjax=False, path=browser, timeout=RENDER_TIMEOUT_S),
         )
     except ChromeNotFoundError as exc:
-        _last_failure = f"static export could not find a browser ({exc}); {_INSTALL_HINT}"
-        raise StaticExportUnavailable(_last_failure) from None
+        raise StaticExportUnavailable(f"static export could not find a browser ({exc}); {_INSTALL_HINT}") from None
     except Exception as exc:  # browser failed to start, crashed or timed out
-        _last_failure = (f"static export failed: the browser at {browser} could not render the figure "
-                         f"({type(exc).__name__}: {str(exc)[:300]})")
-        raise StaticExportUnavailable(_last_failure) from None
+        raise StaticExportUnavailable(f"static export failed: the browser at {browser} could not render the "
+                                      f"figure ({type(exc).__name__}: {str(exc)[:300]})") from None
     if isinstance(data, str):
         data = data.encode()
-    _last_failure = None
     with _status_lock:
         _image_cache[key] = data
         while len(_image_cache) > _IMAGE_CACHE_SIZE:

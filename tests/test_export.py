@@ -148,3 +148,61 @@ def test_metrics_csv_and_parquet_rows(small_trace):
     num = table.select_dtypes("number").columns
     np.testing.assert_allclose(pq[num].to_numpy(float), table[num].to_numpy(float), equal_nan=True)
     np.testing.assert_allclose(csv[num].to_numpy(float), table[num].to_numpy(float), rtol=1e-6, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- the app's export row
+def _download_keys(at) -> set:
+    return {el.proto.id.rsplit("-", 1)[-1] for el in at.get("download_button")}
+
+
+def test_image_export_failure_is_reported_in_the_users_own_session(monkeypatch, real_samples):
+    """PNG/SVG render when the user asks, in their own script run: a failure is an st.error in
+    that session (kept in st.session_state), a success a download button; other sessions see neither."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    main = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+    monkeypatch.setattr(export, "static_export_unavailable_reason", lambda: None)
+
+    def broken(fig, fmt="png", **kw):
+        raise export.StaticExportUnavailable("static export failed: the browser at /usr/bin/chromium could not "
+                                             "render the figure (TimeoutError: 60 s)")
+
+    monkeypatch.setattr(export, "figure_to_image", broken)
+    mine, other = AppTest.from_file(main, default_timeout=120), AppTest.from_file(main, default_timeout=120)
+    mine.run()
+    other.run()
+    assert "answer_looped__png" not in _download_keys(mine)  # nothing is rendered before it is asked for
+    mine.button(key="answer_looped__prepare_png").click()
+    mine.run()
+    assert not mine.exception
+    errors = "\n".join(e.value for e in mine.error)
+    assert "PNG export failed: static export failed: the browser at /usr/bin/chromium" in errors
+    assert "answer_looped__png" not in _download_keys(mine)
+    assert mine.session_state["_image_answer_looped_png"]["error"].startswith("static export failed")
+    other.run()
+    assert not other.error, "another session does not see this session's failure"
+    mine.run()  # the failure stays visible in this session until a retry
+    assert "PNG export failed" in "\n".join(e.value for e in mine.error)
+
+    monkeypatch.setattr(export, "figure_to_image", lambda fig, fmt="png", **kw: b"\x89PNG\r\n\x1a\nfake")
+    mine.button(key="answer_looped__prepare_png").click()
+    mine.run()
+    assert not mine.exception and not mine.error
+    assert "answer_looped__png" in _download_keys(mine)
+    assert mine.session_state["_image_answer_looped_png"]["data"].startswith(b"\x89PNG")
+    assert "answer_looped__png" not in _download_keys(other.run())
+
+
+def test_image_buttons_disabled_with_the_reason_without_a_browser(monkeypatch, real_samples):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("BROWSER_PATH", "/nonexistent/chromium")
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "main.py"), default_timeout=120)
+    at.run()
+    png = at.button(key="answer_looped__prepare_png")
+    assert png.disabled and "BROWSER_PATH" in png.help
+    assert any("PNG/SVG unavailable" in c.value for c in at.caption)
