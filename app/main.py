@@ -31,9 +31,9 @@ PAGES = [
 
 embed = state.embed_requested()
 try:
-    hide_sidebar = bool(st.context.is_embedded)
+    embedded = bool(st.context.is_embedded)
 except Exception:
-    hide_sidebar = False
+    embedded = False
 st.set_page_config(page_title="loopscope", page_icon=":material/all_inclusive:", layout="wide",
                    initial_sidebar_state="collapsed" if embed else "auto")
 
@@ -41,6 +41,7 @@ pages = [st.Page(str(PAGES_DIR / f), title=title, icon=icon, url_path=Path(f).st
          for i, (f, title, icon) in enumerate(PAGES) if (PAGES_DIR / f).is_file()]
 pg = st.navigation(pages, position="top" if embed else "sidebar")
 settings = state.sidebar()
-state.apply_embed_style(settings.embed, hide_sidebar)
+state.apply_embed_style(settings.embed, embedded)
+state.begin_page(pg.title)  # before pg.run(): a page's st.stop() skips everything after it
 pg.run()
 state.prune_url()

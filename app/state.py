@@ -244,9 +244,26 @@ def _write_url(settings: Settings) -> None:
         pass
 
 
+def begin_page(page: str) -> None:
+    """Call before ``pg.run()``: drop the view options that other pages wrote to the URL. This runs
+    even when the page then calls ``st.stop()`` (which raises StopException out of ``pg.run()``, so
+    nothing after it runs, and no query parameter can be changed once it is raised)."""
+    ss = st.session_state
+    ss["_url_page"] = page
+    owners = ss.get("_url_owner") or {}
+    try:
+        for k in list(st.query_params.keys()):
+            if owners.get(k, page) != page:
+                del st.query_params[k]
+                ss.get("_url_known", set()).discard(k)
+    except Exception:
+        pass
+
+
 def prune_url() -> None:
-    """Drop view options written on earlier runs (another page's) but not on this one; call after pg.run().
-    Parameters written by other code are left alone."""
+    """Drop view options written on earlier runs but not on this one (e.g. an option this page only
+    shows in another view); call after pg.run() (``begin_page`` handles other pages' options, also
+    when a page stops early). Parameters written by other code are left alone."""
     keep = st.session_state.get("_url_keys") or set()
     known = st.session_state.get("_url_known") or set()
     try:
@@ -263,10 +280,16 @@ def _take_url_value(key: str):
     return pending.pop(key, None)
 
 
+def url_flag(key: str) -> bool:
+    """Whether the URL this session opened with says ``?key=1`` (or true/yes); read once."""
+    return str(_take_url_value(key) or "").strip().lower() in ("1", "true", "yes")
+
+
 def keep_in_url(key: str, value) -> None:
     """Write one page view value to the URL (``?key=value``); pages not using ``view_*`` call this."""
     st.session_state.setdefault("_url_keys", set()).add(key)
     st.session_state.setdefault("_url_known", set()).add(key)
+    st.session_state.setdefault("_url_owner", {})[key] = st.session_state.get("_url_page", "")
     try:
         if st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)
@@ -498,8 +521,9 @@ def sidebar() -> Settings:
     sb.file_uploader("Open a saved trace (.npz)", type=["npz"], key="upload",
                      help="A trace saved from loopscope reopens without its model; it replaces the computed "
                           "looped (or deep) trace.")
-    sb.toggle("Presentation mode", key="w_present", help="Larger fonts and a collapsed sidebar, for projecting. "
-              "Add ?embed=true to the URL to hide the sidebar completely.")
+    sb.toggle("Presentation mode", key="w_present", help="Larger fonts and no sidebar, for projecting; the "
+              "\"Exit presentation\" button at the top of the page brings the sidebar back. ?present=true or "
+              "?embed=true in the URL open the app this way.")
 
     applied = ss["applied"]
     settings = Settings(embed=embed, **applied)
@@ -509,8 +533,14 @@ def sidebar() -> Settings:
     return settings
 
 
-def apply_embed_style(embed: bool, hide_sidebar: bool) -> None:
-    """Presentation mode CSS: larger type; with ?embed=true also no sidebar."""
+def _exit_presentation() -> None:
+    st.session_state["w_present"] = False
+
+
+def apply_embed_style(embed: bool, embedded: bool = False) -> None:
+    """Presentation mode (``?embed=true``, ``?present=true`` or the sidebar toggle): larger type and
+    no sidebar. The way back: an "Exit presentation" button at the top of the page (toggle and
+    ?present=true), or, for ?embed=true, a note to remove it from the URL."""
     if not embed:
         return
     css = """
@@ -518,21 +548,32 @@ def apply_embed_style(embed: bool, hide_sidebar: bool) -> None:
     [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
     [data-testid="stMetricValue"], [data-testid="stMetricValue"] div, [data-testid="stMetricValue"] p { font-size: 2.6rem !important; line-height: 1.2; }
     h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; }
+    [data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
+    [data-testid="stExpandSidebarButton"] { display: none !important; }
     """
-    if hide_sidebar:
-        css += """
-        [data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
-        [data-testid="stExpandSidebarButton"] { display: none !important; }
-        """
     st.html(f"<style>{css}</style>")
+    if st.session_state.get("w_present"):
+        st.button("Exit presentation", key="exit_present", on_click=_exit_presentation, type="tertiary",
+                  icon=":material/fullscreen_exit:", help="Bring the sidebar and the normal font sizes back.")
+    elif embedded:
+        st.caption("Presentation (embed) mode: remove `embed=true` from the URL to get the sidebar back.")
 
 
 # ---------------------------------------------------------------- traces
-@st.cache_data(max_entries=16, show_spinner="Running the model, then the long fixed-point run (s*)…")
+@st.cache_data(max_entries=16, show_spinner=False)
 def _cached_trace(sha256: str, path: str, prompt: str, iterations: int | None, seed: int,
-                  fixed_point_iterations: int | None, _model: LoadedModel) -> Trace:
-    return capture_trace(_model, prompt, iterations=iterations, seed=seed,
-                         fixed_point_iterations=fixed_point_iterations)
+                  _model: LoadedModel) -> Trace:
+    """The trace of ``iterations`` iterations, without s* (``fixed_point_iterations=0``: skip)."""
+    return capture_trace(_model, prompt, iterations=iterations, seed=seed, fixed_point_iterations=0)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _cached_fixed_point(sha256: str, path: str, prompt: str, n: int, seed: int, _model: LoadedModel):
+    """s*: the block's states after ``n`` iterations of the same prompt and seed, [L, T, D] (what
+    ``analysis.trace(..., fixed_point_iterations=n)`` keeps), run as its own step so that the app
+    can show its progress."""
+    long = capture_trace(_model, prompt, iterations=n, seed=seed, attention=False, fixed_point_iterations=0)
+    return long.states[-1]
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the trace file…")
@@ -552,10 +593,56 @@ def _capped_prompt(prompt: str, model: LoadedModel, who: str, warnings: list[str
     return prompt
 
 
-def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int | None,
-               who: str, errors: list[str]) -> Trace | None:
+class _Progress:
+    """The one st.status + st.progress box of a run that computes traces (nothing is drawn when
+    everything is cached): created on the first step that is not known to be cached."""
+
+    def __init__(self, steps: list[tuple[str, str]]):
+        self.steps, self.done, self.box, self.bar = steps, 0, None, None
+
+    def start(self, key: str) -> None:
+        label = dict(self.steps)[key]
+        if self.box is None:
+            self.box = st.status("Computing the traces…", expanded=True)
+            with self.box:
+                self.bar = st.progress(0.0)
+        self.bar.progress(self.done / len(self.steps), text=f"Step {self.done + 1} of {len(self.steps)}: {label}")
+        self.box.update(label=label + "…", state="running")
+
+    def finish(self) -> None:
+        self.done += 1
+
+    def close(self, failed: bool) -> None:
+        if self.box is not None:
+            self.bar.progress(1.0, text="done")
+            self.box.update(label="Some traces could not be computed" if failed else "Traces ready",
+                            state="error" if failed else "complete", expanded=False)
+
+
+def _step(progress: _Progress, key: str, done_key: str, fn):
+    """Run one cached step, showing progress unless this session already computed it."""
+    done = st.session_state.setdefault("_trace_done", set())
+    if done_key not in done:
+        progress.start(key)
     try:
-        return _cached_trace(model.sha256, model.path, prompt, iterations, seed, fp, _model=model)
+        return fn()
+    finally:
+        progress.finish()
+        done.add(done_key)  # a failing step is reported in the page's errors, not again as progress
+
+
+def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int,
+               who: str, errors: list[str], progress: _Progress) -> Trace | None:
+    """The model's trace (and, for fp > 0, its s* after ``fp`` iterations); problems -> errors."""
+    base = (model.sha256, model.path, prompt, iterations, seed)
+    try:
+        t = _step(progress, f"{who}", repr(("trace",) + base),
+                  lambda: _cached_trace(*base, _model=model))
+        if fp:
+            fixed = _step(progress, f"{who}_fp", repr(("fixed_point", fp) + base),
+                          lambda: _cached_fixed_point(model.sha256, model.path, prompt, fp, seed, _model=model))
+            t = dataclasses.replace(t, fixed_point=fixed, metadata=dict(t.metadata, fixed_point_iterations=fp))
+        return t
     except ValueError as exc:  # TokenizerError, empty/overlong prompt, iterations
         errors.append(f"{who.capitalize()} model ({model.name}): {exc}")
     except Exception as exc:  # a model that fails to run must not take the page down
@@ -601,12 +688,23 @@ def current(show_messages: bool = True) -> Session:
             if iterations > trained:
                 warns.append(f"Extrapolation: {iterations} iterations is past the {trained} the looped model "
                              "was trained with.")
-            p = _capped_prompt(prompt, looped_model, "looped", warns)
-            looped = _run_trace(looped_model, p, iterations, settings.seed,
-                                max(FIXED_POINT_ITERATIONS, iterations), "looped", errors)
+            lp = _capped_prompt(prompt, looped_model, "looped", warns)
         if deep_model is not None:
-            p = _capped_prompt(prompt, deep_model, "deep", warns)
-            deep = _run_trace(deep_model, p, None, settings.seed, None, "deep", errors)
+            dp = _capped_prompt(prompt, deep_model, "deep", warns)
+        fp = max(FIXED_POINT_ITERATIONS, iterations)
+        steps = []
+        if looped_model is not None:
+            steps += [("looped", f"running the looped model ({iterations} iterations)"),
+                      ("looped_fp", f"the long fixed-point run: {fp} iterations for s*")]
+        if deep_model is not None:
+            steps += [("deep", f"running the deep model ({deep_model.config.n_block} layers)")]
+        progress = _Progress(steps)
+        if looped_model is not None:
+            looped = _run_trace(looped_model, lp, iterations, settings.seed, fp, "looped", errors, progress)
+        if deep_model is not None:  # a deep model runs once: no fixed-point run (0 = skip it)
+            deep = _run_trace(deep_model, dp, None, settings.seed, 0, "deep", errors, progress)
+        progress.close(failed=(looped_model is not None and looped is None)
+                       or (deep_model is not None and deep is None))
 
     uploaded = {}
     up = ss.get("upload")
@@ -621,7 +719,12 @@ def current(show_messages: bool = True) -> Session:
             warns.append(f"Showing the uploaded trace {up.name} as the {'deep' if t.is_deep else 'looped'} trace "
                          f"(prompt {t.prompt!r}, {t.n_iterations} iterations); remove the file to go back.")
         except TraceFormatError as exc:
-            errors.append(f"Uploaded file {up.name}: {exc}")
+            errors.append(f"Uploaded file {up.name} could not be opened: {exc}. The app keeps showing the "
+                          "computed traces; remove the file or upload a trace saved by loopscope.")
+        except Exception as exc:  # whatever else a malformed file throws: a message, never a broken page
+            errors.append(f"Uploaded file {up.name} could not be opened: it is not a readable loopscope trace "
+                          f"({type(exc).__name__}: {exc}). The app keeps showing the computed traces; remove the "
+                          "file or upload a trace saved by loopscope.")
 
     for name, t in (("looped", looped), ("deep", deep)):
         if t is not None and t.has_nonfinite:
