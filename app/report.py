@@ -580,9 +580,10 @@ def report_for_checkpoints(looped_dir, deep_dir, prompt: str, iterations: int | 
     from analysis.trace import trace
     lm = load_checkpoint(looped_dir)
     dm = load_checkpoint(deep_dir) if deep_dir else None
+    # explicit fixed-point run lengths (0 = none): a deep model runs once and has no s*
     lt = trace(lm, prompt, iterations=iterations, seed=seed, answer=answer,
-               fixed_point_iterations=max(fixed_point_iterations, iterations or 0) if fixed_point_iterations else None)
-    dt = trace(dm, prompt, seed=seed, answer=answer) if dm is not None else None
+               fixed_point_iterations=max(fixed_point_iterations, iterations or 0) if fixed_point_iterations else 0)
+    dt = trace(dm, prompt, seed=seed, answer=answer, fixed_point_iterations=0) if dm is not None else None
     settings = {"looped": str(lm.path), "deep": str(dm.path) if dm else None, "prompt": prompt,
                 "iterations": lt.n_iterations, "seed": seed, "fixed_point_iterations": fixed_point_iterations,
                 "answer": lt.answer}
