@@ -165,27 +165,32 @@ class _NonFinite(ArithmeticError):
     pass
 
 
-def spectral_radius_of(fn, x0, n_power_iterations: int = 50, seed: int = 0, method: str = "arnoldi",
-                       block_size: int = 4, krylov_size: int = 24, tol: float = 1e-6,
-                       dense_below: int = 64) -> JacobianEstimate:
+def spectral_radius_of(fn, x0, n_power_iterations: int = 200, seed: int = 0, method: str = "power",
+                       block_size: int = 4, krylov_size: int = 24, tol: float = 1e-5,
+                       dense_below: int = 0) -> JacobianEstimate:
     """Leading eigenvalue of the Jacobian ``J`` of ``fn: R^n -> R^n`` at ``x0``, matrix-free.
 
     fn: a torch function of a flat float tensor [n] returning [n]; x0: [n] (tensor or array).
     Products ``J v`` come from ``torch.func.jvp``. Methods:
 
-    - ``"arnoldi"`` (default): implicitly restarted Arnoldi (ARPACK via scipy) on a Krylov
-      subspace of ``krylov_size`` vectors, at most ``n_power_iterations`` restarts; the
-      eigenvalue of largest modulus of the projected (Hessenberg) matrix. Falls back to
-      ``"subspace"`` if ARPACK does not converge.
-    - ``"subspace"``: block power iteration with ``block_size`` orthonormal vectors for
-      ``n_power_iterations`` steps; Ritz values of ``Vᵀ J V`` (complex for a damped rotation).
+    - ``"power"`` (default; ``"subspace"`` is the same): block power iteration on
+      ``block_size`` orthonormal vectors, ``V <- qr(J V)``, with Rayleigh-Ritz on ``Vᵀ J V``
+      each step, so a complex pair (a damped rotation) shows as a complex Ritz value. Stops
+      when the leading Ritz pair's residual ``||J V y - λ V y|| / |λ|`` is below ``tol`` or
+      after ``n_power_iterations`` steps (``block_size`` products each, one vmapped call).
+    - ``"arnoldi"``: implicitly restarted Arnoldi (ARPACK via scipy) on a Krylov subspace of
+      ``krylov_size`` vectors, at most ``n_power_iterations`` restarts; falls back to
+      ``"power"`` if ARPACK does not converge.
+    - ``"dense"``: the full Jacobian, column by column (n products), and its exact eigenvalues.
+      Also used by any method when ``n <= dense_below``.
 
-    For ``n <= dense_below`` the Jacobian is built column by column (n products) and its
-    eigenvalues computed exactly. Returns NaN fields if x0 or a product is not finite;
-    ``iterations`` counts the Jacobian-vector products used.
+    Returns NaN fields if x0 or a product is not finite; ``iterations`` counts the
+    Jacobian-vector products used.
     """
-    if method not in ("arnoldi", "subspace"):
-        raise ValueError(f"method must be 'arnoldi' or 'subspace', got {method!r}")
+    if method == "subspace":
+        method = "power"
+    if method not in ("power", "arnoldi", "dense"):
+        raise ValueError(f"method must be 'power', 'arnoldi' or 'dense', got {method!r}")
     x0 = (x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(np.asarray(x0))).detach().reshape(-1).float()
     n = x0.numel()
     if n == 0 or not bool(torch.isfinite(x0).all()):
@@ -203,9 +208,31 @@ def spectral_radius_of(fn, x0, n_power_iterations: int = 50, seed: int = 0, meth
             raise _NonFinite
         return out
 
+    batched = [True]
+
+    def jm(vs: torch.Tensor) -> torch.Tensor:
+        """Products for the rows of vs [m, n] -> [m, n]; one vmapped jvp (falls back to a loop)."""
+        nonlocal calls
+        if batched[0]:
+            try:
+                with torch.no_grad():
+                    out = torch.func.vmap(lambda v: torch.func.jvp(fn, (x0,), (v,))[1].reshape(-1))(
+                        vs.to(x0.device, x0.dtype).contiguous())
+                if out.shape == vs.shape:
+                    calls += vs.shape[0]
+                    if not bool(torch.isfinite(out).all()):
+                        raise _NonFinite
+                    return out
+            except _NonFinite:
+                raise
+            except Exception:  # an op without a batching rule: one product at a time
+                pass
+            batched[0] = False
+        return torch.stack([jv(v) for v in vs])
+
     gen = torch.Generator().manual_seed(int(seed))
     try:
-        if n <= dense_below:
+        if method == "dense" or n <= dense_below or (method == "arnoldi" and n < 4):
             J = torch.stack([jv(col) for col in torch.eye(n)], dim=1).double().cpu().numpy()
             return _estimate(_pick_leading(np.linalg.eigvals(J)), calls)
         if method == "arnoldi":
@@ -219,21 +246,30 @@ def spectral_radius_of(fn, x0, n_power_iterations: int = 50, seed: int = 0, meth
                            maxiter=max(1, int(n_power_iterations)), tol=tol, return_eigenvectors=False)
                 return _estimate(_pick_leading(eig), calls)
             except ArpackNoConvergence:
-                pass  # fall through to subspace iteration
-        m = max(1, min(int(block_size), n))
-        V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float32))
-        lead = None
-        for _ in range(max(1, int(n_power_iterations))):
-            W = torch.stack([jv(V[:, j]) for j in range(m)], dim=1).cpu()
-            new = _pick_leading(np.linalg.eigvals(V.T.double().numpy() @ W.double().numpy()))  # Rayleigh-Ritz
-            converged = lead is not None and abs(new - lead) <= tol * max(abs(new), 1e-30)
-            lead = new
-            if converged or float(torch.linalg.norm(W)) == 0.0:
-                break
-            V, _ = torch.linalg.qr(W)
-        return _estimate(lead, calls)
+                pass  # fall through to block power iteration
+        return _estimate(_block_power(jm, n, gen, block_size, n_power_iterations, tol), calls)
     except _NonFinite:
         return _nan_estimate(calls)
+
+
+def _block_power(jm, n: int, gen, block_size: int, steps: int, tol: float) -> complex:
+    """Block power iteration with Rayleigh-Ritz (see ``spectral_radius_of``): the leading Ritz value."""
+    m = max(1, min(int(block_size), n))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    lead = complex("nan")
+    for _ in range(max(1, int(steps))):
+        W = jm(V.T.float()).double().cpu().T                                     # J V, [n, m]
+        Vn, Wn = V.numpy(), W.numpy()
+        ritz, Y = np.linalg.eig(Vn.T @ Wn)                                       # Rayleigh-Ritz, [m], [m, m]
+        i = int(np.argmax(np.abs(ritz)))
+        lead = complex(ritz[i])
+        y = Y[:, i]
+        scale = abs(lead) * np.linalg.norm(Vn @ y)
+        residual = np.linalg.norm(Wn @ y - lead * (Vn @ y)) / scale if scale > 0 else 0.0
+        if residual <= tol or not np.linalg.norm(Wn) > 0:
+            break
+        V, _ = torch.linalg.qr(W)
+    return complex(lead.real, abs(lead.imag))
 
 
 class _ExplicitAttention:
@@ -249,8 +285,8 @@ class _ExplicitAttention:
         pass
 
 
-def jacobian_spectral_radius(model, trace, n_power_iterations: int = 50, seed: int = 0,
-                             method: str = "arnoldi") -> JacobianEstimate:
+def jacobian_spectral_radius(model, trace, n_power_iterations: int = 200, seed: int = 0,
+                             method: str = "power") -> JacobianEstimate:
     """Local spectral radius of one iteration ``F: s -> model.step(s, e)`` at the fixed point.
 
     model: a LoopedTransformer (or LoadedModel); trace: its Trace. s* = ``trace.fixed_point[-1]``

@@ -76,36 +76,66 @@ def test_nan_states_propagate(states):
     assert df.loc[2, "class"] == "unknown" and np.isnan(df.loc[2, "tail_step"])
 
 
-@pytest.mark.parametrize("n", [2, 6, 120])
-def test_spectral_radius_of_rotation_scaling(n):
-    # 0.9 * rotation by a (complex pair 0.9 e^{±ia}) plus smaller real eigenvalues; n=120 uses Arnoldi
-    a = 0.7
-    rng = np.random.default_rng(n)
-    M = np.diag(rng.uniform(-0.6, 0.6, size=n))
-    M[:2, :2] = 0.9 * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+def _known_spectrum(n, top, rest, seed):
+    """A dense n×n map with eigenvalues ``top`` (a 2×2 block) and ``rest`` (n-2 real values),
+    hidden by a random orthogonal change of basis."""
+    rng = np.random.default_rng(seed)
+    M = np.diag(np.concatenate([[0.0, 0.0], rest]))
+    M[:2, :2] = top
     Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    A = Q @ M @ Q.T                                               # same spectrum, dense
+    return Q @ M @ Q.T
+
+
+def _rotation(radius, angle):
+    return radius * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+
+@pytest.mark.parametrize("n", [2, 6, 120, 600])
+def test_power_iteration_default_finds_a_rotation(n):
+    # leading eigenvalues 0.9 e^{±0.7i} (a damped rotation), the rest real in [-0.6, 0.6]
+    rng = np.random.default_rng(n)
+    A = _known_spectrum(n, _rotation(0.9, 0.7), rng.uniform(-0.6, 0.6, size=n - 2), seed=n)
     At = torch.tensor(A, dtype=torch.float32)
-    est = spectral_radius_of(lambda x: At @ x, np.ones(n, np.float32), dense_below=64)
-    ev = np.linalg.eigvals(A)
+    est = spectral_radius_of(lambda x: At @ x, np.ones(n, np.float32))   # default: power iteration
     assert isinstance(est, JacobianEstimate)
-    assert est.radius == pytest.approx(np.abs(ev).max(), rel=1e-4)
-    assert est.argument == pytest.approx(a, abs=1e-3)
-    assert est.eigenvalue.imag > 0
+    assert est.radius == pytest.approx(0.9, rel=1e-4)
+    assert est.argument == pytest.approx(0.7, abs=1e-3)
+    assert est.eigenvalue.imag > 0 and est.eigenvalue == pytest.approx(0.9 * complex(math.cos(0.7), math.sin(0.7)), abs=1e-4)
+    if n > 4:
+        assert est.iterations < 200 * 4                   # converged before the step limit
 
 
-def test_spectral_radius_real_and_subspace():
+@pytest.mark.parametrize("n", [3, 50, 400])
+def test_power_iteration_default_finds_a_real_eigenvalue(n):
+    # leading eigenvalue -1.3 (real, a sign flip: argument π), then 1.1 and 0.8 e^{±i}, the rest in [-0.7, 0.7]
+    rng = np.random.default_rng(n)
+    rest = np.concatenate([[-1.3, 1.1], rng.uniform(-0.7, 0.7, size=max(n - 4, 0))])[: n - 2]
+    A = _known_spectrum(n, _rotation(0.8, 1.0), rest, seed=n + 1)
+    At = torch.tensor(A, dtype=torch.float32)
+    est = spectral_radius_of(lambda x: At @ x, np.ones(n, np.float32))
+    assert est.radius == pytest.approx(1.3, rel=1e-4)
+    assert est.argument == pytest.approx(math.pi, abs=1e-3)
+    assert est.eigenvalue.real == pytest.approx(-1.3, rel=1e-4)
+    pos = _known_spectrum(n, _rotation(0.5, 0.3), np.concatenate([[0.95], np.full(n - 3, 0.2)]), seed=n)
+    est = spectral_radius_of(lambda x: torch.tensor(pos, dtype=torch.float32) @ x, np.ones(n))
+    assert est.radius == pytest.approx(0.95, rel=1e-4) and est.argument == pytest.approx(0.0, abs=1e-3)
+
+
+def test_spectral_radius_other_methods():
     rng = np.random.default_rng(3)
     A = rng.normal(size=(80, 80)) / 20
     A[0, 0] = 2.0                     # a dominant real eigenvalue, well separated
     ev = np.linalg.eigvals(A)
     At = torch.tensor(A, dtype=torch.float32)
-    for method in ("arnoldi", "subspace"):
-        est = spectral_radius_of(lambda x: At @ x, np.ones(80), method=method, n_power_iterations=200)
+    for method in ("power", "subspace", "arnoldi", "dense"):
+        est = spectral_radius_of(lambda x: At @ x, np.ones(80), method=method)
         assert est.radius == pytest.approx(np.abs(ev).max(), rel=1e-3), method
         assert est.argument == pytest.approx(0.0, abs=1e-3)
+    assert spectral_radius_of(lambda x: At @ x, np.ones(80), method="dense").iterations == 80
     nan = spectral_radius_of(lambda x: At @ x, np.full(80, np.nan))
     assert math.isnan(nan.radius)
+    with pytest.raises(ValueError, match="method"):
+        spectral_radius_of(lambda x: At @ x, np.ones(80), method="qr")
 
 
 def _tiny(layout="pre"):
