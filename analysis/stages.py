@@ -97,9 +97,11 @@ def stage_profiles(trace) -> pd.DataFrame:
 
     Returns a DataFrame, one row per (iteration, layer) in realized-depth order, with columns
     iteration, layer, relative_depth (percent 0-100, ``(layer+1)/L*100``: within the block for
-    a looped trace, over the whole depth for a deep one), colsum_concentration, sink_rate,
-    mixing_score (each over the layer's heads: mean, fraction, mean) and residual_entropy (of
-    the block state after that layer). Raises ValueError if the trace has no attention.
+    a looped trace, over the whole depth for a deep one), colsum_concentration (mean over the
+    layer's heads), sink_score (``max_k`` of the sink score of the head-averaged map: the
+    attention the strongest sink receives, in [0, 1]), sink_rate (fraction of heads with a sink
+    >= 0.3), mixing_score (mean over heads, nats) and residual_entropy (of the block state after
+    that layer, nats). Raises ValueError if the trace has no attention.
     """
     if trace.attention is None:
         raise ValueError("stage profiles need attention maps; this trace was captured without attention")
@@ -111,6 +113,7 @@ def stage_profiles(trace) -> pd.DataFrame:
         "layer": layer.ravel().astype(np.int64),
         "relative_depth": ((layer.ravel() + 1) / L * 100.0).astype(np.float64),
         "colsum_concentration": colsum_concentration(att).mean(-1).ravel(),
+        "sink_score": sink_scores(att.mean(axis=2)).max(axis=-1).ravel(),  # NaN propagates
         "sink_rate": np.asarray(sink_rate(att), dtype=np.float64).ravel(),
         "mixing_score": mixing_score(att).mean(-1).ravel(),
         "residual_entropy": _matrix_entropy(trace.states).ravel(),

@@ -162,8 +162,8 @@ def test_residual_entropy():
 
 def test_stage_profiles(tiny_trace):
     df = stage_profiles(tiny_trace)
-    assert list(df.columns) == ["iteration", "layer", "relative_depth", "colsum_concentration", "sink_rate",
-                                "mixing_score", "residual_entropy"]
+    assert list(df.columns) == ["iteration", "layer", "relative_depth", "colsum_concentration", "sink_score",
+                                "sink_rate", "mixing_score", "residual_entropy"]
     assert len(df) == 16
     row = df.iloc[5]
     t, l = int(row.iteration), int(row.layer)
@@ -176,3 +176,32 @@ def test_stage_profiles(tiny_trace):
     import dataclasses
     with pytest.raises(ValueError, match="attention"):
         stage_profiles(dataclasses.replace(tiny_trace, attention=None))
+
+
+def test_stage_profiles_sink_score_brute_force(tiny_trace):
+    df = stage_profiles(tiny_trace)
+    att = tiny_trace.attention.astype(np.float64)
+    I, L, H, T, _ = att.shape
+    for t in range(I):
+        for l in range(L):
+            # head-averaged map, then each key's mean attention over the queries, then the largest
+            best = max(sum(sum(att[t, l, h, i, k] for h in range(H)) / H for i in range(T)) / T for k in range(T))
+            row = df[(df.iteration == t) & (df.layer == l)].iloc[0]
+            assert row.sink_score == pytest.approx(best, rel=1e-9)
+            assert 0.0 <= row.sink_score <= 1.0
+    sink = np.zeros((1, 1, 2, 4, 4)); sink[..., 0] = 1.0           # every head, every query on key 0
+    states = np.zeros((1, 1, 4, 3), np.float32)
+    fake = type("T", (), {"attention": sink, "states": states})()
+    assert stage_profiles(fake).sink_score[0] == pytest.approx(1.0)
+
+
+def test_stage_profiles_relative_depth_deep_trace(tiny_trace):
+    torch.manual_seed(2)
+    tok = CharTokenizer(CHAIN_CHARS)
+    deep = LoopedTransformer(LoopConfig.deep(5, vocab_size=tok.vocab_size, d_model=16, n_heads=2, d_mlp=32))
+    tr = trace(deep, "a=7;b=a;?b=", tokenizer=tok)
+    df = stage_profiles(tr)
+    assert len(df) == 5 and (df.iteration == 0).all()
+    assert list(df.relative_depth) == pytest.approx([20.0, 40.0, 60.0, 80.0, 100.0])  # over the whole depth
+    looped = stage_profiles(tiny_trace)                                             # within the block, per pass
+    assert list(looped.relative_depth) == pytest.approx([50.0, 100.0] * tiny_trace.n_iterations)
