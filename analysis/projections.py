@@ -9,8 +9,9 @@ Rows holding any NaN or infinity are left out of every fit and come back as NaN 
 ``transform``, so a diverged run shows as gaps rather than breaking the projection.
 
 ``umap`` (and with it numba) is imported lazily, inside the functions that need it, so that
-``import analysis.projections`` stays fast. Call ``enable_umap_cache()`` before the first UMAP
-fit of a process to reuse numba's compiled code across processes (see its docstring).
+``import analysis.projections`` stays fast. ``UMAPProjection.fit`` calls ``enable_umap_cache()``
+(idempotent) before its first fit, so numba's compiled code is reused across processes; call it
+yourself first to choose the folder (see its docstring).
 """
 from __future__ import annotations
 
@@ -283,6 +284,18 @@ def enable_umap_cache(cache_dir=None) -> Path:
     return path
 
 
+def _ensure_umap_cache() -> None:
+    """``enable_umap_cache()`` once per process (what ``UMAPProjection.fit`` calls); a folder that
+    cannot be created leaves numba uncached (slower first fit, same results)."""
+    if _UMAP_CACHE_DIR is not None:
+        return
+    try:
+        enable_umap_cache()
+    except OSError as exc:
+        warnings.warn(f"numba cache for UMAP not enabled ({exc}); the first fit compiles (~10 s)", stacklevel=3)
+        _prefer_workqueue()
+
+
 def warm_umap(enable_cache: bool = True) -> None:
     """Fit and transform a tiny seeded random data set (64 × 8) once per process (idempotent,
     thread safe), so numba's compiling, or loading from its cache, happens before a user waits
@@ -302,6 +315,7 @@ def warm_umap(enable_cache: bool = True) -> None:
 
 class UMAPProjection:
     """UMAP of pooled states, seeded (``random_state=seed``, so single-threaded and reproducible).
+    The first ``fit`` of a process enables numba's on-disk cache (``enable_umap_cache()``).
 
     Parameters: ``n_components`` C, ``n_neighbors`` (capped at n − 1 for small inputs),
     ``min_dist``, ``seed``. Fitted attributes: ``embedding_ [n, C]`` (the finite fit rows, in
@@ -330,7 +344,7 @@ class UMAPProjection:
             raise ValueError(f"UMAP needs at least 3 finite rows, got {n}")
         if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 2:
             raise ValueError(f"n_neighbors must be an integer >= 2, got {self.n_neighbors!r}")
-        _prefer_workqueue()
+        _ensure_umap_cache()
         import umap  # lazy: heavy import (numba)
 
         self.umap_ = umap.UMAP(n_components=self.n_components, n_neighbors=min(int(self.n_neighbors), n - 1),

@@ -1,4 +1,5 @@
 """PCA and UMAP projections of block states."""
+import os
 import types
 
 import numpy as np
@@ -116,3 +117,17 @@ def test_umap_seeded_and_transform():
     assert np.linalg.norm(e[:100].mean(0) - e[100:].mean(0)) > 2 * max(e[:100].std(0).max(), e[100:].std(0).max())
     Y = a.fit_transform(X.reshape(20, 10, 8))
     assert Y.shape == (20, 10, 2)
+
+
+def test_umap_fit_enables_the_numba_cache(monkeypatch):
+    from analysis import projections
+
+    calls = []
+    real = projections.enable_umap_cache
+    monkeypatch.setattr(projections, "_UMAP_CACHE_DIR", None)          # as in a fresh process
+    monkeypatch.setattr(projections, "enable_umap_cache", lambda *a: calls.append(a) or real(*a))
+    X = np.random.default_rng(8).normal(size=(40, 4)).astype(np.float32)
+    UMAPProjection(n_neighbors=5).fit(X)
+    UMAPProjection(n_neighbors=5).fit(X)
+    assert len(calls) == 1 and projections._UMAP_CACHE_DIR is not None  # once per process, then idempotent
+    assert os.environ["NUMBA_CACHE_DIR"] == str(projections._UMAP_CACHE_DIR)
