@@ -24,19 +24,19 @@ def attention_page_same_cross(trace, metric: str = "frobenius", head: int | None
 METRICS = {"frobenius": "Frobenius ‖A − B‖ (the paper's)", "js": "Jensen–Shannon (row-wise, nats)",
            "cosine": "1 − cosine"}
 
-s = state.current()
-big = s.settings.embed
 st.title("Attention: does each layer's attention freeze across iterations?")
 state.page_intro(
-    "Each small heatmap is one attention map (query token down, key token across, future keys blank): the grid "
-    "shows one layer of the looped block at a few iterations (rows) for every head (columns), all on one colour "
-    "scale, beside the deep model's layers. The distance matrix compares every (iteration, layer) map with every "
-    "other: dark diagonal stripes k apart mean a layer attends the same way in every iteration.",
+    "Each small heatmap is one attention map (query down, key across): the grid shows one layer of the looped "
+    "block at a few iterations (rows) for every head (columns), beside the deep model's layers. "
+    "The distance matrix compares every (iteration, layer) map with every other, and dark diagonal stripes k "
+    "apart mean a layer attends the same way in every iteration.",
     "A layer's attention change between iterations is bounded by its input change, so once the state settles "
     "each layer's map matches the same layer in other iterations — diagonal stripes, k apart, in the "
     "(layer, iteration)² distance matrix; the block's stages repeat once per pass. Stripes alone do not prove "
     "reasoning: even a poorly trained model freezes its attention.",
 )
+s = state.current()
+big = s.settings.embed
 ui.prompt_banner(s)
 t = s.looped
 if t is None:

@@ -7,8 +7,6 @@ import streamlit as st
 
 from app import figures, state, ui
 
-s = state.current()
-big = s.settings.embed
 st.title("Convergence: does each token settle?")
 state.page_intro(
     "Each line is one token's relative step ‖s_t − s_{t−1}‖/‖s_t‖ from one iteration to the next, on a log "
@@ -19,6 +17,8 @@ state.page_intro(
     "a few rare tokens never settle but orbit (periodic) or slide (drift in one direction) — about "
     "0.02% of tokens for Huginn on GSM8K.",
 )
+s = state.current()
+big = s.settings.embed
 ui.prompt_banner(s)
 t = s.looped
 if t is None:

@@ -7,6 +7,15 @@ import streamlit as st
 
 from app import figures, state, ui
 
+st.title("Correspondence: which deep layer does each pass resemble?")
+state.page_intro(
+    "The heatmap compares every looped state (rows: iteration · block layer) with every deep layer (columns) "
+    "by linear CKA, where 1 means the same geometry over the prompt's tokens up to rotation and scale. "
+    "Below, the answer's logit-lens rank shows where in depth each model finds the answer (1 = top), and the "
+    "KL between successive iterations shows when the looped model's prediction stops changing.",
+    "Looped models' passes line up with stages of a deep model (the block's layers follow the deep model's "
+    "profile once per iteration); Huginn stops iterating when this KL falls below 5e-4.",
+)
 try:
     from analysis import correspondence
 except ImportError as exc:  # an installation without this measurement module
@@ -28,16 +37,6 @@ def _answer(trace):
 
 s = state.current()
 big = s.settings.embed
-st.title("Correspondence: which deep layer does each pass resemble?")
-state.page_intro(
-    "The heatmap compares every looped state (rows: iteration · block layer, in the order they are computed) with "
-    "every deep layer (columns) by linear CKA, which ignores rotations and scale: 1 means the same geometry "
-    "over the prompt's tokens. Below, the answer token's rank under the logit lens shows where in depth each "
-    "model finds the answer (1 = top prediction), and the KL between successive iterations shows when the "
-    "looped model's prediction stops changing.",
-    "Looped models' passes line up with stages of a deep model (the block's layers follow the deep model's "
-    "profile once per iteration); Huginn stops iterating when this KL falls below 5e-4.",
-)
 ui.prompt_banner(s)
 t = s.looped
 if t is None:

@@ -3,13 +3,18 @@ settles into distinct per-layer fixed points, collapses to one point, or never s
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 import streamlit as st
 
 from analysis.dynamics import step_sizes
-from analysis.lab import LabSettings, lab_verdict, run_lab
+from analysis.lab import LabSettings, build_lab_model, lab_verdict
+from analysis.tasks import CHAIN_CHARS
+from analysis.tokenizer import CharTokenizer
+from analysis.trace import trace as capture_trace
 from app import figures, state, ui
 
 NORMS = {"pre": "pre-norm", "huginn": "Huginn sandwich", "ouro": "Ouro sandwich"}
@@ -17,18 +22,56 @@ INJECTIONS = {"adapter": "adapter W_I[s, e] (Huginn)", "add": "add s + e", "none
 INITIAL = {"random": "random (seeded)", "zeros": "zeros", "embed": "the embeddings (Ouro)"}
 INITS = {"small": "small N(0, 0.02²)", "default": "PyTorch default"}
 ITERATIONS = [16, 32, 64, 128, 256, 512]
+STORE_SIZE = 16
+_STORE_LOCK = threading.Lock()
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def lab_results(settings_json: str) -> dict:
-    """Run the lab for these settings; keep only what the page draws (small), not the states."""
+@st.cache_resource(show_spinner=False)
+def _lab_store() -> "OrderedDict[str, dict]":
+    """Results by settings, shared by the server's sessions (a run is a pure function of its settings)."""
+    return OrderedDict()
+
+
+def lab_results(settings_json: str, progress=None) -> dict:
+    """Run the lab for these settings, keeping only what the page draws (small), not the states;
+    identical settings reuse the stored result. ``progress(done, total)`` is called after every
+    iteration of the run (a forward hook on the block's last layer of this run's own model).
+
+    This is ``analysis.lab.run_lab`` (the same model from ``build_lab_model`` and the same trace of
+    its prompt) with the per-iteration hook, and no long fixed-point run (the lab draws none)."""
+    store = _lab_store()
+    with _STORE_LOCK:
+        if settings_json in store:
+            store.move_to_end(settings_json)
+            return store[settings_json]
     settings = LabSettings(**json.loads(settings_json))
     t0 = time.perf_counter()
-    tr = run_lab(settings)
-    return {"steps": step_sizes(tr.states).astype(np.float32), "verdict": lab_verdict(tr),
-            "cos": figures.layer_cosine_matrix(tr.states), "seconds": time.perf_counter() - t0,
-            "label": tr.metadata.get("model_name", ""), "architecture": tr.metadata.get("architecture", ""),
-            "n_tokens": tr.n_tokens}
+    model = build_lab_model(settings)
+    handle = None
+    if progress is not None:
+        count = [0]
+
+        def hook(module, inputs, output):
+            count[0] += 1
+            progress(count[0], settings.iterations)
+
+        handle = model.block[-1].register_forward_hook(hook)
+    try:
+        tr = capture_trace(model, settings.prompt(), iterations=settings.iterations, seed=settings.seed,
+                           tokenizer=CharTokenizer(CHAIN_CHARS), attention=False, fixed_point_iterations=0)
+    finally:
+        if handle is not None:
+            handle.remove()
+    res = {"steps": step_sizes(tr.states).astype(np.float32), "verdict": lab_verdict(tr),
+           "cos": figures.layer_cosine_matrix(tr.states), "seconds": time.perf_counter() - t0,
+           "label": f"lab: {settings.norm_layout}-norm, injection {settings.injection}, {settings.init} init, "
+                    f"seed {settings.seed}",
+           "architecture": tr.metadata.get("architecture", ""), "n_tokens": tr.n_tokens}
+    with _STORE_LOCK:
+        store[settings_json] = res
+        while len(store) > STORE_SIZE:
+            store.popitem(last=False)
+    return res
 
 
 def expectation(norm: str, injection: str) -> str:
@@ -44,18 +87,18 @@ def expectation(norm: str, injection: str) -> str:
     return "without injection sandwich layouts stay bounded but need not settle."
 
 
-s = state.current(show_messages=False)
-ss = st.session_state
 st.title("Architecture lab: which looped blocks settle?")
 state.page_intro(
     "Pick a norm layout, input injection, initial state and block depth, then press Run: an untrained "
     "(randomly initialised) looped block runs a random prompt for many iterations. The left plot shows how far "
-    "the state still moves per iteration (log axis; falling to ~1e-6 = converged), the right one compares the "
-    "block layers' final states (off-diagonal cosines near 1 everywhere = all layers collapsed to one point).",
+    "the state still moves per iteration (falling to ~1e-6 = converged), the right one whether the block "
+    "layers' final states are distinct points or have collapsed onto one (cosines near 1 everywhere).",
     "Architecture alone decides stability: with input injection, pre-norm and Huginn's sandwich norms converge to "
     "distinct per-layer fixed points even at random init, Ouro's layout does not; without injection only "
     "pre-norm converges, and it collapses to one point for all layers.",
 )
+s = state.current(show_messages=False)
+ss = st.session_state
 
 with st.form("lab_form"):
     a, b, c, d = st.columns(4)
@@ -80,6 +123,8 @@ with st.form("lab_form"):
         seed = state.view_int("Seed", "lab_seed", 0, 2**31 - 1, 0, widget="number")
     submitted = st.form_submit_button("Run", key="lab_run", type="primary", icon=":material/play_arrow:")
 
+if not submitted and not ss.get("lab_settings") and state.url_flag("lab_run"):
+    submitted = True  # a copied Lab URL (?lab_run=1 with the settings above) runs again on opening
 if submitted:
     try:
         settings = LabSettings(norm_layout=norm, injection=injection, initial_state=initial, n_block=int(n_block),
@@ -93,21 +138,29 @@ if not ss.get("lab_settings"):
     st.stop()
 
 key = ss["lab_settings"]
-done = ss.setdefault("lab_done", set())
 try:
-    if key in done:
+    if key in _lab_store():
         res = lab_results(key)
     else:
-        with st.status("Running the random-init looped model…", expanded=True) as status:
-            cfg = json.loads(key)
-            bar = st.progress(0.05, text=f"{cfg['n_block']} layers × {cfg['iterations']} iterations")
-            res = lab_results(key)
+        cfg = json.loads(key)
+        with st.status(f"Running the random-init looped model: {cfg['n_block']} layers × {cfg['iterations']} "
+                       "iterations…", expanded=True) as status:
+            bar = st.progress(0.0, text="building the model")
+            shown = [-1]
+
+            def report(done: int, total: int) -> None:
+                pct = int(100 * done / total)
+                if pct >= shown[0] + 2 or done == total:  # about 50 updates at most
+                    shown[0] = pct
+                    bar.progress(done / total, text=f"iteration {done} of {total}")
+
+            res = lab_results(key, progress=report)
             bar.progress(1.0, text=f"done in {res['seconds']:.1f} s")
             status.update(label=f"Ran {res['label']} ({res['seconds']:.1f} s)", state="complete", expanded=False)
-        done.add(key)
 except (ValueError, RuntimeError) as exc:
     st.error(f"The lab run failed: {exc}")
     st.stop()
+state.keep_in_url("lab_run", 1)  # the URL now reproduces this run (with the settings above)
 
 cfg = json.loads(key)
 v = res["verdict"]

@@ -1,23 +1,24 @@
 """Orbits: per-token trajectories of the block state in PCA and UMAP, looped beside deep."""
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from analysis.projections import project_across_tokens, project_token
 from app import figures, state, ui
 
-s = state.current()
-big = s.settings.embed
 st.title("Orbits: where each token's state travels")
 state.page_intro(
-    "Every point is one token's block state after one layer call, projected to two or three dimensions; "
-    "lines join them in the order the model computes them (iteration by iteration, layer by layer), from the "
-    "open circles (first iteration) to the diamonds (last). A path that spirals into a small cycle of k points "
-    "has reached the block's per-layer fixed points; the deep model's path (right) visits each layer once.",
+    "Every point is one token's block state after one layer call, projected to two or three dimensions and "
+    "joined in the order the model computes them, from the open circles (first iteration) to the diamonds (last). "
+    "A path that spirals into a small cycle of k points has reached the block's per-layer fixed points; the deep "
+    "model's path (right) visits each layer once.",
     "Per token, a PCA of one token's states shows a k-cycle: with a k-layer block the state alternates between "
     "k distinct fixed points, one per layer (unless they collapse into one). Huginn's latent orbits: most "
     "tokens converge, a few circle (orbits) or drift (sliders).",
 )
+s = state.current()
+big = s.settings.embed
 ui.prompt_banner(s)
 
 PROJ = {"pca": "PCA across tokens", "token": "PCA of one token", "umap": "UMAP (neighbourhoods)"}
@@ -74,7 +75,20 @@ def _warm_umap() -> bool:
 
 
 def coords_of(trace):
-    """(coords, axis label, note) for the chosen projection of one trace."""
+    """(coords, axis label, PCA or None) for the chosen projection of one trace; None when the
+    projection cannot be fitted (a st.warning says why, and the figure is skipped)."""
+    try:
+        return _coords_of(trace)
+    except Exception as exc:  # e.g. NaN from the first iteration on: no finite states to fit
+        finite = int(np.isfinite(trace.states).all(axis=-1).sum())
+        total = int(np.prod(trace.states.shape[:-1]))
+        st.warning(f"The {PROJ[proj]} projection of this {'deep' if trace.is_deep else 'looped'} trace could not be "
+                   f"computed ({exc}); {finite} of its {total} states are finite (NaN or infinite states are left "
+                   "out, and a projection needs at least a few finite ones). The figure is skipped.")
+        return None
+
+
+def _coords_of(trace):
     if proj == "pca":
         coords, pca = state.measure(project_across_tokens, trace, n_components=6, center_per_trajectory=center)
         return coords, "PC", pca
@@ -83,9 +97,13 @@ def coords_of(trace):
         coords, pca = state.measure(project_token, trace, token=k, n_components=3)
         return coords, "PC", pca
     with st.status("UMAP: fitting a seeded neighbourhood embedding…", expanded=False) as status:
-        _warm_umap()
-        coords = state.measure(ui.umap_coords, trace, n_components=3 if dim == "3D" else 2,
-                               seed=int(s.settings.seed))
+        try:
+            _warm_umap()
+            coords = state.measure(ui.umap_coords, trace, n_components=3 if dim == "3D" else 2,
+                                   seed=int(s.settings.seed))
+        except Exception:
+            status.update(label="UMAP could not be fitted", state="error")
+            raise
         status.update(label="UMAP ready", state="complete")
     return coords, "UMAP", None
 
@@ -103,8 +121,8 @@ with left:
     st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
     if t is None:
         st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")
-    else:
-        coords, label, pca = coords_of(t)
+    elif (got := coords_of(t)) is not None:
+        coords, label, pca = got
         k = min(token, t.n_tokens - 1) if token is not None else None
         fig = figures.orbit_figure(coords, t, dims=dims, color_by=color_by,
                                    frame_by="iteration" if animate else None, token=k, upto=upto,
@@ -117,8 +135,8 @@ with right:
     st.subheader(f"Deep: {ui.model_label(d, s.deep_model)}")
     if d is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
-    else:
-        coords, label, pca = coords_of(d)
+    elif (got := coords_of(d)) is not None:
+        coords, label, pca = got
         k = min(token, d.n_tokens - 1) if token is not None else None
         fig = figures.orbit_figure(coords, d, dims=dims, color_by="token" if color_by == "token" else "layer",
                                    token=k, axis_label=label, big=big,

@@ -5,8 +5,6 @@ import streamlit as st
 
 from app import figures, state, ui
 
-s = state.current()
-big = s.settings.embed
 st.title("Overview: the answer as it forms")
 state.page_intro(
     "Each row of the logit lens below decodes the block's state after one layer call into the model's "
@@ -17,7 +15,8 @@ state.page_intro(
     "stops changing after a few iterations; iterating past the trained count stays stable for some "
     "models and drifts for others.",
 )
-
+s = state.current()
+big = s.settings.embed
 ui.prompt_banner(s)
 left, right = st.columns(2, gap="large")
 

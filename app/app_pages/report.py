@@ -9,10 +9,12 @@ import streamlit as st
 from app import state
 from app.export_ui import trace_downloads
 
+st.title("Report: evidence you can hand over")
 state.page_intro(
-    "This page packages the current run as evidence you can hand over. The **report** is one HTML file "
-    "that opens in any browser without a network connection; the **trace** (.npz) reopens in this app "
-    "without the model's weights, and the **metrics** table holds one row per token × iteration × layer.",
+    "This page packages the current run as evidence: the **report** is one HTML file that opens in any browser "
+    "without a network connection, with both models' cards, the answer through depth, convergence, attention, "
+    "stages and CKA. The **trace** (.npz) reopens in this app without the model's weights, and the **metrics** "
+    "table holds one row per token × iteration × layer.",
     None,
 )
 

@@ -6,6 +6,15 @@ import streamlit as st
 
 from app import figures, state, ui
 
+st.title("Stages: does every pass of the loop repeat the deep model's stages?")
+state.page_intro(
+    "Four profiles of how attention mixes tokens (ColSum concentration, sink rate, mixing score, residual "
+    "entropy) are plotted against relative depth: one coloured line per looped iteration (dark = early), the "
+    "deep model's whole stack as a thick black line. "
+    "Looped lines that trace the black curve mean each pass of the block re-runs the deep model's stages.",
+    "Stages repeat per pass: the profiles within the block follow the deep model's profile over its whole "
+    "depth, once per iteration (after the first few iterations the lines lie on top of each other).",
+)
 try:
     from analysis import stages
 except ImportError as exc:  # an installation without this measurement module
@@ -14,16 +23,6 @@ except ImportError as exc:  # an installation without this measurement module
 
 s = state.current()
 big = s.settings.embed
-st.title("Stages: does every pass of the loop repeat the deep model's stages?")
-state.page_intro(
-    "Four profiles of how attention mixes tokens — ColSum concentration (attention piled on a few keys), sink "
-    "rate (heads dumping attention on one key), mixing score (mean row entropy) and the residual stream's "
-    "matrix entropy — plotted against relative depth: within the block for each looped iteration (one coloured "
-    "line per iteration, dark = early), and over the whole stack for the deep model (thick black line). "
-    "Looped lines that trace the black curve mean each pass of the block re-runs the deep model's stages.",
-    "Stages repeat per pass: the profiles within the block follow the deep model's profile over its whole "
-    "depth, once per iteration (after the first few iterations the lines lie on top of each other).",
-)
 ui.prompt_banner(s)
 t = s.looped
 if t is None:
