@@ -2,8 +2,9 @@
 prompt: each page runs without an exception and draws its plotly charts with the expected number
 of traces (plotly JSON decoded from ``element.proto.spec``; numpy arrays in it are base64 ``bdata``).
 
-Runs on the shipped sample checkpoints (sample_checkpoints/chain-looped, chain-deep) when they
-exist, otherwise on untrained stand-ins of the same architectures built into a temporary folder.
+Runs on the shipped sample checkpoints (sample_checkpoints/chain-looped, chain-deep; the
+``real_samples`` fixture in conftest.py fails the module if they are missing); there is no
+fallback to untrained stand-ins.
 """
 from __future__ import annotations
 
@@ -164,9 +165,12 @@ def test_lab_page(app):
     assert len(charts(at)["lab_steps"]["data"]) == 3
 
 
-def test_pages_survive_a_nan_trace(tmp_path):
-    """A diverged run (NaN states and attention), uploaded as the looped trace: every page still
-    draws (gaps, with the frame's warning), never a traceback."""
+PAGES = ["overview", "orbits", "convergence", "attention", "stages", "correspondence", "lab", "report"]
+
+
+def _upload_modified(tmp_path, name: str, change):
+    """An app session whose looped trace is the default run's, changed by ``change(states, attention)``
+    (in place) and uploaded as ``name``."""
     import dataclasses
 
     from streamlit.testing.v1 import AppTest
@@ -178,17 +182,172 @@ def test_pages_survive_a_nan_trace(tmp_path):
     at = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
     at.run()
     s = at.session_state["_settings"]
-    t = trace(load_checkpoint(resolve(s.looped)), s.prompt, iterations=4, seed=s.seed)
+    t = trace(load_checkpoint(resolve(s.looped)), s.prompt, iterations=4, seed=s.seed, fixed_point_iterations=128)
     states, att = np.array(t.states), np.array(t.attention)
-    states[-1, :, 3] = np.nan
-    att[-1, :, :, 5] = np.nan
-    path = dataclasses.replace(t, states=states, attention=att).save(tmp_path / "nan.npz")
-    at.file_uploader(key="upload").set_value(("nan.npz", path.read_bytes(), "application/octet-stream"))
+    change(states, att)
+    path = dataclasses.replace(t, states=states, attention=att).save(tmp_path / name)
+    at.file_uploader(key="upload").set_value((name, path.read_bytes(), "application/octet-stream"))
     at.run()
-    assert "NaN" in "\n".join(str(w.value) for w in at.warning)
-    for page in ("attention", "stages", "correspondence"):
+    return at
+
+
+def _texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_pages_survive_a_nan_trace(tmp_path):
+    """A diverged run (NaN states and attention), uploaded as the looped trace: every page still
+    draws (gaps, with the frame's warning), never a traceback."""
+    def diverge(states, att):
+        states[-1, :, 3] = np.nan
+        att[-1, :, :, 5] = np.nan
+
+    at = _upload_modified(tmp_path, "nan.npz", diverge)
+    nan_note = "The looped trace holds NaN or infinite states; figures show them as gaps."
+    for page in PAGES:
         at.switch_page(f"app_pages/{page}.py").run()
-        assert not at.exception, f"{page}: " + "\n".join(str(e.value) for e in at.exception)
+        assert not at.exception, f"{page}: " + _texts(at.exception)
+        if page != "lab":  # the lab runs its own models and repeats none of the sidebar's messages
+            assert nan_note in _texts(at.warning), page
+        if page not in ("lab", "report"):
+            assert charts(at), f"{page}: no chart"
     at.switch_page("app_pages/attention.py").run()
     z = np.asarray(decode(charts(at)["attention_grid"]["data"][0]["z"]), dtype=float)
     assert np.isnan(z).any() and np.isfinite(z).any()
+    at.switch_page("app_pages/orbits.py").run()
+    x = np.asarray(decode(charts(at)["orbit_looped"]["data"][0]["x"]), dtype=float)
+    assert np.isnan(x).any() and np.isfinite(x).any()  # the NaN states are gaps in the paths
+
+
+def test_orbits_warns_instead_of_failing_without_finite_states(tmp_path):
+    """NaN from the first iteration on: no projection can be fitted; the page says so and skips the
+    figure (the deep model's still draws). With fewer than 3 finite states, UMAP is skipped too."""
+    def all_nan(states, att):
+        states[:] = np.nan
+
+    at = _upload_modified(tmp_path, "allnan.npz", all_nan)
+    for page in PAGES:
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception, f"{page}: " + _texts(at.exception)
+    at.switch_page("app_pages/orbits.py").run()
+    warnings = _texts(at.warning)
+    assert "PCA across tokens projection of this looped trace could not be computed" in warnings
+    assert "0 of its" in warnings and "The figure is skipped." in warnings
+    assert set(charts(at)) == {"orbit_deep"}
+    for proj in ("token", "umap"):
+        at.radio(key="o_proj").set_value(proj)
+        at.run()
+        assert not at.exception, proj
+        assert "projection of this looped trace could not be computed" in _texts(at.warning), proj
+        assert set(charts(at)) == {"orbit_deep"}, proj
+
+    def two_finite(states, att):
+        keep = states[0, 0, :2].copy()
+        states[:] = np.nan
+        states[0, 0, :2] = keep
+
+    at = _upload_modified(tmp_path, "twofinite.npz", two_finite)
+    at.switch_page("app_pages/orbits.py").run()
+    at.radio(key="o_proj").set_value("umap")
+    at.run()
+    assert not at.exception
+    warnings = _texts(at.warning)
+    assert "UMAP (neighbourhoods) projection of this looped trace could not be computed" in warnings
+    assert "at least 3 finite rows" in warnings and "2 of its" in warnings
+    assert "orbit_looped" not in charts(at) and "orbit_deep" in charts(at)
+
+
+def test_orbits_umap_2d_and_3d(app):
+    at = app.switch_page("app_pages/orbits.py").run()
+    I, L, H, T, DL = sizes(at)
+    at.radio(key="o_proj").set_value("umap")
+    at.radio(key="o_dim").set_value("2D")
+    at.radio(key="o_color").set_value("iteration")
+    at.run()
+    assert_clean(at)
+    figs = charts(at)
+    assert set(figs) == {"orbit_looped", "orbit_deep"}
+    data = figs["orbit_looped"]["data"]
+    assert [d.get("name") for d in data] == ["paths", "first iteration", "last iteration"]
+    assert all(d["type"] == "scatter" for d in data)
+    paths = np.asarray(decode(data[0]["x"]), dtype=float)
+    assert len(paths) == T * (I * L + 1)  # every state of every token, a NaN gap after each path
+    assert np.isfinite(paths).sum() == T * I * L
+    assert len(decode(data[1]["x"])) == L * T  # every layer of the first iteration
+    assert figs["orbit_looped"]["layout"]["xaxis"]["title"]["text"] == "UMAP1"
+    assert len(decode(figs["orbit_deep"]["data"][0]["x"])) == T * (DL + 1)
+    assert "UMAP ready" in [s.label for s in at.status]
+
+    at.radio(key="o_dim").set_value("3D")
+    at.checkbox(key="o_anim").check()
+    at.run()
+    assert_clean(at)
+    fig = charts(at)["orbit_looped"]
+    assert [d["type"] for d in fig["data"]] == ["scatter3d"] * 4  # paths, first, last, current iteration
+    assert len(fig["frames"]) == I and fig["frames"][-1]["name"] == str(I)
+    assert len(decode(fig["frames"][0]["data"][0]["x"])) == L * T
+    assert fig["layout"]["scene"]["zaxis"]["title"]["text"] == "UMAP3"
+    assert at.query_params["o_proj"] == "umap" and at.query_params["o_dim"] == "3D"
+    at.checkbox(key="o_anim").uncheck()
+    at.radio(key="o_dim").set_value("2D")
+    at.radio(key="o_proj").set_value("pca")
+    at.run()
+
+
+def test_lab_url_restores_the_run_and_shows_progress():
+    """A copied Lab URL (?lab_run=1 with its settings) runs the same lab on opening; the run's
+    numbers are analysis.lab.run_lab's."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.dynamics import step_sizes
+    from analysis.lab import LabSettings, run_lab
+
+    q = {"lab_norm": "huginn", "lab_injection": "add", "lab_layers": "2", "lab_iterations": "32", "lab_seed": "7"}
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
+    for k, v in {**q, "lab_run": "1"}.items():
+        at.query_params[k] = v
+    at.run()
+    at.switch_page("app_pages/lab.py").run()
+    assert_clean(at)
+    figs = charts(at)
+    assert set(figs) == {"lab_steps", "lab_cosine"}
+    assert [s.label for s in at.status][0].startswith("Ran lab: huginn-norm, injection add")
+    bar = at.get("progress")[0].proto
+    assert bar.value == 100 and "done in" in bar.text
+    settings = LabSettings(norm_layout="huginn", injection="add", n_block=2, iterations=32, seed=7)
+    want = np.median(step_sizes(run_lab(settings).states)[1:, -1], axis=-1)
+    got = np.asarray(decode(figs["lab_steps"]["data"][2]["y"]), dtype=float)
+    np.testing.assert_allclose(got[1:], want, rtol=1e-5)
+    for k, v in q.items():
+        assert at.query_params[k] == v
+    assert at.query_params["lab_run"] == "1"
+    # and the URL copied from here does the same
+    again = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
+    for k, v in at.query_params.items():
+        again.query_params[k] = v
+    again.run()
+    again.switch_page("app_pages/lab.py").run()
+    assert set(charts(again)) == {"lab_steps", "lab_cosine"}
+
+
+def test_report_page_builds_the_report(app):
+    from app.state import load_model
+
+    at = app.switch_page("app_pages/report.py").run()
+    assert_clean(at)
+    assert at.title[0].value.startswith("Report")
+    assert not [el for el in at.get("download_button") if el.proto.id.endswith("report_download")]
+    at.button(key="report_build").click()
+    at.run()
+    assert_clean(at)
+    downloads = {el.proto.id.rsplit("-", 1)[-1]: el for el in at.get("download_button")}
+    assert "report_download" in downloads and downloads["report_download"].proto.label.startswith("Download the report")
+    assert "Report ready" in [s.label for s in at.status]
+    html_text = at.session_state["_report_built"]["html"].decode("utf-8")
+    s = at.session_state["_settings"]
+    assert s.prompt in html_text
+    for name in (s.looped, s.deep):
+        model, _ = load_model(name)
+        assert model.sha256 in html_text and name in html_text
+    assert html_text.count("* plotly.js v") == 1
+    assert {"report_looped__npz", "report_deep__npz", "report_looped__metrics_csv"} <= set(downloads)
