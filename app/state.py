@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -593,17 +594,23 @@ def _capped_prompt(prompt: str, model: LoadedModel, who: str, warnings: list[str
     return prompt
 
 
+PROGRESS_KEEP_S = 0.5  # a progress box whose work took less than this (cache hits) is removed when done
+
+
 class _Progress:
-    """The one st.status + st.progress box of a run that computes traces (nothing is drawn when
-    everything is cached): created on the first step that is not known to be cached."""
+    """The one st.status + st.progress box of a run that computes traces: created on the first
+    step that this session has not computed before (nothing is drawn when it has), removed at the
+    end when the work was quick (another session's cached result), else left collapsed."""
 
     def __init__(self, steps: list[tuple[str, str]]):
-        self.steps, self.done, self.box, self.bar = steps, 0, None, None
+        self.steps, self.done, self.slot, self.box, self.bar, self.t0 = steps, 0, None, None, None, 0.0
 
     def start(self, key: str) -> None:
         label = dict(self.steps)[key]
         if self.box is None:
-            self.box = st.status("Computing the traces…", expanded=True)
+            self.t0 = time.perf_counter()
+            self.slot = st.empty()
+            self.box = self.slot.status("Computing the traces…", expanded=True)
             with self.box:
                 self.bar = st.progress(0.0)
         self.bar.progress(self.done / len(self.steps), text=f"Step {self.done + 1} of {len(self.steps)}: {label}")
@@ -613,10 +620,15 @@ class _Progress:
         self.done += 1
 
     def close(self, failed: bool) -> None:
-        if self.box is not None:
-            self.bar.progress(1.0, text="done")
-            self.box.update(label="Some traces could not be computed" if failed else "Traces ready",
-                            state="error" if failed else "complete", expanded=False)
+        if self.box is None:
+            return
+        seconds = time.perf_counter() - self.t0
+        if not failed and seconds < PROGRESS_KEEP_S:
+            self.slot.empty()
+            return
+        self.bar.progress(1.0, text=f"done in {seconds:.1f} s")
+        self.box.update(label="Some traces could not be computed" if failed else f"Traces ready ({seconds:.1f} s)",
+                        state="error" if failed else "complete", expanded=False)
 
 
 def _step(progress: _Progress, key: str, done_key: str, fn):
