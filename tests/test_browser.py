@@ -88,9 +88,21 @@ def test_every_page_renders_in_chromium(tmp_path):
             report = {}
             for name in present:
                 t0 = time.time()
-                page.goto(f"{base}/" if name == present[0] else f"{base}/{name}", wait_until="domcontentloaded")
+                url = f"{base}/" if name == present[0] else f"{base}/{name}"
+                if name == "lab":  # a small lab run: 3 layers × 16 iterations
+                    url += "?lab_layers=3&lab_iterations=16"
+                page.goto(url, wait_until="domcontentloaded")
                 page.wait_for_selector('[data-testid="stSidebar"], [data-testid="stMain"]', timeout=60_000)
-                if name not in ("lab", "report"):  # a chart, or the exception box that replaces it
+                if name == "lab":  # nothing runs until the form's Run button is pressed
+                    _wait_idle(page)
+                    assert page.locator(".js-plotly-plot").count() == 0
+                    page.locator('[data-testid="stForm"]').get_by_role("button", name="Run").click()
+                elif name == "report":  # the page builds the HTML report when asked
+                    _wait_idle(page)
+                    page.get_by_role("button", name="Build the report").click()
+                    page.wait_for_selector('[data-testid="stDownloadButton"] >> text="Download the report (.html)"',
+                                           timeout=120_000)
+                if name != "report":  # a chart, or the exception box that replaces it
                     page.wait_for_selector('.js-plotly-plot, [data-testid="stException"]', timeout=90_000)
                 _wait_idle(page)
                 page.wait_for_timeout(500)
@@ -100,8 +112,23 @@ def test_every_page_renders_in_chromium(tmp_path):
                 report[name] = (charts, errors, round(time.time() - t0, 1))
                 assert "Page not found" not in page.content(), f"{name}: Streamlit says the page does not exist"
                 assert errors == 0, f"{name}: an exception box is shown ({page.locator('[data-testid=stException]').first.inner_text()[:500]})"
-                if name not in ("lab", "report"):
+                if name == "report":
+                    assert page.get_by_text("Report ready").count() > 0, "report: the report was not built"
+                    assert page.locator('[data-testid="stDownloadButton"]', has_text="Download the report").count() == 1
+                else:
                     assert charts > 0, f"{name}: no plotly chart rendered"
+                if name == "lab":
+                    assert charts == 2, f"lab: {charts} charts after Run (steps and cosines expected)"
+                    assert "lab_run=1" in page.url, page.url  # the URL now reproduces the run
+            # presentation mode from the toggle: no sidebar, an exit button brings it back
+            page.goto(f"{base}/?present=true", wait_until="domcontentloaded")
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            _wait_idle(page)
+            assert not page.locator('[data-testid="stSidebar"]').is_visible()
+            page.get_by_role("button", name="Exit presentation").click()
+            page.wait_for_selector('[data-testid="stSidebar"]', state="visible", timeout=30_000)
+            _wait_idle(page)
+            assert page.get_by_role("button", name="Exit presentation").count() == 0
             # presentation mode: ?embed=true hides the sidebar and keeps the charts
             page.goto(f"{base}/?embed=true", wait_until="domcontentloaded")
             page.wait_for_selector(".js-plotly-plot", timeout=90_000)
