@@ -30,7 +30,6 @@ def payload(at) -> int:
 
 
 def main() -> None:
-    import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     from app import state
