@@ -134,6 +134,18 @@ def _record(capture: Capture | None, name: str, x: torch.Tensor) -> None:
         capture.record(name, x)
 
 
+_FUTURE_MASKS: dict = {}
+
+
+def _future_mask(T: int, device) -> torch.Tensor:
+    """(T, T) bool, True above the diagonal (keys after the query); cached per size and device."""
+    key = (T, str(device))
+    mask = _FUTURE_MASKS.get(key)
+    if mask is None:
+        mask = _FUTURE_MASKS[key] = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    return mask
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention, always computed by scaled dot-product attention (SDPA),
     so a capture never changes the numbers. When a capture wants ``.hook_pattern``, the softmax
@@ -150,10 +162,8 @@ class Attention(nn.Module):
     @staticmethod
     def pattern(q, k):
         """Softmax probabilities (B, H, T, T) (query, key) of causal attention for q, k (B, H, T, hd)."""
-        T = q.shape[-2]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return scores.masked_fill(_future_mask(q.shape[-2], q.device), float("-inf")).softmax(dim=-1)
 
     def forward(self, x, capture=None, name=""):
         B, T, D = x.shape

@@ -368,6 +368,26 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().float().numpy()
 
 
+class _BufferCapture(Capture):
+    """trace()'s capture: each wanted activation [1, ...] is copied straight into its slot of a
+    preallocated buffer (``slots``: name -> (buffer, index)), so nothing is stacked afterwards;
+    names in ``keep`` are stored as usual."""
+
+    def __init__(self, slots: dict, keep: set):
+        super().__init__(None)
+        self.slots, self.keep = slots, keep
+
+    def wants(self, name: str) -> bool:
+        return name in self.slots or name in self.keep
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        slot = self.slots.get(name)
+        if slot is not None:
+            slot[0][slot[1]] = x[0]
+        elif name in self.keep:
+            self.store[name] = x.detach()
+
+
 def _fixed_point_count(fixed_point_iterations, r: int, deep: bool) -> int | None:
     """Iterations of the s* run: None (skip) for 0/False or a deep model; the default (None or
     True) is max(FIXED_POINT_ITERATIONS, r); an explicit n gives max(n, r)."""
@@ -457,11 +477,22 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
 
     k, T = cfg.n_block, len(ids)
     chosen = _choose_fields(names, attention, r, cfg)
-    wanted = {f"loop.{t}.blocks.{l}.hook_resid_post" for t in range(r) for l in range(k)}
-    wanted |= {"loop.hook_input", "loop.hook_initial_state", f"loop.{r - 1}.hook_state_out"}
-    for field_names in chosen.values():
-        wanted.update(field_names)
-    cap = Capture(frozenset(wanted).__contains__)
+    param = next(model.parameters())
+    alloc = partial(torch.empty, dtype=param.dtype, device=param.device)
+    H, D = cfg.n_heads, cfg.d_model
+    states = alloc((r, k, T, D))
+    slots = {f"loop.{t}.blocks.{l}.hook_resid_post": (states, (t, l)) for t in range(r) for l in range(k)}
+    buffers = {}
+    if "attention" in chosen:
+        buffers["attention"] = alloc((r, k, H, T, T))
+        slots.update({f"loop.{t}.blocks.{l}.attn.hook_pattern": (buffers["attention"], (t, l))
+                      for t in range(r) for l in range(k)})
+    for part, n in (("prelude", cfg.n_prelude), ("coda", cfg.n_coda)):
+        for field, hook, shape in (("states", "hook_resid_post", (T, D)), ("attention", "attn.hook_pattern", (H, T, T))):
+            if f"{part}_{field}" in chosen:
+                buf = buffers[f"{part}_{field}"] = alloc((n, *shape))
+                slots.update({f"{part}.{l}.{hook}": (buf, (l,)) for l in range(n)})
+    cap = _BufferCapture(slots, keep={"loop.hook_input", "loop.hook_initial_state", f"loop.{r - 1}.hook_state_out"})
     x = torch.tensor([ids])
     was_training = model.training
     model.eval()
@@ -469,33 +500,30 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
         with torch.no_grad():
             logits = model(x, iterations=r, capture=cap, seed=seed)[0]
             st = cap.store
-            states = torch.stack([torch.stack([st[f"loop.{t}.blocks.{l}.hook_resid_post"][0] for l in range(k)])
-                                  for t in range(r)])  # [I, L, T, D]
-            attn = None
-            if "attention" in chosen:
-                attn = _np(torch.stack([torch.stack([st[f"loop.{t}.blocks.{l}.attn.hook_pattern"][0]
-                                                     for l in range(k)]) for t in range(r)]))  # [I, L, H, T, T]
-
-            def part(field, n, hook):
-                if field not in chosen:
-                    return None
-                if n == 0:
-                    shape = (0, T, cfg.d_model) if hook == "hook_resid_post" else (0, cfg.n_heads, T, T)
-                    return np.zeros(shape, np.float32)
-                return _np(torch.stack([st[f"{field.split('_')[0]}.{l}.{hook}"][0] for l in range(n)]))
-
-            lens_logp = model.logit_lens(states).log_softmax(-1)  # [I, L, T, V]
-            top = lens_logp.topk(min(lens_top_k, cfg.vocab_size), dim=-1)
-            last = lens_logp[:, -1]  # [I, T, V] block's last layer per iteration
-            kl = torch.full((r, T), float("nan"))
-            if r > 1:
-                kl[1:] = (last[:-1].exp() * (last[:-1] - last[1:])).sum(-1)
+            K = min(lens_top_k, cfg.vocab_size)
+            top_ids = torch.empty((r, k, T, K), dtype=torch.int64)
+            top_probs = torch.empty((r, k, T, K))
+            final = torch.empty((r, k, cfg.vocab_size))                      # lens logits at the last position
+            final_lse = torch.empty((r, k))
+            kl = torch.full((r, T), float("nan"), dtype=torch.float64)
+            prev = None                                   # lens log-probs of the previous iteration's last layer
+            step = max(1, 1024 // (k * T))  # iterations per chunk: small temporaries, cache-sized
+            for i in range(0, r, step):
+                lens = model.logit_lens(states[i:i + step])       # [c, L, T, V] logits of every block state
+                lse = lens.logsumexp(-1, keepdim=True)
+                top = lens.topk(K, dim=-1)
+                top_ids[i:i + step], top_probs[i:i + step] = top.indices, (top.values - lse).exp()
+                final[i:i + step], final_lse[i:i + step] = lens[:, :, -1], lse[:, :, -1, 0]
+                # KL in float64: near a fixed point it is tiny, a difference of close numbers
+                cur = lens[:, -1].double().log_softmax(-1)        # [c, T, V]
+                seq = cur if prev is None else torch.cat([prev[None], cur])
+                kl[i + (prev is None):i + len(cur)] = (seq[:-1].exp() * (seq[:-1] - seq[1:])).sum(-1)
+                prev = cur[-1]
             rank = prob = None
             if answer is not None:
                 a = tokenizer.index[answer]
-                final = lens_logp[:, :, -1]  # [I, L, V] at the last position
-                rank = (final > final[..., a:a + 1]).sum(-1)
-                prob = final[..., a].exp()
+                rank = (final > final[..., a:a + 1]).sum(-1)      # [I, L], ties ranked in the answer's favour
+                prob = (final[..., a] - final_lse).exp()
             fixed = None
             if n_fixed == r:
                 fixed = _np(states[-1]).copy()
@@ -515,13 +543,10 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
                 fixed_point_iterations=n_fixed, answer_hops=(solve_chain(prompt) or (None, None))[1])
     meta.update(metadata or {})
     arrays = dict(
-        tokens=np.asarray(ids, dtype=np.int64), states=_np(states), attention=attn,
+        tokens=np.asarray(ids, dtype=np.int64), states=_np(states),
         initial_state=_np(st["loop.hook_initial_state"][0]), injected=_np(st["loop.hook_input"][0]),
-        prelude_states=part("prelude_states", cfg.n_prelude, "hook_resid_post"),
-        prelude_attention=part("prelude_attention", cfg.n_prelude, "attn.hook_pattern"),
-        coda_states=part("coda_states", cfg.n_coda, "hook_resid_post"),
-        coda_attention=part("coda_attention", cfg.n_coda, "attn.hook_pattern"),
-        logits=_np(logits), lens_top_ids=top.indices.numpy().astype(np.int64), lens_top_probs=_np(top.values.exp()),
+        **{name: _np(buf) for name, buf in buffers.items()},
+        logits=_np(logits), lens_top_ids=top_ids.numpy(), lens_top_probs=_np(top_probs),
         lens_kl=_np(kl), answer_rank=None if rank is None else rank.numpy().astype(np.int64),
         answer_prob=None if prob is None else _np(prob), fixed_point=fixed,
     )
