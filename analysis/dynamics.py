@@ -136,17 +136,22 @@ class JacobianEstimate:
 
     radius: |λ| (< 1: locally contracting); eigenvalue: λ, written with Im >= 0 (complex: a
     damped rotation); argument: angle of λ in radians, in [0, π] (0: no rotation, π: sign flip);
-    iterations: Jacobian-vector products used.
+    iterations: Jacobian-vector products used; residual: ``||J v - λ v|| / |λ|`` of the leading
+    Ritz pair (power iteration; 0 for the exact methods); converged: residual <= tol (False: the
+    step limit was reached, e.g. with clustered leading eigenvalues; treat λ as approximate).
     """
 
     radius: float
     eigenvalue: complex
     argument: float
     iterations: int
+    residual: float = 0.0
+    converged: bool = True
 
 
 def _nan_estimate(iterations: int = 0) -> JacobianEstimate:
-    return JacobianEstimate(float("nan"), complex(float("nan"), float("nan")), float("nan"), iterations)
+    return JacobianEstimate(float("nan"), complex(float("nan"), float("nan")), float("nan"), iterations,
+                            float("nan"), False)
 
 
 def _pick_leading(eig) -> complex:
@@ -156,9 +161,9 @@ def _pick_leading(eig) -> complex:
     return complex(lead.real, abs(lead.imag))
 
 
-def _estimate(lam: complex, iterations: int) -> JacobianEstimate:
+def _estimate(lam: complex, iterations: int, residual: float = 0.0, converged: bool = True) -> JacobianEstimate:
     return JacobianEstimate(radius=float(abs(lam)), eigenvalue=lam, argument=float(abs(np.angle(lam))),
-                            iterations=int(iterations))
+                            iterations=int(iterations), residual=float(residual), converged=bool(converged))
 
 
 class _NonFinite(ArithmeticError):
@@ -247,16 +252,18 @@ def spectral_radius_of(fn, x0, n_power_iterations: int = 200, seed: int = 0, met
                 return _estimate(_pick_leading(eig), calls)
             except ArpackNoConvergence:
                 pass  # fall through to block power iteration
-        return _estimate(_block_power(jm, n, gen, block_size, n_power_iterations, tol), calls)
+        lam, residual = _block_power(jm, n, gen, block_size, n_power_iterations, tol)
+        return _estimate(lam, calls, residual, residual <= tol)
     except _NonFinite:
         return _nan_estimate(calls)
 
 
-def _block_power(jm, n: int, gen, block_size: int, steps: int, tol: float) -> complex:
-    """Block power iteration with Rayleigh-Ritz (see ``spectral_radius_of``): the leading Ritz value."""
+def _block_power(jm, n: int, gen, block_size: int, steps: int, tol: float) -> tuple[complex, float]:
+    """Block power iteration with Rayleigh-Ritz (see ``spectral_radius_of``): the leading Ritz
+    value (Im >= 0) and its relative residual."""
     m = max(1, min(int(block_size), n))
     V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
-    lead = complex("nan")
+    lead, residual = complex("nan"), float("nan")
     for _ in range(max(1, int(steps))):
         W = jm(V.T.float()).double().cpu().T                                     # J V, [n, m]
         Vn, Wn = V.numpy(), W.numpy()
@@ -269,7 +276,7 @@ def _block_power(jm, n: int, gen, block_size: int, steps: int, tol: float) -> co
         if residual <= tol or not np.linalg.norm(Wn) > 0:
             break
         V, _ = torch.linalg.qr(W)
-    return complex(lead.real, abs(lead.imag))
+    return complex(lead.real, abs(lead.imag)), float(residual)
 
 
 class _ExplicitAttention:

@@ -101,8 +101,7 @@ def test_power_iteration_default_finds_a_rotation(n):
     assert est.radius == pytest.approx(0.9, rel=1e-4)
     assert est.argument == pytest.approx(0.7, abs=1e-3)
     assert est.eigenvalue.imag > 0 and est.eigenvalue == pytest.approx(0.9 * complex(math.cos(0.7), math.sin(0.7)), abs=1e-4)
-    if n > 4:
-        assert est.iterations < 200 * 4                   # converged before the step limit
+    assert est.converged and est.residual <= 1e-5 and est.iterations < 200 * 4  # before the step limit
 
 
 @pytest.mark.parametrize("n", [3, 50, 400])
@@ -119,6 +118,9 @@ def test_power_iteration_default_finds_a_real_eigenvalue(n):
     pos = _known_spectrum(n, _rotation(0.5, 0.3), np.concatenate([[0.95], np.full(n - 3, 0.2)]), seed=n)
     est = spectral_radius_of(lambda x: torch.tensor(pos, dtype=torch.float32) @ x, np.ones(n))
     assert est.radius == pytest.approx(0.95, rel=1e-4) and est.argument == pytest.approx(0.0, abs=1e-3)
+    # a step limit too small to converge says so
+    slow = spectral_radius_of(lambda x: torch.tensor(pos, dtype=torch.float32) @ x, np.ones(n), n_power_iterations=1)
+    assert (slow.converged, slow.iterations) == (n <= 4, min(4, n))
 
 
 def test_spectral_radius_other_methods():
