@@ -239,6 +239,11 @@ class Trace:
             if key in cfg and ax in sizes and cfg[key] != sizes[ax]:
                 raise ValueError(f"metadata config {key} = {cfg[key]!r} but the arrays' {ax} axis is {sizes[ax]}")
 
+    def __setstate__(self, state):
+        """Unpickling (e.g. ``st.cache_data``): the arrays come back read-only, owned by the Trace."""
+        for name, value in state.items():
+            object.__setattr__(self, name, _own(value) if isinstance(value, np.ndarray) else value)
+
     # sizes --------------------------------------------------------------
     @property
     def n_iterations(self) -> int:

@@ -393,7 +393,8 @@ def test_metadata_is_a_read_only_copy(tiny_model, chain_tokenizer):
             mutate(tr.metadata)
     assert isinstance(tr.metadata, dict) and json.loads(json.dumps(tr.metadata))["seed"] == 0
     again = pickle.loads(pickle.dumps(tr))                             # st.cache_data pickles traces
-    assert again.metadata == tr.metadata
+    assert again.metadata == tr.metadata and isinstance(again.metadata, type(tr.metadata))
+    assert np.array_equal(again.states, tr.states) and not again.states.flags.writeable
     changed = dataclasses.replace(tr, metadata=dict(tr.metadata, note="x"))
     assert changed.metadata["note"] == "x" and "note" not in tr.metadata
 
