@@ -1,8 +1,9 @@
 """The Trace: every state of every token at every layer of every iteration, and how to capture it.
 
-``trace(model, prompt, iterations)`` runs one prompt once with a ``Capture`` local to the call
-and returns an immutable ``Trace``. The Trace is the contract between capture, measurements,
-the app and export; its arrays (shapes below) are numpy, states in float32.
+``trace(model, prompt, iterations)`` runs one prompt once with a capture local to the call (then,
+by default, continues it to 128 iterations for the fixed point s*) and returns an immutable
+``Trace``. The Trace is the contract between capture, measurements, the app and export; its
+arrays (shapes below) are read-only numpy, float32 or int64. Capturing never changes the numbers.
 
 A deep model's trace has iteration axis 1 and its L layers on the layer axis.
 """
