@@ -9,8 +9,9 @@ Shapes used throughout: ``B`` batch, ``T`` tokens, ``D`` d_model, ``H`` heads, `
 
 Capture: pass ``capture=Capture(names)`` to ``forward`` and every named activation is recorded
 into that object only (no hooks are left on modules), so concurrent calls never share buffers.
-Capturing never changes the numbers (attention output always comes from SDPA; a wanted pattern
-is computed beside it, only to be recorded).
+Capturing never changes the numbers: in eval mode attention is the explicit softmax pattern
+times the values with or without a capture (the recorded pattern is the one used); training
+mode uses SDPA for speed.
 Names, with their shapes for a batch of one prompt:
 
     embed.hook_out                               [B, T, D]   token (+ shift) + position embeddings
@@ -147,11 +148,12 @@ def _future_mask(T: int, device) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention, always computed by scaled dot-product attention (SDPA),
-    so a capture never changes the numbers. When a capture wants ``.hook_pattern``, the softmax
-    probabilities are computed separately, only to be recorded. A capture object with
-    ``explicit_attention = True`` (the Jacobian estimator's: forward-mode AD has no rule for the
-    fused CPU kernel) makes the output itself use the explicit softmax (equal up to rounding)."""
+    """Causal multi-head self-attention. In eval mode (every forward a user or a trace runs) the
+    output is the explicit softmax pattern times the values, so a captured ``.hook_pattern`` is
+    exactly the map the model used and a capture changes no number. In training mode it uses
+    scaled dot-product attention (SDPA, faster; equal up to float rounding); a pattern wanted
+    there is computed beside it, only to be recorded. A capture object with
+    ``explicit_attention = True`` (the Jacobian estimator's) forces the explicit path."""
 
     def __init__(self, cfg: LoopConfig):
         super().__init__()
@@ -170,12 +172,16 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (z.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
         pattern_name = name + ".hook_pattern"
-        if capture is not None and getattr(capture, "explicit_attention", False):
-            y = self.pattern(q, k) @ v
+        wanted = capture is not None and capture.wants(pattern_name)
+        if not self.training or (capture is not None and getattr(capture, "explicit_attention", False)):
+            pattern = self.pattern(q, k)
+            y = pattern @ v
+            if wanted:
+                capture.record(pattern_name, pattern)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if capture is not None and capture.wants(pattern_name):
-            capture.record(pattern_name, self.pattern(q, k))
+            if wanted:
+                capture.record(pattern_name, self.pattern(q, k))
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -113,11 +113,17 @@ def main(argv=None):
     ap.add_argument("--prelude-hop", type=int, default=0,
                     help="1: with hop supervision, the prelude holds hop 1 and iteration t hop t + 2")
     ap.add_argument("--norm-layout", choices=["pre", "huginn", "ouro"], help="override the preset's norm layout")
+    ap.add_argument("--initial-state", choices=["zeros", "embed", "random"], help="override the preset's initial state")
     ap.add_argument("--hop-supervision", type=int, default=1,
                     help="1: also train the logit lens after each iteration (deep: each second layer) "
                          "to name the token reached after that many hops")
     ap.add_argument("--heldout-per-hops", type=int, default=250, help="final held-out examples per hop count")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    ap.add_argument("--start-level", type=int, default=1,
+                    help="chain curriculum's first level (max hops per batch); --max-hops trains on "
+                         "every hop count from the first step")
+    ap.add_argument("--init-from", help="start from this checkpoint folder's weights (same preset); "
+                                        "its card's steps are added to this run's")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -132,7 +138,17 @@ def main(argv=None):
         tok = CharTokenizer(text_chars())
         context = 64
     overrides = {"norm_layout": args.norm_layout} if args.norm_layout else {}
+    if args.initial_state:
+        overrides["initial_state"] = args.initial_state
     model = build(args.preset, tok.vocab_size, context, **overrides).to(device)
+    prior = None
+    if args.init_from:
+        from .checkpoint import load_checkpoint
+        prior = load_checkpoint(args.init_from)
+        if prior.config.to_dict() != model.cfg.to_dict():
+            raise SystemExit(f"--init-from {args.init_from}: its config differs from the preset's")
+        model.load_state_dict(prior.model.state_dict())
+        model.to(device)
     cfg = model.cfg
     random_r = train_kw.get("random_iterations", False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -145,7 +161,7 @@ def main(argv=None):
         heldout_text = corpus[split:]
         gen = torch.Generator().manual_seed(args.seed)
 
-    level = 1  # chain curriculum: max hops in training batches, raised at >= 90% held-out
+    level = max(1, min(args.start_level, args.max_hops))  # chain curriculum: max hops in training batches, raised at >= 90% held-out
     history = []
     t0 = time.time()
     bar = tqdm(range(1, args.steps + 1), desc=args.preset, mininterval=10)
@@ -213,7 +229,11 @@ def main(argv=None):
             "lr": args.lr, "seed": args.seed, "train_seconds": train_seconds, "threads": args.threads,
             "device": device, "shift_offsets": cfg.shift_offsets,
             "hop_supervision": bool(args.hop_supervision) if task_name == "chain" else None,
-            "prelude_hop": bool(args.prelude_hop), "history": history}
+            "prelude_hop": bool(args.prelude_hop), "start_level": args.start_level, "history": history}
+    if prior is not None:
+        card["initialised_from"] = {"checkpoint": prior.name, "sha256": prior.sha256,
+                                    "its_training_steps": prior.card.get("training_steps"),
+                                    "its_train_seconds": prior.card.get("train_seconds")}
     if random_r:
         card["trained_iterations"] = {"distribution": "log-normal Poisson", "mean": cfg.iterations,
                                       "sigma": 0.5, "min": 2, "max": 3 * cfg.iterations,

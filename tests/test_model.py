@@ -186,7 +186,7 @@ def test_text_corpus_ships_with_python():
 
 def _save_tiny(folder):
     torch.manual_seed(0)
-    m = LoopedTransformer(LoopConfig(**small()))
+    m = LoopedTransformer(LoopConfig(**small())).eval()
     save_checkpoint(folder, m, CharTokenizer(CHAIN_CHARS), {"name": "chain"}, {"parameters": m.num_parameters()})
     return m
 
