@@ -598,8 +598,30 @@ def _tiled(grid: list, row_names: list[str], col_names: list[str], labels: list[
     return z, xs, ys
 
 
+# Pixels of an attention grid figure outside its tiles: left (margin, query title), right (row
+# names, colour bar), top (title, head names) and bottom (key ticks and title); measured in Chromium.
+GRID_PAD_X, GRID_PAD_Y = 161, 110
+GRID_PAD_X_BIG, GRID_PAD_Y_BIG = 194, 118
+
+
+def attention_grid_height(n_rows: int, n_cols: int, n_tokens: int, width: int | None = None, big: bool = False,
+                          min_height: int = 240, max_height: int | None = None) -> int:
+    """Figure height (px) at which square tiles ``n_rows`` × ``n_cols`` of ``n_tokens``² cells (one
+    blank cell between tiles) fill a figure ``width`` px wide (default: a half-width column of the
+    app in a 1600 px window, 540 px, 660 when ``big``), clamped to [min_height, max_height] (default
+    max 1300, 1600 when ``big``). Past the cap the tiles stay square, with blank space at the sides."""
+    width = int(width or (660 if big else 540))
+    pad_x, pad_y = (GRID_PAD_X_BIG, GRID_PAD_Y_BIG) if big else (GRID_PAD_X, GRID_PAD_Y)
+    S = int(n_tokens) + 1
+    aspect = (max(1, int(n_rows)) * S - 1) / (max(1, int(n_cols)) * S - 1)
+    h = pad_y + max(1, width - pad_x) * aspect
+    top = max_height if max_height is not None else (1600 if big else 1300)
+    return int(round(min(max(h, min_height), top)))
+
+
 def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows: int = 6, max_heads: int = 8,
-                          zmax: float | None = None, title: str | None = None, big: bool = False) -> go.Figure:
+                          zmax: float | None = None, title: str | None = None, big: bool = False,
+                          width: int | None = None) -> go.Figure:
     """Attention maps as a grid of tiles on one colour scale (query down, key across, the
     token characters on the outer axes; future keys blank), drawn as one tiled heatmap (fast to
     build and to send; hover names the tile, query and key).
@@ -608,7 +630,8 @@ def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows
     of block layer ``layer``. Deep trace: rows = layers (``rows``, default evenly spaced).
     head: "all" (one column per head, at most ``max_heads``), None (one column, the mean over
     heads) or an int. zmax: top of the colour scale (default: the largest value shown outside the
-    first query row, whose single weight is always 1; larger values saturate).
+    first query row, whose single weight is always 1; larger values saturate). width: the width
+    the figure will be drawn at, for its height (``attention_grid_height``: square tiles that fill it).
     Traces: one heatmap, tile (r, c) at ``z[r*(T+1):r*(T+1)+T, c*(T+1):c*(T+1)+T]``."""
     if trace.attention is None:
         return _empty("This trace has no attention maps.", big, title)
@@ -638,9 +661,8 @@ def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows
         fig.add_annotation(text=name, y=ys[r * S + T // 2], yref="y", x=1.0, xref="paper", xanchor="left",
                            textangle=90, showarrow=False, font=dict(size=13 if big else 10))
     what = "deep model" if kind == "layer" else f"block layer {int(layer) % trace.n_layers}"
-    n_rows = len(row_names)
-    per_row = (300 if big else 200) if T > 24 else (220 if big else 150)
-    fig = theme(fig, big, title or f"Attention maps ({what}; rows: {kind}s)", height=max(300, per_row * n_rows + 110))
+    height = attention_grid_height(len(row_names), len(col_names), T, width=width, big=big)
+    fig = theme(fig, big, title or f"Attention maps ({what}; rows: {kind}s)", height=height)
     fig.update_layout(margin=dict(r=60))
     return fig
 

@@ -90,6 +90,21 @@ def test_attention_grid_looped(traces):
     assert len(df) == H * T * T
 
 
+def test_attention_grid_height_follows_rows(traces):
+    t, d = traces
+    T = t.n_tokens
+    heights = [F.attention_grid_figure(t, layer=0, rows=list(range(n))).layout.height for n in (1, 3, 5)]
+    assert heights[0] < heights[1] < heights[2]  # height grows with the rows of tiles
+    S = T + 1  # square tiles fill the width: the plot's height over its width is the grid's aspect
+    w = 540
+    for n, h in zip((1, 3, 5), heights):
+        want = (w - F.GRID_PAD_X) * (n * S - 1) / (H * S - 1) + F.GRID_PAD_Y
+        assert h == max(240, round(want))
+    assert F.attention_grid_figure(d, head="all").layout.height == F.attention_grid_height(DEEP_L, H, T)
+    assert F.attention_grid_height(4, 2, T, width=1000) > F.attention_grid_height(4, 2, T)  # wider: taller
+    assert F.attention_grid_height(64, 1, T) == 1300 and F.attention_grid_height(64, 1, T, big=True) == 1600  # capped
+
+
 def test_attention_grid_deep(traces):
     _, d = traces
     T = d.n_tokens
