@@ -548,6 +548,8 @@ def apply_embed_style(embed: bool, embedded: bool = False) -> None:
     html, body, [data-testid="stAppViewContainer"] { font-size: 20px; }
     [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
     [data-testid="stMetricValue"], [data-testid="stMetricValue"] div, [data-testid="stMetricValue"] p { font-size: 2.6rem !important; line-height: 1.2; }
+    [data-testid="stMetricLabel"], [data-testid="stMetricLabel"] div, [data-testid="stMetricLabel"] p {
+      white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
     h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; }
     [data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
     [data-testid="stExpandSidebarButton"] { display: none !important; }

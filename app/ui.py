@@ -15,6 +15,30 @@ def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> N
     figure_export_row(fig, key, data)
 
 
+def compact_number(n) -> str:
+    """A count in three significant digits for a big font: 1870784 -> "1.87 M", 587776 -> "588 k",
+    950 -> "950"; anything that is not a number is returned as text."""
+    try:
+        x = float(n)
+    except (TypeError, ValueError):
+        return str(n)
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale * 0.9995:  # 999,600 -> "1 M", not "1e+03 k"
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}" if x != int(x) else f"{int(x)}"
+
+
+def metric(where, label: str, value, short: str | None = None, big: bool = False, help: str | None = None,
+           **kwargs) -> None:
+    """``where.metric`` (a column, or ``st``) that stays readable in presentation mode: with ``big``
+    the ``short`` label is shown (the full label moves into the tooltip), so that it fits its column
+    at the larger font."""
+    if big and short and short != label:
+        help = f"{label}. {help}" if help else label
+        label = short
+    where.metric(label, value, help=help, **kwargs)
+
+
 # ---------------------------------------------------------------- page helpers (app/state.py owns the data)
 def model_label(trace, model) -> str:
     """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata."""
@@ -50,14 +74,17 @@ def prompt_banner(session) -> None:
                 + f", seed {t.metadata.get('seed', '—')}.")
 
 
-def model_card(model) -> None:
-    """The facts a user needs about a checkpoint: architecture, size, training, held-out numbers."""
+def model_card(model, big: bool = False) -> None:
+    """The facts a user needs about a checkpoint: architecture, size, training, held-out numbers.
+    ``big`` (presentation mode): short labels and the parameter count as "1.87 M"."""
     from app.state import trained_iterations
 
     card, cfg = model.card or {}, model.config
     st.markdown(f"**{model.name}** — `{cfg.describe()}`")
     c1, c2, c3 = st.columns(3)
-    c1.metric("Parameters", f"{card.get('parameters', model.model.num_parameters()):,}")
+    n_params = card.get("parameters", model.model.num_parameters())
+    metric(c1, "Parameters", compact_number(n_params) if big else f"{n_params:,}", big=big,
+           help=f"{n_params:,} parameters" if big else None)
     ti = card.get("trained_iterations")
     if cfg.is_deep:
         c2.metric("Layers", cfg.n_block)
@@ -65,17 +92,18 @@ def model_card(model) -> None:
         shown = trained_iterations(card, cfg.iterations)
         if isinstance(ti, dict) and {"mean", "min", "max"} <= set(ti):
             shown = f"{ti['mean']} ({ti['min']}–{ti['max']})"
-        c2.metric("Trained iterations", shown,
-                  help=f"card.json trained_iterations: {ti}" if ti is not None else None)
+        metric(c2, "Trained iterations", shown, short="Trained iters", big=big,
+               help=f"card.json trained_iterations: {ti}" if ti is not None else None)
     acc = card.get("accuracy_by_hops") or {}
     if acc:
         lo, hi = card.get("trained_hops") or (min(map(int, acc)), max(map(int, acc)))
         inside = [v for h, v in acc.items() if lo <= int(h) <= hi]
-        c3.metric(f"Accuracy, {lo}–{hi} hops", f"{sum(inside) / max(1, len(inside)):.0%}",
-                  help=f"held-out accuracy averaged over the trained hops {lo}–{hi} (card.json); "
-                       "the bar chart below has each hop count beside the best shortcut")
+        metric(c3, f"Accuracy, {lo}–{hi} hops", f"{sum(inside) / max(1, len(inside)):.0%}",
+               short=f"Acc. {lo}–{hi} hops", big=big,
+               help=f"held-out accuracy averaged over the trained hops {lo}–{hi} (card.json); "
+                    "the bar chart below has each hop count beside the best shortcut")
     elif card.get("heldout_bits_per_char") is not None:
-        c3.metric("Held-out bits/char", f"{card['heldout_bits_per_char']:.2f}")
+        metric(c3, "Held-out bits/char", f"{card['heldout_bits_per_char']:.2f}", short="Bits/char", big=big)
     st.caption(f"d_model {cfg.d_model}, {cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, "
                f"initial state {cfg.initial_state}, context {cfg.context_length} · weights sha256 {model.sha256}")
 

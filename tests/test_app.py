@@ -302,6 +302,31 @@ def test_embed_mode_from_url():
     assert at.query_params["present"] == "true"
 
 
+def test_compact_number():
+    from app.ui import compact_number
+
+    assert compact_number(1_870_784) == "1.87 M" and compact_number(587_776) == "588 k"
+    assert compact_number(999_600) == "1 M" and compact_number(950) == "950" and compact_number(12_000) == "12 k"
+    assert compact_number(2.5e9) == "2.5 G" and compact_number("—") == "—"
+
+
+def test_presentation_mode_metrics_fit_at_the_larger_font():
+    """Overview metrics in presentation mode: short labels (full label in the tooltip) and compact
+    parameter counts, so three to a half-width column fit at the larger font without truncation."""
+    at = new_app({"present": "true"})
+    at.run()
+    assert_clean(at)
+    labels, values = [m.label for m in at.metric], [str(m.value) for m in at.metric]
+    assert "Stable from iter." in labels and "At fixed point" in labels and "Trained iters" in labels
+    assert all(len(label) <= 17 for label in labels), labels
+    assert all(len(v) <= 8 for v in values), values
+    params = [str(m.value) for m in at.metric if m.label == "Parameters"]
+    assert params and all(v.endswith((" k", " M")) for v in params), params
+    tips = [m.proto.help for m in at.metric if m.label == "At fixed point"]
+    assert tips and tips[0].startswith("Tokens at a fixed point.")
+    assert "white-space: normal" in at.get("html")[0].proto.body  # a label that is still too long wraps
+
+
 def test_uploaded_trace_replaces_computed_one(tmp_path):
     at = new_app()
     at.run()

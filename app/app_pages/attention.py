@@ -115,12 +115,12 @@ if matrix is not None:
                        data=figures.attention_distance_data(matrix, t))
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
-        st.metric("Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",
-                  help="Mean distance between the maps of one block layer in different iterations.")
+        ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",
+                  short="Same layer", big=big, help="Mean distance between the maps of one block layer in different iterations.")
         st.metric("Across layers", "—" if not np.isfinite(cross) else f"{cross:.3g}",
                   help="Mean distance between maps of different block layers (any iterations).")
         if np.isfinite(same) and np.isfinite(cross) and same > 0:
-            st.metric("Ratio across / same", f"{cross / same:.3g}×")
+            ui.metric(st, "Ratio across / same", f"{cross / same:.3g}×", short="Across / same", big=big)
         if I < 2:
             st.caption("Run at least 2 iterations to compare a layer with itself.")
         elif np.isfinite(same) and np.isfinite(cross):
@@ -130,8 +130,8 @@ if matrix is not None:
         if deep is not None:
             dsc = state.measure(attention_page_same_cross, deep, metric=metric, head=None)
             dc = dsc.get("cross_layer", np.nan)
-            st.metric("Deep model: between its layers", "—" if not np.isfinite(dc) else f"{dc:.3g}",
-                      help="The deep model runs each layer once; its layers' maps compared with each other "
+            ui.metric(st, "Deep model: between its layers", "—" if not np.isfinite(dc) else f"{dc:.3g}",
+                      short="Deep, across layers", big=big, help="The deep model runs each layer once; its layers' maps compared with each other "
                            "(mean over heads).")
 
 st.subheader("Floorplan: all the maps at a glance")

@@ -175,7 +175,8 @@ m1.metric("Converged?", "yes" if v["converged"] else "no",
 m2.metric("Final step", f"{v['final_step']:.1e}" if np.isfinite(v["final_step"]) else "—")
 m3.metric("Collapsed?", "yes" if v["collapsed"] else "no",
           help="All layers' final states on one direction (min cosine > 0.999).")
-m4.metric("Min cosine between layers", f"{v['spread']:.4f}" if np.isfinite(v["spread"]) else "—",
+ui.metric(m4, "Min cosine between layers", f"{v['spread']:.4f}" if np.isfinite(v["spread"]) else "—",
+          short="Min layer cosine", big=big,
           help=f"Norm growth over the run: {v['norm_growth']:.3g}×" if np.isfinite(v["norm_growth"]) else None)
 if not v.get("finite", True):
     st.warning("The run produced NaN or infinite states; the plots show them as gaps.")

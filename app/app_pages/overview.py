@@ -40,13 +40,14 @@ def model_column(col, trace, model, who: str) -> None:
                                                           f"answer is {trace.answer!r}"),
                   delta_color="normal" if trace.prediction() == trace.answer else "inverse")
         unit = "layer" if trace.is_deep else "iteration"
-        c2.metric(f"Answer stable from {unit}", "never" if stable is None else stable,
+        ui.metric(c2, f"Answer stable from {unit}", "never" if stable is None else stable,
+                  short="Stable from " + ("layer" if trace.is_deep else "iter."), big=big,
                   help=f"First {unit} after which the logit lens's top-1 at the last position (block's last layer) "
                        f"stays {target!r}.")
         if counts is not None:
             n = trace.n_tokens
-            c3.metric("Tokens at a fixed point", f"{counts['fixed point']} / {n}",
-                      help="analysis.dynamics.classify_trajectories over the tail of this run: "
+            ui.metric(c3, "Tokens at a fixed point", f"{counts['fixed point']} / {n}", short="At fixed point",
+                      big=big, help="analysis.dynamics.classify_trajectories over the tail of this run: "
                            + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         else:
             c3.metric("Layers", trace.n_layers)
@@ -70,7 +71,7 @@ for col, m in zip(cc, (s.looped_model, s.deep_model)):
     with col:
         if m is None:
             continue
-        ui.model_card(m)
+        ui.model_card(m, big=big)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")
