@@ -61,6 +61,7 @@ class LoopConfig:
     initial_state: str = "random"  # "zeros" | "embed" | "random" (seeded truncated normal)
     initial_std: float = 0.02   # std of the random initial state
     shift_offsets: list[int] = field(default_factory=list)  # token-shift features, see Embedding
+    tied_shift_offsets: list[int] = field(default_factory=list)  # of those, the ones that reuse the token table
     init_std: float = 0.02      # weight initialisation std
 
     def __post_init__(self):
@@ -75,6 +76,9 @@ class LoopConfig:
         if min(self.n_prelude, self.n_coda) < 0 or self.n_block < 1 or self.iterations < 1:
             raise ValueError("need n_prelude, n_coda >= 0, n_block >= 1 and iterations >= 1")
         self.shift_offsets = [int(o) for o in self.shift_offsets]
+        self.tied_shift_offsets = [int(o) for o in self.tied_shift_offsets]
+        if not set(self.tied_shift_offsets) <= set(self.shift_offsets):
+            raise ValueError(f"tied_shift_offsets {self.tied_shift_offsets} must be among shift_offsets {self.shift_offsets}")
 
     @property
     def is_deep(self) -> bool:
@@ -231,7 +235,9 @@ class Embedding(nn.Module):
     token at i-2 (zero before the start). For the chain task this hands every value the name of
     the variable it is assigned to (``x=y``: y sees x two back), so the model need not learn that
     binding itself; it still has to chain the lookups. It is part of the architecture, recorded in
-    the config, and stated on each card that uses it.
+    the config, and stated on each card that uses it. An offset in ``tied_shift_offsets`` reuses
+    the token table instead of a table of its own, so the query letter before ``=`` arrives in the
+    same form as every value a lookup reads.
     """
 
     def __init__(self, cfg: LoopConfig):
@@ -239,15 +245,21 @@ class Embedding(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.context_length, cfg.d_model)
         self.offsets = list(cfg.shift_offsets)
-        self.shift = nn.ModuleList(nn.Embedding(cfg.vocab_size + 1, cfg.d_model) for _ in self.offsets)
+        self.tied = [o in cfg.tied_shift_offsets for o in self.offsets]
+        self.shift = nn.ModuleList(nn.Embedding(cfg.vocab_size + 1, cfg.d_model)
+                                   for o, tied in zip(self.offsets, self.tied) if not tied)
         self.pad_id = cfg.vocab_size  # "no token there" for positions before the start
 
     def forward(self, idx):  # idx (B, T) -> (B, T, D)
         B, T = idx.shape
         x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
-        for off, table in zip(self.offsets, self.shift):
+        tables = iter(self.shift)
+        for off, tied in zip(self.offsets, self.tied):
             shifted = F.pad(idx, (off, 0), value=self.pad_id)[:, :T]
-            x = x + table(shifted)
+            if tied:  # the token table; nothing before the start
+                x = x + self.tok(shifted.clamp(max=self.pad_id - 1)) * (shifted != self.pad_id).unsqueeze(-1)
+            else:
+                x = x + next(tables)(shifted)
         return x
 
 

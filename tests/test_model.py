@@ -116,6 +116,22 @@ def test_shift_offsets_embed_earlier_tokens():
     assert torch.allclose(e[2], expect_pos2) and torch.allclose(e[0], expect_pos0)
 
 
+def test_tied_shift_offset_reuses_the_token_table():
+    torch.manual_seed(7)
+    m = LoopedTransformer(LoopConfig(**small(shift_offsets=[1, 2], tied_shift_offsets=[1])))
+    assert len(m.embed.shift) == 1  # only offset 2 has a table of its own
+    x = ids("a=7;")
+    e = m.embed(x)[0]
+    tok, pos, two = m.embed.tok.weight, m.embed.pos.weight, m.embed.shift[0].weight
+    pad = m.embed.pad_id
+    # position 3 (';'): its token, the token one back ('7') through the token table, 'a' two back
+    assert torch.allclose(e[3], tok[x[0, 3]] + pos[3] + tok[x[0, 2]] + two[x[0, 1]])
+    # position 0: nothing one back (zero), the pad row two back
+    assert torch.allclose(e[0], tok[x[0, 0]] + pos[0] + two[pad])
+    with pytest.raises(ValueError, match="tied_shift_offsets"):
+        LoopConfig(**small(shift_offsets=[2], tied_shift_offsets=[1]))
+
+
 def test_context_length_is_enforced():
     m = LoopedTransformer(LoopConfig(**small(context_length=8)))
     with pytest.raises(ValueError, match="context"):
