@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/capture.py
 	$(PY) bench/app.py
+	$(PY) bench/science.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
