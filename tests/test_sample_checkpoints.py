@@ -40,6 +40,24 @@ def test_chain_checkpoint_reproduces_its_card(folder):
     assert got[1] > card["shortcut_by_hops"]["1"] + 0.3  # one lookup is clearly learned, not guessed
 
 
+@pytest.mark.parametrize("name", ["chain-looped", "chain-deep"])
+def test_default_pair_reasons_over_every_trained_hop_count(name):
+    """The app's default pair genuinely chains lookups: >= 85% on a fresh sample at each trained
+    hop count (cards: >= 97%), far above the best answer-free shortcut; the looped model needs
+    more iterations for more hops (1 iteration cannot solve 3 hops)."""
+    m = load_checkpoint(SAMPLE_DIR / name)
+    lo, hi = m.card["trained_hops"]
+    rng = random.Random(77)
+    examples = [make_chain(rng, h, m.card["heldout"]["n_statements"]) for h in range(lo, hi + 1) for _ in range(60)]
+    got = chain_accuracy_by_hops(m.model, m.tokenizer, examples)
+    for h in range(lo, hi + 1):
+        assert got[h] >= 0.85, f"{name}: {h} hops {got[h]:.2f}"
+        assert got[h] > m.card["shortcut_by_hops"][str(h)] + 0.3
+    if not m.config.is_deep:
+        three = [ex for ex in examples if ex.hops == 3]
+        assert chain_accuracy_by_hops(m.model, m.tokenizer, three, iterations=1)[3] < 0.75
+
+
 @pytest.mark.parametrize("folder", [p for p in FOLDERS if p.name.startswith("text")], ids=lambda p: p.name)
 def test_text_checkpoint_reproduces_its_card(folder):
     m = load_checkpoint(folder)
