@@ -32,11 +32,12 @@ ITERATION_SWEEP = (1, 2, 4, 8, 16, 32, 64)
 # name -> (task, model config kwargs, training kwargs)
 PRESETS = {
     "chain-looped": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="adapter",
-                                   initial_state="embed", norm_layout="huginn", shift_offsets=[1, 2]),
+                                   initial_state="random", norm_layout="huginn", shift_offsets=[1, 2],
+                                   tied_shift_offsets=[1]),
                      dict(random_iterations=True, grad_iterations=8)),
-    "chain-looped-tied": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="adapter",
-                                        initial_state="random", shift_offsets=[1, 2], tied_shift_offsets=[1]),
-                          dict(random_iterations=True, grad_iterations=8)),
+    "chain-looped-embed": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="adapter",
+                                         initial_state="embed", norm_layout="huginn", shift_offsets=[1, 2]),
+                           dict(random_iterations=True, grad_iterations=8)),
     "chain-deep": ("chain", dict(deep_layers=14, shift_offsets=[1, 2]), dict()),
     "chain-contrast": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="none",
                                      initial_state="embed", shift_offsets=[1, 2]), dict()),
