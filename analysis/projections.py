@@ -237,43 +237,6 @@ def default_umap_cache_dir() -> Path:
     return Path(__file__).resolve().parents[1] / ".cache" / "numba"
 
 
-class _njit_caches_umap:
-    """Context manager: while it is open, ``numba.njit`` called from a ``umap.*`` module (at its
-    import) defaults to ``cache=True``; a function numba cannot cache (no source file, say)
-    falls back to an uncached dispatcher. Other callers get numba's own ``njit`` unchanged."""
-
-    def __init__(self, numba):
-        self.numba = numba
-
-    def __enter__(self):
-        orig = self.orig = self.numba.njit
-
-        def njit(*args, **kwargs):
-            module = sys._getframe(1).f_globals.get("__name__", "")
-            if "cache" in kwargs or not module.startswith("umap."):
-                return orig(*args, **kwargs)
-            if args and callable(args[0]):  # njit(fn, ...) or a bare @njit
-                try:
-                    return orig(*args, cache=True, **kwargs)
-                except Exception:
-                    return orig(*args, **kwargs)
-            cached = orig(*args, cache=True, **kwargs)  # njit("sig", ...) or njit(**options)
-
-            def decorate(fn):
-                try:
-                    return cached(fn)
-                except Exception:
-                    return orig(*args, **kwargs)(fn)
-            return decorate
-
-        self.numba.njit = njit
-        return self
-
-    def __exit__(self, *exc):
-        self.numba.njit = self.orig
-        return False
-
-
 def enable_umap_cache(cache_dir=None) -> Path:
     """Let numba keep umap's compiled code on disk, so a fresh process skips ~10 s of compiling.
 
@@ -302,13 +265,6 @@ def enable_umap_cache(cache_dir=None) -> Path:
         import numba
 
         numba.config.CACHE_DIR = str(path)  # in case numba was imported earlier
-        if "umap" not in sys.modules:
-            # umap compiles some dispatchers with explicit signatures (umap.utils tau_rand_int,
-            # tau_rand) while its modules import, before enable_caching() below could reach them:
-            # ~0.6 s of compiling in every fresh process. Importing umap with njit defaulting to
-            # cache=True for umap's own modules loads those from the cache too.
-            with _njit_caches_umap(numba):
-                importlib.import_module("umap")
         for module_name, names in _UMAP_UNCACHED.items():
             try:
                 module = importlib.import_module(module_name)
