@@ -110,7 +110,9 @@ def run_lab(settings: LabSettings, progress=None, attention: bool = False) -> Tr
     ``settings.iterations`` iterations. Returns a Trace (states [r, k, n_tokens, d_model]) with
     ``metadata["lab"]`` = the settings dict and ``metadata["model_name"]`` a short label.
 
-    progress: optional callable(fraction in [0, 1]), called after building and at the end.
+    progress: optional callable(fraction in [0, 1]): 0 at the start, 0.05 once the model is
+    built, then after every iteration (a forward hook on the block's last layer of this run's
+    own model, removed afterwards), and 1 at the end; non-decreasing.
     attention: also capture attention maps ([r, k, H, T, T] float32; off by default).
     """
     if not isinstance(settings, LabSettings):
@@ -118,13 +120,25 @@ def run_lab(settings: LabSettings, progress=None, attention: bool = False) -> Tr
     if progress is not None:
         progress(0.0)
     model = build_lab_model(settings)
+    handle = None
     if progress is not None:
         progress(0.05)
+        done = [0]
+
+        def after_iteration(module, inputs, output):
+            done[0] += 1
+            progress(min(1.0, 0.05 + 0.95 * done[0] / settings.iterations))
+
+        handle = model.block[-1].register_forward_hook(after_iteration)
     label = (f"lab: {settings.norm_layout}-norm, injection {settings.injection}, "
              f"{settings.init} init, seed {settings.seed}")
-    tr = trace(model, settings.prompt(), iterations=settings.iterations, seed=settings.seed,
-               tokenizer=CharTokenizer(CHAIN_CHARS), attention=attention, fixed_point_iterations=0,
-               metadata={"lab": settings.to_dict(), "model_name": label})
+    try:
+        tr = trace(model, settings.prompt(), iterations=settings.iterations, seed=settings.seed,
+                   tokenizer=CharTokenizer(CHAIN_CHARS), attention=attention, fixed_point_iterations=0,
+                   metadata={"lab": settings.to_dict(), "model_name": label})
+    finally:
+        if handle is not None:
+            handle.remove()
     if progress is not None:
         progress(1.0)
     return tr

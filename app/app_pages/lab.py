@@ -11,10 +11,7 @@ import numpy as np
 import streamlit as st
 
 from analysis.dynamics import step_sizes
-from analysis.lab import LabSettings, build_lab_model, lab_verdict
-from analysis.tasks import CHAIN_CHARS
-from analysis.tokenizer import CharTokenizer
-from analysis.trace import trace as capture_trace
+from analysis.lab import LabSettings, lab_verdict, run_lab
 from app import figures, state, ui
 
 NORMS = {"pre": "pre-norm", "huginn": "Huginn sandwich", "ouro": "Ouro sandwich"}
@@ -33,40 +30,19 @@ def _lab_store() -> "OrderedDict[str, dict]":
 
 
 def lab_results(settings_json: str, progress=None) -> dict:
-    """Run the lab for these settings, keeping only what the page draws (small), not the states;
-    identical settings reuse the stored result. ``progress(done, total)`` is called after every
-    iteration of the run (a forward hook on the block's last layer of this run's own model).
-
-    This is ``analysis.lab.run_lab`` (the same model from ``build_lab_model`` and the same trace of
-    its prompt) with the per-iteration hook, and no long fixed-point run (the lab draws none)."""
+    """``analysis.lab.run_lab`` for these settings, keeping only what the page draws (small), not
+    the states; identical settings reuse the stored result. ``progress(fraction)`` as in run_lab."""
     store = _lab_store()
     with _STORE_LOCK:
         if settings_json in store:
             store.move_to_end(settings_json)
             return store[settings_json]
-    settings = LabSettings(**json.loads(settings_json))
     t0 = time.perf_counter()
-    model = build_lab_model(settings)
-    handle = None
-    if progress is not None:
-        count = [0]
-
-        def hook(module, inputs, output):
-            count[0] += 1
-            progress(count[0], settings.iterations)
-
-        handle = model.block[-1].register_forward_hook(hook)
-    try:
-        tr = capture_trace(model, settings.prompt(), iterations=settings.iterations, seed=settings.seed,
-                           tokenizer=CharTokenizer(CHAIN_CHARS), attention=False, fixed_point_iterations=0)
-    finally:
-        if handle is not None:
-            handle.remove()
+    tr = run_lab(LabSettings(**json.loads(settings_json)), progress=progress)
     res = {"steps": step_sizes(tr.states).astype(np.float32), "verdict": lab_verdict(tr),
            "cos": figures.layer_cosine_matrix(tr.states), "seconds": time.perf_counter() - t0,
-           "label": f"lab: {settings.norm_layout}-norm, injection {settings.injection}, {settings.init} init, "
-                    f"seed {settings.seed}",
-           "architecture": tr.metadata.get("architecture", ""), "n_tokens": tr.n_tokens}
+           "label": tr.metadata.get("model_name", ""), "architecture": tr.metadata.get("architecture", ""),
+           "n_tokens": tr.n_tokens}
     with _STORE_LOCK:
         store[settings_json] = res
         while len(store) > STORE_SIZE:
@@ -146,13 +122,14 @@ try:
         with st.status(f"Running the random-init looped model: {cfg['n_block']} layers × {cfg['iterations']} "
                        "iterations…", expanded=True) as status:
             bar = st.progress(0.0, text="building the model")
-            shown = [-1]
+            shown = [-1.0]
+            total = int(cfg["iterations"])
 
-            def report(done: int, total: int) -> None:
-                pct = int(100 * done / total)
-                if pct >= shown[0] + 2 or done == total:  # about 50 updates at most
-                    shown[0] = pct
-                    bar.progress(done / total, text=f"iteration {done} of {total}")
+            def report(fraction: float) -> None:
+                if fraction >= shown[0] + 0.02 or fraction >= 1.0:  # about 50 updates at most
+                    shown[0] = fraction
+                    done = round((fraction - 0.05) / 0.95 * total) if fraction >= 0.05 else 0
+                    bar.progress(fraction, text=f"iteration {done} of {total}")
 
             res = lab_results(key, progress=report)
             bar.progress(1.0, text=f"done in {res['seconds']:.1f} s")
