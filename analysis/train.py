@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .evaluate import chain_accuracy_by_hops, shortcut_by_hops, text_bits_per_char
 from .model import LoopConfig, LoopedTransformer
-from .tasks import CHAIN_CHARS, chain_batch, heldout_chains, hop_path, text_chars, text_corpus
+from .tasks import CHAIN_CHARS, N_STATEMENTS, chain_batch, heldout_chains, hop_path, text_chars, text_corpus
 from .tokenizer import CharTokenizer
 
 ITERATION_SWEEP = (1, 2, 4, 8, 16, 32, 64)
@@ -109,7 +109,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-hops", type=int, default=4)
-    ap.add_argument("--statements", type=int, default=6)
+    ap.add_argument("--statements", type=int, default=N_STATEMENTS)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy at max hops reaches this")
     ap.add_argument("--threads", type=int, default=2)
@@ -246,7 +246,8 @@ def main(argv=None):
         card["trained_iterations"] = {"fixed": cfg.iterations}
     if task_name == "chain":
         task = {"name": "chain", "n_statements": args.statements, "max_hops": args.max_hops}
-        ev = heldout_chains(args.seed + 999_999, args.heldout_per_hops, args.statements, args.statements)
+        ev = heldout_chains(args.seed + 999_999, args.heldout_per_hops, min(args.statements // 2, args.max_hops + 2),
+                            args.statements)
         card["heldout"] = {"examples_per_hops": args.heldout_per_hops, "seed": args.seed + 999_999,
                            "n_statements": args.statements}
         card["accuracy_by_hops"] = chain_accuracy_by_hops(model, tok, ev)
