@@ -38,7 +38,7 @@ PRESETS = {
     "chain-looped-embed": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="adapter",
                                          initial_state="embed", norm_layout="huginn", shift_offsets=[1, 2]),
                            dict(random_iterations=True, grad_iterations=8)),
-    "chain-deep": ("chain", dict(deep_layers=14, shift_offsets=[1, 2]), dict()),
+    "chain-deep": ("chain", dict(deep_layers=14, shift_offsets=[1, 2], norm_layout="huginn"), dict()),
     "chain-contrast": ("chain", dict(n_prelude=1, n_block=2, n_coda=1, iterations=6, injection="none",
                                      initial_state="embed", shift_offsets=[1, 2]), dict()),
     "text-looped": ("text", dict(n_prelude=1, n_block=2, n_coda=1, iterations=4, injection="adapter",
