@@ -33,10 +33,10 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- trace
 def _cmd_trace(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .trace import trace
+    from .models.registry import load
+    from .tracing import trace
 
-    loaded = load_checkpoint(args.model)
+    loaded = load(args.model)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -68,7 +68,7 @@ def add_trace_parser(subparsers) -> None:
 
 # ---------------------------------------------------------------- metrics
 def _cmd_metrics(args) -> int:
-    from .metrics import state_metrics_table
+    from .measures.tables import state_metrics_table
     from .trace import Trace
 
     src = Path(args.trace)
@@ -98,7 +98,7 @@ SUBCOMMANDS = [add_trace_parser, add_metrics_parser]
 
 def _optional_subcommands(subparsers) -> None:
     # ---- extension point: the `report` subcommand lives in app/report.py (another module owns
-    # it). If `app.report` is importable, its `add_parser(subparsers)` registers it here. ----
+    # it). If `analysis.report` is importable, its `add_parser(subparsers)` registers it here. ----
     try:
         from app import report  # noqa: PLC0415
     except ImportError:

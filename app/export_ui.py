@@ -99,8 +99,8 @@ def trace_downloads(trace, label: str, key: str, container=None) -> None:
     c = container or st
     import importlib.util
 
-    no_metrics = None if importlib.util.find_spec("analysis.metrics") else \
-        "analysis.metrics is not available in this installation, so the metrics table cannot be built"
+    no_metrics = None if importlib.util.find_spec("analysis.measures.tables") else \
+        "analysis.measures.tables is not available in this installation, so the metrics table cannot be built"
     row = c.container(horizontal=True, gap="small", key=f"{key}__trace_downloads")
     row.download_button(f"{label} trace (.npz)", data=lambda: export.trace_npz_bytes(trace),
                         file_name=export.trace_file_name(trace, "npz"), mime="application/octet-stream",
@@ -109,7 +109,7 @@ def trace_downloads(trace, label: str, key: str, container=None) -> None:
     row.download_button(f"{label} metrics (CSV)", data=lambda: export.metrics_csv_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.csv"), mime="text/csv",
                         key=f"{key}__metrics_csv", on_click="ignore", icon=":material/download:", disabled=bool(no_metrics),
-                        help=no_metrics or "One row per token x iteration x layer (analysis.metrics.state_metrics_table)")
+                        help=no_metrics or "One row per token x iteration x layer (analysis.measures.tables.state_metrics_table)")
     row.download_button(f"{label} metrics (Parquet)", data=lambda: export.metrics_parquet_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.parquet"),
                         mime="application/vnd.apache.parquet", key=f"{key}__metrics_parquet", on_click="ignore",

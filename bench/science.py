@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.attention import attention_distance_matrix, same_vs_cross_layer  # noqa: E402
-from analysis.checkpoint import load_checkpoint  # noqa: E402
-from analysis.dynamics import (class_counts, classify_trajectories, fixed_point_spread,  # noqa: E402
+from analysis.measures.attention import attention_distance_matrix, same_vs_cross_layer  # noqa: E402
+from analysis.models.native import load_checkpoint  # noqa: E402
+from analysis.measures.dynamics import (class_counts, classify_trajectories, fixed_point_spread,  # noqa: E402
                                jacobian_spectral_radius, step_sizes)
 from analysis.tasks import make_chain  # noqa: E402
-from analysis.trace import trace  # noqa: E402
+from analysis.tracing import trace  # noqa: E402
 
 
 def main():

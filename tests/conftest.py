@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.model import LoopConfig, LoopedTransformer
+from analysis.models.transformer import LoopConfig, LoopedTransformer
 from analysis.tasks import CHAIN_CHARS
-from analysis.tokenizer import CharTokenizer
+from analysis.models.tokenizers import CharTokenizer
 
 if "OMP_NUM_THREADS" not in os.environ:
     # One intra-op thread unless OMP_NUM_THREADS says otherwise: these models are tiny, and with

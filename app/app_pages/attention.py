@@ -11,12 +11,12 @@ from app import figures, state, ui
 
 # measurement adapters: fn(trace, **kwargs) for state.measure (names unique across pages)
 def attention_page_distances(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.attention.attention_distance_matrix of the trace's maps: [I*L, I*L]."""
+    """analysis.measures.attention.attention_distance_matrix of the trace's maps: [I*L, I*L]."""
     return att.attention_distance_matrix(trace.attention, metric=metric, head=head)
 
 
 def attention_page_same_cross(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.attention.same_vs_cross_layer of that matrix: {same_layer, cross_layer}."""
+    """analysis.measures.attention.same_vs_cross_layer of that matrix: {same_layer, cross_layer}."""
     return att.same_vs_cross_layer(att.attention_distance_matrix(trace.attention, metric=metric, head=head),
                                    trace.n_layers)
 

@@ -112,7 +112,7 @@ else:
         j3.metric("Power iterations", est.iterations)
 
     st.subheader("Token classes")
-    from analysis.dynamics import class_counts
+    from analysis.measures.dynamics import class_counts
 
     counts = class_counts(classes)
     k1, k2 = st.columns([1, 2], gap="large")

@@ -19,7 +19,7 @@ state.page_intro(
 try:
     from analysis import correspondence
 except ImportError as exc:  # an installation without this measurement module
-    st.error(f"analysis.correspondence is not available in this installation ({exc}); this page needs it.")
+    st.error(f"analysis.measures.correspondence is not available in this installation ({exc}); this page needs it.")
     st.stop()
 
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import streamlit as st
 
-from analysis.dynamics import step_sizes
+from analysis.measures.dynamics import step_sizes
 from analysis.lab import LabSettings, lab_verdict, run_lab
 from app import figures, state, ui
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.projections import project_across_tokens, project_token
+from analysis.measures.projections import project_across_tokens, project_token
 from app import figures, state, ui
 
 st.title("Orbits: where each token's state travels")
@@ -68,7 +68,7 @@ dims = (0, 1, 2) if dim == "3D" else {"1-2": (0, 1), "3-4": (2, 3), "5-6": (4, 5
 @st.cache_resource(show_spinner=False)
 def _warm_umap() -> bool:
     """Compile (or load from numba's cache) UMAP once per server process."""
-    from analysis.projections import warm_umap
+    from analysis.measures.projections import warm_umap
 
     warm_umap()
     return True

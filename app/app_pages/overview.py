@@ -30,7 +30,7 @@ def model_column(col, trace, model, who: str) -> None:
         stable = figures.stable_iteration(trace)
         counts = None
         if not trace.is_deep:
-            from analysis.dynamics import class_counts
+            from analysis.measures.dynamics import class_counts
 
             counts = class_counts(state.measure(ui.classify, trace))
         c1, c2, c3 = st.columns(3)
@@ -47,7 +47,7 @@ def model_column(col, trace, model, who: str) -> None:
         if counts is not None:
             n = trace.n_tokens
             ui.metric(c3, "Tokens at a fixed point", f"{counts['fixed point']} / {n}", short="At fixed point",
-                      big=big, help="analysis.dynamics.classify_trajectories over the tail of this run: "
+                      big=big, help="analysis.measures.dynamics.classify_trajectories over the tail of this run: "
                            + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         else:
             c3.metric("Layers", trace.n_layers)

@@ -54,7 +54,7 @@ def _settings() -> dict:
 key = _report_key()
 built = st.session_state.get("_report_built")
 if st.button("Build the report", type="primary", icon=":material/description:", key="report_build"):
-    from app.report import build_report
+    from analysis.report import build_report
 
     with st.status("Building the report: measurements, figures, embedding plotly.js…", expanded=False) as status:
         try:
@@ -66,7 +66,7 @@ if st.button("Build the report", type="primary", icon=":material/description:", 
         else:
             status.update(label="Report ready", state="complete")
     if html_text is not None:
-        from app.report import report_numbers
+        from analysis.report import report_numbers
 
         for note in report_numbers(html_text).get("notes", []):
             st.warning(f"Report section not computed: {note}")
@@ -85,7 +85,7 @@ elif built:
 
 st.subheader("Trace and metrics downloads")
 st.markdown("The `.npz` follows loopscope's documented trace format (format version 1); the metrics come from "
-            "`analysis.metrics.state_metrics_table` as CSV or Parquet. Files are prepared when you click.")
+            "`analysis.measures.tables.state_metrics_table` as CSV or Parquet. Files are prepared when you click.")
 for t, label, k in ((looped, "Looped", "report_looped"), (deep, "Deep", "report_deep")):
     if t is not None:
         trace_downloads(t, label, k)

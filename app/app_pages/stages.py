@@ -18,7 +18,7 @@ state.page_intro(
 try:
     from analysis import stages
 except ImportError as exc:  # an installation without this measurement module
-    st.error(f"analysis.stages is not available in this installation ({exc}); this page needs it.")
+    st.error(f"analysis.measures.stages is not available in this installation ({exc}); this page needs it.")
     st.stop()
 
 s = state.current()

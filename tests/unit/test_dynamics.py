@@ -1,0 +1,211 @@
+"""analysis.measures.dynamics against brute-force loops, closed forms and synthetic trajectories."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.measures.dynamics import (JacobianEstimate, class_counts, classify_trajectories, contraction_rate,
+                               cosine_steps, distance_to_fixed_point, fixed_point_spread,
+                               jacobian_spectral_radius, spectral_radius_of, step_sizes)
+from analysis.models.transformer import LoopConfig, LoopedTransformer
+from analysis.tasks import CHAIN_CHARS
+from analysis.models.tokenizers import CharTokenizer
+from analysis.tracing import trace
+
+
+@pytest.fixture(scope="module")
+def states():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(6, 2, 3, 5)).astype(np.float32)
+
+
+def test_step_sizes_and_cosine_brute_force(states):
+    r, c = step_sizes(states), cosine_steps(states)
+    assert r.shape == c.shape == (6, 2, 3)
+    assert np.isnan(r[0]).all() and np.isnan(c[0]).all()
+    for t in range(1, 6):
+        for l in range(2):
+            for k in range(3):
+                a, b = states[t, l, k].astype(float), states[t - 1, l, k].astype(float)
+                assert r[t, l, k] == pytest.approx(np.sqrt(((a - b) ** 2).sum()) / np.sqrt((a ** 2).sum()), rel=1e-6)
+                cos = (a * b).sum() / math.sqrt((a ** 2).sum() * (b ** 2).sum())
+                assert c[t, l, k] == pytest.approx(1 - cos, rel=1e-6, abs=1e-9)
+
+
+def test_distance_and_spread_brute_force(states):
+    fp = states[-1] + 0.1
+    d, rel = distance_to_fixed_point(states, fp), distance_to_fixed_point(states, fp, relative=True)
+    for t in range(6):
+        for l in range(2):
+            for k in range(3):
+                diff = states[t, l, k].astype(float) - fp[l, k]
+                assert d[t, l, k] == pytest.approx(math.sqrt((diff ** 2).sum()), rel=1e-6)
+                assert rel[t, l, k] == pytest.approx(d[t, l, k] / np.linalg.norm(fp[l, k].astype(float)), rel=1e-6)
+    spread = fixed_point_spread(fp)
+    for k in range(3):
+        cos = [np.dot(fp[0, k], fp[l, k]) / np.linalg.norm(fp[0, k]) / np.linalg.norm(fp[l, k]) for l in range(2)]
+        assert spread[k] == pytest.approx(min(cos), rel=1e-5)
+    collapsed = np.repeat(fp[:1], 3, axis=0)
+    assert np.allclose(fixed_point_spread(collapsed), 1.0)
+
+
+def test_contraction_rate_geometric_sequence():
+    # s_t = s* + 0.5^t v  ->  ||Δ_{t+1}|| / ||Δ_t|| = 0.5 exactly
+    rng = np.random.default_rng(1)
+    star, v = rng.normal(size=(1, 2, 8)), rng.normal(size=(1, 2, 8))
+    s = np.stack([star + 0.5 ** t * v for t in range(20)])          # [20, 1, 2, 8]
+    rate = contraction_rate(s, tail=8)
+    assert rate.shape == (1, 2) and np.allclose(rate, 0.5, rtol=1e-9)
+    assert np.isnan(contraction_rate(s[:2])).all()
+    assert np.allclose(contraction_rate(np.ones((10, 1, 2, 4))), 0.0)  # exactly still
+    bad = s.copy()
+    bad[-1, 0, 0, 0] = np.nan
+    out = contraction_rate(bad, tail=8)
+    assert np.isnan(out[0, 0]) and np.isfinite(out[0, 1])
+
+
+def test_nan_states_propagate(states):
+    bad = states.copy()
+    bad[3, 1, 2, 0] = np.nan
+    r, c = step_sizes(bad), cosine_steps(bad)
+    assert np.isnan(r[3, 1, 2]) and np.isnan(r[4, 1, 2]) and np.isfinite(r[3, 0, 2])
+    assert np.isnan(c[3, 1, 2]) and np.isfinite(c[5, 1, 2])
+    assert np.isnan(distance_to_fixed_point(bad, states[-1])[3, 1, 2])
+    df = classify_trajectories(bad)
+    assert df.loc[2, "class"] == "unknown" and np.isnan(df.loc[2, "tail_step"])
+
+
+def _known_spectrum(n, top, rest, seed):
+    """A dense n×n map with eigenvalues ``top`` (a 2×2 block) and ``rest`` (n-2 real values),
+    hidden by a random orthogonal change of basis."""
+    rng = np.random.default_rng(seed)
+    M = np.diag(np.concatenate([[0.0, 0.0], rest]))
+    M[:2, :2] = top
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return Q @ M @ Q.T
+
+
+def _rotation(radius, angle):
+    return radius * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+
+@pytest.mark.parametrize("n", [2, 6, 120, 600])
+def test_power_iteration_default_finds_a_rotation(n):
+    # leading eigenvalues 0.9 e^{±0.7i} (a damped rotation), the rest real in [-0.6, 0.6]
+    rng = np.random.default_rng(n)
+    A = _known_spectrum(n, _rotation(0.9, 0.7), rng.uniform(-0.6, 0.6, size=n - 2), seed=n)
+    At = torch.tensor(A, dtype=torch.float32)
+    est = spectral_radius_of(lambda x: At @ x, np.ones(n, np.float32))   # default: power iteration
+    assert isinstance(est, JacobianEstimate)
+    assert est.radius == pytest.approx(0.9, rel=1e-4)
+    assert est.argument == pytest.approx(0.7, abs=1e-3)
+    assert est.eigenvalue.imag > 0 and est.eigenvalue == pytest.approx(0.9 * complex(math.cos(0.7), math.sin(0.7)), abs=1e-4)
+    assert est.converged and est.residual <= 1e-5 and est.iterations < 200 * 4  # before the step limit
+
+
+@pytest.mark.parametrize("n", [3, 50, 400])
+def test_power_iteration_default_finds_a_real_eigenvalue(n):
+    # leading eigenvalue -1.3 (real, a sign flip: argument π), then 1.1 and 0.8 e^{±i}, the rest in [-0.7, 0.7]
+    rng = np.random.default_rng(n)
+    rest = np.concatenate([[-1.3, 1.1], rng.uniform(-0.7, 0.7, size=max(n - 4, 0))])[: n - 2]
+    A = _known_spectrum(n, _rotation(0.8, 1.0), rest, seed=n + 1)
+    At = torch.tensor(A, dtype=torch.float32)
+    est = spectral_radius_of(lambda x: At @ x, np.ones(n, np.float32))
+    assert est.radius == pytest.approx(1.3, rel=1e-4)
+    assert est.argument == pytest.approx(math.pi, abs=1e-3)
+    assert est.eigenvalue.real == pytest.approx(-1.3, rel=1e-4)
+    pos = _known_spectrum(n, _rotation(0.5, 0.3), np.concatenate([[0.95], np.full(n - 3, 0.2)]), seed=n)
+    est = spectral_radius_of(lambda x: torch.tensor(pos, dtype=torch.float32) @ x, np.ones(n))
+    assert est.radius == pytest.approx(0.95, rel=1e-4) and est.argument == pytest.approx(0.0, abs=1e-3)
+    # a step limit too small to converge says so
+    slow = spectral_radius_of(lambda x: torch.tensor(pos, dtype=torch.float32) @ x, np.ones(n), n_power_iterations=1)
+    assert (slow.converged, slow.iterations) == (n <= 4, min(4, n))
+
+
+def test_spectral_radius_other_methods():
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(80, 80)) / 20
+    A[0, 0] = 2.0                     # a dominant real eigenvalue, well separated
+    ev = np.linalg.eigvals(A)
+    At = torch.tensor(A, dtype=torch.float32)
+    for method in ("power", "subspace", "arnoldi", "dense"):
+        est = spectral_radius_of(lambda x: At @ x, np.ones(80), method=method)
+        assert est.radius == pytest.approx(np.abs(ev).max(), rel=1e-3), method
+        assert est.argument == pytest.approx(0.0, abs=1e-3)
+    assert spectral_radius_of(lambda x: At @ x, np.ones(80), method="dense").iterations == 80
+    nan = spectral_radius_of(lambda x: At @ x, np.full(80, np.nan))
+    assert math.isnan(nan.radius)
+    with pytest.raises(ValueError, match="method"):
+        spectral_radius_of(lambda x: At @ x, np.ones(80), method="qr")
+
+
+def _tiny(layout="pre"):
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHAIN_CHARS)
+    model = LoopedTransformer(LoopConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, d_mlp=32,
+                                         norm_layout=layout, context_length=16))
+    return model, tok
+
+
+@pytest.mark.parametrize("layout", ["huginn", "ouro"])
+def test_jacobian_spectral_radius_matches_dense(layout):
+    model, tok = _tiny(layout)
+    tr = trace(model, "a=7;?a=", iterations=4, tokenizer=tok, fixed_point_iterations=32)
+    est = jacobian_spectral_radius(model, tr)
+    s = torch.tensor(tr.fixed_point[-1])[None]
+    if layout == "ouro":
+        s = model.pass_norm(s)
+    e = torch.tensor(tr.injected)[None]
+    T, D = s.shape[1:]
+    from analysis.capture import Capture
+    cap = Capture(lambda name: name.endswith("hook_pattern"))
+    with torch.no_grad():
+        J = torch.autograd.functional.jacobian(lambda x: model.step(x.view(1, T, D), e, 0, cap).reshape(-1),
+                                               s.reshape(-1))
+    ev = np.linalg.eigvals(J.double().numpy())
+    assert est.radius == pytest.approx(np.abs(ev).max(), rel=1e-3)
+    assert est.iterations > 0
+
+
+def _trajectory(points):
+    """points [I, D] for one token -> states [I, 1, 1, D]."""
+    return np.asarray(points, dtype=np.float32)[:, None, None, :]
+
+
+def test_classifier_synthetic():
+    rng = np.random.default_rng(0)
+    I, D = 32, 16
+    cycle = rng.normal(size=(3, D))
+    orbit = np.stack([cycle[t % 3] for t in range(I)])
+    const = np.tile(rng.normal(size=D), (I, 1))
+    v = rng.normal(size=D)
+    # a straight line with constant steps that passes near the origin inside the window (so the
+    # cosine steps do not vanish; far from the origin a line's cosine steps vanish and the paper's
+    # rule calls it a fixed point)
+    c = rng.normal(size=D)
+    c -= (c @ v) / (v @ v) * v
+    c *= np.linalg.norm(v) / np.linalg.norm(c)                   # offset ⟂ v, |c| = |v|
+    line = np.stack([(t - 24.5) * v + c for t in range(I)])
+    noise = rng.normal(size=(I, D))
+    states = np.concatenate([_trajectory(x) for x in (orbit, const, line, noise)], axis=2)  # [I, 1, 4, D]
+    df = classify_trajectories(states)
+    assert list(df.columns) == ["token", "class", "period", "tail_step", "straightness"]
+    assert list(df["class"]) == ["orbit", "fixed point", "slider", "unknown"]
+    assert list(df["period"]) == [3, 0, 0, 0]
+    assert df.loc[1, "tail_step"] == pytest.approx(0.0, abs=1e-6)
+    assert df.loc[2, "straightness"] == pytest.approx(1.0, abs=1e-6)
+    assert class_counts(df) == {"fixed point": 1, "orbit": 1, "slider": 1, "unknown": 1}
+    assert class_counts(df.iloc[:0]) == {"fixed point": 0, "orbit": 0, "slider": 0, "unknown": 0}
+
+
+def test_classifier_uses_last_layer_and_period_two():
+    rng = np.random.default_rng(1)
+    I, D = 16, 8
+    a, b = rng.normal(size=D), rng.normal(size=D)
+    last = np.stack([a if t % 2 else b for t in range(I)])
+    first = np.tile(a, (I, 1))
+    states = np.stack([first, last], axis=1)[:, :, None, :]   # [I, 2, 1, D]
+    df = classify_trajectories(states)
+    assert df.loc[0, "class"] == "orbit" and df.loc[0, "period"] == 2
+    assert classify_trajectories(states[:, :1]).loc[0, "class"] == "fixed point"
