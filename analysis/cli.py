@@ -3,10 +3,11 @@
     python -m analysis trace --model DIR --prompt TEXT --iterations N [--seed S]
                              [--fixed-point-iterations M] [--no-attention] --out FILE.npz
     python -m analysis metrics FILE.npz --out FILE.csv
+    python -m analysis report --looped DIR [--deep DIR] --prompt TEXT [--iterations N] --out FILE.html
 
 Subcommands are registered by functions ``add_parser(subparsers)`` that create their parser and
 ``set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status. To add one,
-append its ``add_parser`` to ``SUBCOMMANDS`` (or see ``_optional_subcommands`` for ``report``).
+append its ``add_parser`` to ``SUBCOMMANDS``.
 Any error prints one line to stderr and exits with status 2 (set ``LOOPSCOPE_DEBUG=1`` to see
 the traceback instead).
 """
@@ -16,6 +17,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from .report import add_parser as add_report_parser
 
 EXIT_ERROR = 2
 
@@ -93,26 +96,13 @@ def add_metrics_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------- registry
-SUBCOMMANDS = [add_trace_parser, add_metrics_parser]
-
-
-def _optional_subcommands(subparsers) -> None:
-    # ---- extension point: the `report` subcommand lives in app/report.py (another module owns
-    # it). If `analysis.report` is importable, its `add_parser(subparsers)` registers it here. ----
-    try:
-        from app import report  # noqa: PLC0415
-    except ImportError:
-        return
-    add = getattr(report, "add_parser", None)
-    if callable(add):
-        add(subparsers)
+SUBCOMMANDS = [add_trace_parser, add_metrics_parser, add_report_parser]
 
 
 def add_subcommands(subparsers) -> None:
     """Register every subcommand on an argparse subparsers object."""
     for add in SUBCOMMANDS:
         add(subparsers)
-    _optional_subcommands(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .tables import depth_columns
+
+EXIT_KL_THRESHOLD = 5e-4  # Huginn exits once KL(p_{t-1} || p_t) of its lens falls below this, nats
+
 
 def _centred_gram(X: np.ndarray) -> np.ndarray:
     """X [..., n, d] -> column-centred Gram matrices [..., n, n] (float64)."""
@@ -68,25 +72,16 @@ def cka_matrix(looped, deep) -> np.ndarray:
 
 def answer_through_depth(trace) -> pd.DataFrame:
     """The answer token's logit-lens rank and probability at the last position after every
-    block layer call.
-
-    Returns a DataFrame, one row per realized depth ``t*L + l`` with columns depth (0..I*L-1),
-    iteration, layer, relative_depth (percent of the whole realized block depth,
-    ``(depth+1)/(I*L)*100``), rank (0 = top) and prob. Raises ValueError without an answer.
-    """
+    block layer call: one row per realized depth, columns depth, iteration, layer,
+    relative_depth, depth_fraction (``analysis.measures.tables`` vocabulary, 0-based),
+    answer_rank (0 = top) and answer_prob. Raises ValueError without an answer."""
     if trace.answer_rank is None or trace.answer_prob is None:
         raise ValueError("this trace has no answer token (free text prompt); nothing to track")
     I, L = trace.answer_rank.shape
-    it, layer = np.meshgrid(np.arange(I), np.arange(L), indexing="ij")
-    depth = np.arange(I * L)
-    return pd.DataFrame({
-        "depth": depth.astype(np.int64),
-        "iteration": it.ravel().astype(np.int64),
-        "layer": layer.ravel().astype(np.int64),
-        "relative_depth": (depth + 1) / (I * L) * 100.0,
-        "rank": np.asarray(trace.answer_rank).ravel().astype(np.int64),
-        "prob": np.asarray(trace.answer_prob, dtype=np.float64).ravel(),
-    })
+    cols = depth_columns(I, L)
+    return pd.DataFrame({**{k: cols[k] for k in ("depth", "iteration", "layer", "relative_depth", "depth_fraction")},
+                         "answer_rank": np.asarray(trace.answer_rank).ravel().astype(np.int64),
+                         "answer_prob": np.asarray(trace.answer_prob, dtype=np.float64).ravel()})
 
 
 def early_exit_kl(trace) -> np.ndarray:

@@ -367,3 +367,14 @@ def class_counts(df: pd.DataFrame) -> dict[str, int]:
     """Number of tokens per trajectory class; all four classes are keys (zero if absent)."""
     counts = df["class"].value_counts() if len(df) else {}
     return {c: int(counts.get(c, 0)) for c in TRAJECTORY_CLASSES}
+
+
+def layer_cosine_matrix(states, iteration: int = -1) -> np.ndarray:
+    """Mean over tokens of cos(X_l, X_m) between the block layers' states at one iteration.
+    states [I, L, T, D] -> [L, L] (NaN where a state is zero or not finite). At the last
+    iteration of a converged run these are the per-layer fixed points: all ≈ 1 = collapse."""
+    X = np.asarray(states, dtype=np.float64)[iteration]  # [L, T, D]
+    n = np.linalg.norm(X, axis=-1)  # [L, T]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.einsum("ltd,mtd->lmt", X, X) / (n[:, None] * n[None, :])
+    return np.mean(np.clip(cos, -1.0, 1.0), axis=-1)

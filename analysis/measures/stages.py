@@ -12,6 +12,7 @@ import pandas as pd
 
 from ._numeric import attention_maps as _maps
 from ._numeric import xlogx as _xlogx
+from .tables import depth_columns
 
 SINK_TAU = 0.3
 
@@ -97,11 +98,11 @@ def stage_profiles(trace) -> pd.DataFrame:
         raise ValueError("stage profiles need attention maps; this trace was captured without attention")
     att = np.asarray(trace.attention, dtype=np.float64)  # [I, L, H, T, T]
     I, L = att.shape[:2]
-    it, layer = np.meshgrid(np.arange(I), np.arange(L), indexing="ij")
+    cols = depth_columns(I, L)
     return pd.DataFrame({
-        "iteration": it.ravel().astype(np.int64),
-        "layer": layer.ravel().astype(np.int64),
-        "relative_depth": ((layer.ravel() + 1) / L * 100.0).astype(np.float64),
+        "iteration": cols["iteration"],
+        "layer": cols["layer"],
+        "relative_depth": cols["relative_depth"],
         "colsum_concentration": colsum_concentration(att).mean(-1).ravel(),
         "sink_score": sink_scores(att.mean(axis=2)).max(axis=-1).ravel(),  # NaN propagates
         "sink_rate": np.asarray(sink_rate(att), dtype=np.float64).ravel(),

@@ -1,5 +1,18 @@
-"""The per-state metrics table: one row per token × iteration × layer of a trace (for the app's
-table view and CSV export)."""
+"""Tidy tables of a trace, with one column vocabulary (every index 0-based):
+
+token           position in the prompt
+iteration       0-based iteration (the state after iteration 0 is the first pass's)
+layer           0-based block layer (a deep model's layer)
+depth           realized-depth index ``iteration * L + layer`` (0 = after the first layer call)
+relative_depth  percent of the block reached, ``(layer + 1) / L * 100`` (for a deep model the whole
+                model is its block, so this is the percent of the model)
+depth_fraction  percent of the whole realized depth, ``(depth + 1) / (I * L) * 100``
+answer_prob     the answer token's logit-lens probability at the last position
+answer_rank     its rank there (0 = top)
+
+``state_metrics_table`` (one row per token × iteration × layer, the CLI's ``metrics`` CSV) and
+``depth_columns`` (the index columns of an [I, L] grid, used by every per-(iteration, layer) table).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -18,13 +31,23 @@ def _til(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 2, 0).reshape((-1,) + x.shape[3:])
 
 
+def depth_columns(n_iterations: int, n_layers: int) -> dict[str, np.ndarray]:
+    """The index columns of an [I, L] grid in realized-depth order (iteration-major): iteration,
+    layer, depth (int64) and relative_depth, depth_fraction (float64 percent), each length I*L."""
+    I, L = int(n_iterations), int(n_layers)
+    it, layer = np.meshgrid(np.arange(I), np.arange(L), indexing="ij")
+    depth = np.arange(I * L)
+    return {"iteration": it.ravel().astype(np.int64), "layer": layer.ravel().astype(np.int64),
+            "depth": depth.astype(np.int64), "relative_depth": ((layer.ravel() + 1) / L * 100.0).astype(np.float64),
+            "depth_fraction": ((depth + 1) / (I * L) * 100.0).astype(np.float64)}
+
+
 def state_metrics_table(trace) -> pd.DataFrame:
     """One row per (token, iteration, layer) of the block, ordered token-major (each token's rows
     in realized-depth order). Columns:
 
     token (int), token_label (str), iteration, layer (ints, from 0), depth (``t*L + l``),
-    relative_depth (percent within the block, ``(layer+1)/L*100``; over the whole depth for a
-    deep trace), norm (``||s||``), step_size (``||s_t - s_{t-1}||/||s_t||``, NaN at t = 0),
+    relative_depth (``(layer+1)/L*100``, see the module docstring), norm (``||s||``), step_size (``||s_t - s_{t-1}||/||s_t||``, NaN at t = 0),
     cosine_step (``1 - cos``, NaN at t = 0), distance_to_fixed_point (``||s_t - s*||``; NaN if the
     trace has no fixed point), lens_top1 (the logit lens's top token, decoded), lens_top1_prob,
     answer_prob and answer_rank (set on the last token's rows only; NaN elsewhere or without an
@@ -73,3 +96,10 @@ def state_metrics_table(trace) -> pd.DataFrame:
         "answer_prob": answer_prob,
         "answer_rank": answer_rank,
     }, columns=list(COLUMNS))
+
+
+def both_models(looped: pd.DataFrame | None, deep: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Two models' tables of one kind (stage profiles, answer through depth) stacked, with a
+    ``model`` column ("looped" / "deep"); the CSV of a figure that draws both."""
+    parts = [df.assign(model=who) for who, df in (("looped", looped), ("deep", deep)) if df is not None]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()

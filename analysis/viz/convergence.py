@@ -1,0 +1,204 @@
+"""Convergence views (Convergence and Lab pages): step sizes, distance to s*, fixed-point spread,
+contraction, trajectory classes, the lab's step band and the layers' final-state cosines;
+each with its tidy frame (``*_data``)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .theme import is_presentation, LOOPED_COLOR, PALETTE, SEQUENTIAL, theme, token_names
+
+
+def _per_layer_frame(arr, trace, value: str, x_name: str) -> pd.DataFrame:
+    a = np.asarray(arr, dtype=float)  # [X, L, T]
+    X, L, T = a.shape
+    x, l, j = np.meshgrid(np.arange(X), np.arange(L), np.arange(T), indexing="ij")
+    return pd.DataFrame({x_name: (x + 1).ravel() if x_name == "iteration" else x.ravel(), "layer": l.ravel(),
+                         "token": j.ravel(), "char": [trace.token_labels[k] for k in j.ravel()], value: a.ravel()})
+
+def step_data(steps, trace, x_name: str = "iteration") -> pd.DataFrame:
+    return _per_layer_frame(steps, trace, "step", x_name)
+
+def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_by: str | None = "layer",
+                     color_by: str = "token", log_y: bool = True, x_name: str = "iteration",
+                     title: str | None = None, template: str = "normal") -> go.Figure:
+    """Relative step size ``‖s_t − s_{t−1}‖/‖s_t‖`` per token (one line each) against iteration.
+
+    steps: [I, L, T] (analysis.measures.dynamics.step_sizes). facet_by "layer": one subplot per block
+    layer (or only ``layer``); tokens: positions to draw (default all). x_name "layer" treats
+    the first axis as depth (a deep model's layer-to-layer change, steps of shape [L, 1, T]).
+    Traces: len(tokens) per facet.
+    """
+    s = np.asarray(steps, dtype=float)
+    X, L, T = s.shape
+    layers = [layer % L] if layer is not None else list(range(L))
+    facets = layers if facet_by == "layer" else [layers[-1]]
+    sel = list(range(T)) if tokens is None else [k for k in tokens if 0 <= k < T]
+    fig = make_subplots(rows=1, cols=len(facets), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[f"layer {l}" for l in facets] if len(facets) > 1 else None)
+    x = np.arange(1, X + 1) if x_name == "iteration" else np.arange(X)
+    for col, l in enumerate(facets, start=1):
+        for n, k in enumerate(sel):
+            y = s[:, l, k].copy()
+            if log_y:
+                y[y <= 0] = np.nan
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{k} {trace.token_labels[k]}", legendgroup=str(k),
+                                     showlegend=col == 1, line=dict(color=PALETTE[n % len(PALETTE)], width=1.5),
+                                     hovertemplate=f"token {k} '{trace.token_labels[k]}', {x_name} %{{x}}, layer {l}: "
+                                                   "%{y:.2e}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(title=x_name, row=1, col=col)
+    fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
+    if log_y:
+        fig.update_yaxes(type="log", exponentformat="power")
+    return theme(fig, template, title or "Step size per token (‖s_t − s_{t−1}‖ / ‖s_t‖)")
+
+def distance_data(dist, trace) -> pd.DataFrame:
+    return _per_layer_frame(dist, trace, "distance", "iteration")
+
+def fixed_point_distance_figure(dist, trace, layer: int | None = None, facet_by: str | None = "layer",
+                                title: str | None = None, template: str = "normal") -> go.Figure:
+    """Distance to the fixed point ``‖s_t − s*‖`` as a token × iteration heatmap, log10 colour.
+
+    dist: [I, L, T] (analysis.measures.dynamics.distance_to_fixed_point). facet_by "layer": one heatmap
+    per block layer (or only ``layer``). Traces: one heatmap per facet."""
+    big = is_presentation(template)
+    d = np.asarray(dist, dtype=float)
+    I, L, T = d.shape
+    layers = [layer % L] if layer is not None else list(range(L))
+    facets = layers if facet_by == "layer" else [layers[-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logd = np.where(d > 0, np.log10(d), np.nan)
+    finite = logd[np.isfinite(logd)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-3.0, 1.0)
+    if hi - lo < 1e-9:
+        hi = lo + 1
+    ticks = np.arange(np.floor(lo), np.ceil(hi) + 1)
+    fig = make_subplots(rows=1, cols=len(facets), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[f"layer {l}" for l in facets] if len(facets) > 1 else None)
+    names = token_names(trace)
+    for col, l in enumerate(facets, start=1):
+        fig.add_trace(go.Heatmap(z=logd[:, l, :].T, x=np.arange(1, I + 1), y=np.arange(T), zmin=lo, zmax=hi,
+                                 colorscale=SEQUENTIAL, showscale=col == 1, customdata=d[:, l, :].T,
+                                 colorbar=dict(title="‖s − s*‖", tickvals=ticks, ticktext=[f"1e{int(t)}" for t in ticks]),
+                                 hovertemplate=f"layer {l}, iteration %{{x}}, token %{{y}}: %{{customdata:.2e}}<extra></extra>"),
+                      row=1, col=col)
+        fig.update_xaxes(title="iteration", row=1, col=col)
+    fig.update_yaxes(tickvals=list(range(T)), ticktext=names, autorange="reversed", row=1, col=1, title="token")
+    h = max(320, 14 * T + 120) if not big else max(420, 20 * T + 160)
+    return theme(fig, template, title or "Distance to the fixed point s* (log colour)", height=h)
+
+def spread_data(spread, trace) -> pd.DataFrame:
+    return pd.DataFrame({"token": np.arange(len(spread)), "char": list(trace.token_labels),
+                         "min_cos_between_layer_fixed_points": np.asarray(spread, dtype=float)})
+
+def spread_figure(spread, trace, title: str | None = None, template: str = "normal") -> go.Figure:
+    """Fixed-point spread per token: ``min_ℓ cos(X*_0, X*_ℓ)`` (near 1 = all layers share one
+    point, a degenerate collapse; lower = distinct per-layer fixed points, a k-cycle)."""
+    big = is_presentation(template)
+    s = np.asarray(spread, dtype=float)
+    fig = go.Figure(go.Bar(x=np.arange(len(s)), y=s, marker_color=LOOPED_COLOR, customdata=list(trace.token_labels),
+                           hovertemplate="token %{x} '%{customdata}': %{y:.4f}<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="collapse (all layers one point)")
+    fig.update_xaxes(title="token", tickvals=list(range(len(s))), ticktext=list(trace.token_labels))
+    lo = float(np.nanmin(s)) if np.isfinite(s).any() else 0.0
+    fig.update_yaxes(title="min cosine between layers' s*", range=[min(lo - 0.05, 0.9), 1.02])
+    return theme(fig, template, title or "Fixed-point spread per token", height=320 if not big else 420)
+
+def contraction_data(rate, trace) -> pd.DataFrame:
+    r = np.asarray(rate, dtype=float)
+    L, T = r.shape
+    l, j = np.meshgrid(np.arange(L), np.arange(T), indexing="ij")
+    return pd.DataFrame({"layer": l.ravel(), "token": j.ravel(), "char": [trace.token_labels[k] for k in j.ravel()],
+                         "contraction_rate": r.ravel()})
+
+def contraction_figure(rate, trace, title: str | None = None, template: str = "normal") -> go.Figure:
+    """Empirical contraction rate per token, one bar group per block layer (< 1 contracting)."""
+    big = is_presentation(template)
+    r = np.asarray(rate, dtype=float)
+    L, T = r.shape
+    fig = go.Figure()
+    for l in range(L):
+        fig.add_trace(go.Bar(x=np.arange(T), y=r[l], name=f"layer {l}", marker_color=PALETTE[l % len(PALETTE)],
+                             customdata=list(trace.token_labels),
+                             hovertemplate=f"layer {l}, token %{{x}} '%{{customdata}}': %{{y:.3f}}<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="1 = neither contracting nor expanding")
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title="token", tickvals=list(range(T)), ticktext=list(trace.token_labels))
+    fig.update_yaxes(title="‖Δ_{t+1}‖ / ‖Δ_t‖ (tail geometric mean)")
+    return theme(fig, template, title or "Empirical contraction rate", height=320 if not big else 420)
+
+def class_figure(counts: dict, title: str | None = None, template: str = "normal") -> go.Figure:
+    """Tokens per trajectory class (fixed point / orbit / slider / unknown)."""
+    big = is_presentation(template)
+    colors = {"fixed point": "#2ca02c", "orbit": "#9467bd", "slider": "#ff7f0e", "unknown": "#7f7f7f"}
+    fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), marker_color=[colors.get(k, "#1f77b4") for k in counts],
+                           text=list(counts.values()), textposition="auto"))
+    fig.update_yaxes(title="tokens")
+    return theme(fig, template, title or "Trajectory classes", height=280 if not big else 380)
+
+def lab_step_data(steps) -> pd.DataFrame:
+    s = np.asarray(steps, dtype=float)
+    I, L, T = s.shape
+    t, l, j = np.meshgrid(np.arange(I), np.arange(L), np.arange(T), indexing="ij")
+    return pd.DataFrame({"iteration": t.ravel() + 1, "layer": l.ravel(), "token": j.ravel(), "step": s.ravel()})
+
+def lab_step_figure(steps, layer: int | None = None, color_by: str | None = None, quantiles=(0.1, 0.9),
+                    log_y: bool = True, title: str | None = None, template: str = "normal") -> go.Figure:
+    """Step size per iteration over all tokens: the median and a quantile band (``quantiles``)
+    at one block layer (``layer``, default the last); ``color_by="layer"``: one median line per
+    layer instead (no band). steps: [I, L, T] (``analysis.measures.dynamics.step_sizes``).
+    Traces: 3 (band low, band high, median) or L."""
+    s = np.asarray(steps, dtype=float)
+    I, L, T = s.shape
+    x = np.arange(1, I + 1)
+    fig = go.Figure()
+
+    def stat(a, fn, *args):
+        out = np.full(a.shape[0], np.nan)
+        ok = np.isfinite(a).any(axis=-1)
+        if ok.any():
+            out[ok] = fn(a[ok], *args, axis=-1)
+        if log_y:
+            out[out <= 0] = np.nan
+        return out
+
+    if color_by == "layer":
+        for l in range(L):
+            fig.add_trace(go.Scatter(x=x, y=stat(s[:, l], np.nanmedian), mode="lines", name=f"layer {l}",
+                                     line=dict(color=PALETTE[l % len(PALETTE)], width=1.6),
+                                     hovertemplate=f"layer {l}, iteration %{{x}}: median %{{y:.2e}}<extra></extra>"))
+    else:
+        l = (L - 1) if layer is None else int(layer) % L
+        lo, hi = (stat(s[:, l], np.nanquantile, q) for q in quantiles)
+        band = f"{int(quantiles[0] * 100)}–{int(quantiles[1] * 100)}% of tokens"
+        fig.add_trace(go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0, color=LOOPED_COLOR), showlegend=False,
+                                 name=f"q{quantiles[0]}", hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=hi, mode="lines", line=dict(width=0, color=LOOPED_COLOR), fill="tonexty",
+                                 fillcolor="rgba(31,119,180,0.25)", name=band, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=stat(s[:, l], np.nanmedian), mode="lines", name=f"median, layer {l}",
+                                 line=dict(color=LOOPED_COLOR, width=2.2),
+                                 hovertemplate="iteration %{x}: median %{y:.2e}<extra></extra>"))
+    fig.update_xaxes(title="iteration")
+    fig.update_yaxes(title="relative step ‖s_t − s_{t−1}‖ / ‖s_t‖", type="log" if log_y else "linear",
+                     exponentformat="power" if log_y else None)
+    return theme(fig, template, title or "Step size per iteration (median over tokens)")
+
+def fixed_point_cosine_figure(cos, title: str | None = None, template: str = "normal") -> go.Figure:
+    """The block layers' states at the last iteration compared by cosine (``layer_cosine_matrix``):
+    distinct fixed points show values well below 1 off the diagonal; a collapse is 1 everywhere.
+    Traces: one heatmap (values written in the cells for up to 16 layers)."""
+    big = is_presentation(template)
+    c = np.asarray(cos, dtype=float)
+    L = c.shape[0]
+    finite = c[np.isfinite(c)]
+    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    names = [f"L{l}" for l in range(L)]
+    fig = go.Figure(go.Heatmap(z=c, x=names, y=names, colorscale=SEQUENTIAL, zmin=lo, zmax=1.0,
+                               colorbar=dict(title="cos"), texttemplate="%{z:.2f}" if L <= 16 else None,
+                               hovertemplate="%{y} vs %{x}: cos %{z:.4f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="block layer", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(title="block layer", constrain="domain")
+    return theme(fig, template, title or "Layers' final states: cosine",
+                 height=460 if not big else 600)
