@@ -10,14 +10,13 @@ that message on the export button instead of failing.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import io
 import json
 import os
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -100,17 +99,13 @@ def _figure_size(fig: go.Figure, width, height) -> tuple[int, int]:
     return int(width or lw or DEFAULT_WIDTH), int(height or lh or DEFAULT_HEIGHT)
 
 
-_image_cache: "OrderedDict[str, bytes]" = OrderedDict()
-_IMAGE_CACHE_SIZE = 32
-
-
 def figure_to_image(fig: go.Figure, fmt: str = "png", width: int | None = None, height: int | None = None,
                     scale: float = 2.0) -> bytes:
     """Render ``fig`` to ``fmt`` ("png", "svg", "jpeg" or "pdf") bytes with kaleido.
 
     Works offline: plotly.js comes from the installed plotly package and MathJax is disabled.
-    Results are cached (bounded) by figure content, format and size. Raises
-    StaticExportUnavailable with the reason when no browser is available or rendering fails (no
+    The same figure, format and size again returns the same bytes without a new render (the last
+    32 renders are kept, ``functools.lru_cache``). Raises StaticExportUnavailable with the reason when no browser is available or rendering fails (no
     failure state is kept here: the app shows it in the session of the user who asked)."""
     fmt = fmt.lower().lstrip(".")
     if fmt == "jpg":
@@ -121,12 +116,12 @@ def figure_to_image(fig: go.Figure, fmt: str = "png", width: int | None = None, 
     if reason:
         raise StaticExportUnavailable(reason)
     w, h = _figure_size(fig, width, height)
-    fig_json = fig.to_json()
-    key = hashlib.sha256(f"{fmt}|{w}|{h}|{scale}|{fig_json}".encode()).hexdigest()
-    with _status_lock:
-        if key in _image_cache:
-            _image_cache.move_to_end(key)
-            return _image_cache[key]
+    return _render(fig.to_json(), fmt, w, h, float(scale))
+
+
+@functools.lru_cache(maxsize=32)
+def _render(fig_json: str, fmt: str, w: int, h: int, scale: float) -> bytes:
+    """``fig_json`` rendered by kaleido; failures raise (and are not cached)."""
     import kaleido
     from kaleido.errors import ChromeNotFoundError
 
@@ -144,10 +139,6 @@ def figure_to_image(fig: go.Figure, fmt: str = "png", width: int | None = None, 
                                       f"figure ({type(exc).__name__}: {str(exc)[:300]})") from None
     if isinstance(data, str):
         data = data.encode()
-    with _status_lock:
-        _image_cache[key] = data
-        while len(_image_cache) > _IMAGE_CACHE_SIZE:
-            _image_cache.popitem(last=False)
     return data
 
 

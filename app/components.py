@@ -1,16 +1,51 @@
-"""Small shared Streamlit helpers for pages. Every figure goes through ``show_figure`` so that
-export controls (PNG, SVG, CSV of the data behind it) are added in one place."""
+"""Streamlit pieces the pages share: the page frame (``page``), figures with their export row
+(``show_figure``: PNG, SVG, and the CSV of the table behind the figure), metrics readable in
+presentation mode, the model card, the prompt banner, trace downloads, and ``fn(trace)`` adapters
+for ``session.measure``."""
 from __future__ import annotations
+
+import hashlib
+import re
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from analysis import export
+from analysis.measures import summary
+from app import session as app_session
+
+
+def page(title: str, text: str, paper_note: str | None = None, show_messages: bool = True, banner: bool = True):
+    """A page's opening: its title, two sentences on what it shows and how to read it, what the
+    paper found, then the run's Session and (``banner``) the prompt banner. Returns
+    (session, template) with template "presentation" in presentation mode, else "normal"."""
+    st.title(title)
+    page_intro(text, paper_note)
+    s = app_session.current(show_messages=show_messages)
+    if banner:
+        prompt_banner(s)
+    return s, ("presentation" if s.settings.embed else "normal")
+
+
+def require_looped(s):
+    """The session's looped trace; without one, a note on why and how to get one, and the page stops."""
+    if s.looped is None:
+        st.info(f"No looped trace: {why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
+                "then press Run.")
+        st.stop()
+    return s.looped
+
+
+def page_intro(text: str, paper_note: str | None = None) -> None:
+    """Two sentences on what the page shows and how to read it, then what the paper found."""
+    st.markdown(text)
+    if paper_note:
+        st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
+
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
-    from app.export_ui import figure_export_row  # lazy: keeps this module's imports light
-
     st.plotly_chart(fig, key=key, width="stretch", theme=None)  # our own theme (bigger fonts when projecting)
     figure_export_row(fig, key, data)
 
@@ -39,7 +74,6 @@ def metric(where, label: str, value, short: str | None = None, big: bool = False
     where.metric(label, value, help=help, **kwargs)
 
 
-# ---------------------------------------------------------------- page helpers (app/state.py owns the data)
 def model_label(trace, model) -> str:
     """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata."""
     if model is not None:
@@ -75,37 +109,138 @@ def prompt_banner(session) -> None:
 
 
 def model_card(model, big: bool = False) -> None:
-    """The facts a user needs about a checkpoint: architecture, size, training, held-out numbers.
-    ``big`` (presentation mode): short labels and the parameter count as "1.87 M"."""
-    from app.session import trained_iterations
-
-    card, cfg = model.card or {}, model.config
-    st.markdown(f"**{model.name}** — `{cfg.describe()}`")
+    """The facts a user needs about a checkpoint (``analysis.measures.summary.model_facts``):
+    architecture, size, training, held-out numbers. ``big`` (presentation mode): short labels and
+    the parameter count as "1.87 M"."""
+    facts = summary.model_facts(model)
+    cfg = model.config
+    st.markdown(f"**{facts.name}** — `{facts.architecture}`")
     c1, c2, c3 = st.columns(3)
-    n_params = card.get("parameters", model.model.num_parameters())
+    n_params = facts.parameters
     metric(c1, "Parameters", compact_number(n_params) if big else f"{n_params:,}", big=big,
            help=f"{n_params:,} parameters" if big else None)
-    ti = card.get("trained_iterations")
-    if cfg.is_deep:
-        c2.metric("Layers", cfg.n_block)
+    if facts.kind == "deep":
+        c2.metric("Layers", model.spec.n_block)
     else:
-        shown = trained_iterations(card, cfg.iterations)
-        if isinstance(ti, dict) and {"mean", "min", "max"} <= set(ti):
-            shown = f"{ti['mean']} ({ti['min']}–{ti['max']})"
-        metric(c2, "Trained iterations", shown, short="Trained iters", big=big,
-               help=f"card.json trained_iterations: {ti}" if ti is not None else None)
-    acc = card.get("accuracy_by_hops") or {}
-    if acc:
-        lo, hi = card.get("trained_hops") or (min(map(int, acc)), max(map(int, acc)))
-        inside = [v for h, v in acc.items() if lo <= int(h) <= hi]
-        metric(c3, f"Accuracy, {lo}–{hi} hops", f"{sum(inside) / max(1, len(inside)):.0%}",
+        metric(c2, "Trained iterations", facts.trained_label, short="Trained iters", big=big,
+               help=f"card.json trained_iterations: {model.card.get('trained_iterations')}"
+               if model.card.get("trained_iterations") is not None else None)
+    if facts.accuracy_by_hops:
+        lo, hi = facts.trained_hops
+        metric(c3, f"Accuracy, {lo}–{hi} hops", f"{facts.accuracy_trained_hops:.0%}",
                short=f"Acc. {lo}–{hi} hops", big=big,
                help=f"held-out accuracy averaged over the trained hops {lo}–{hi} (card.json); "
                     "the bar chart below has each hop count beside the best shortcut")
-    elif card.get("heldout_bits_per_char") is not None:
-        metric(c3, "Held-out bits/char", f"{card['heldout_bits_per_char']:.2f}", short="Bits/char", big=big)
+    elif facts.heldout_bits_per_char is not None:
+        metric(c3, "Held-out bits/char", f"{facts.heldout_bits_per_char:.2f}", short="Bits/char", big=big)
     st.caption(f"d_model {cfg.d_model}, {cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, "
                f"initial state {cfg.initial_state}, context {cfg.context_length} · weights sha256 {model.sha256}")
+
+
+# ---------------------------------------------------------------- exports under figures and in the sidebar
+# PNG/SVG render only when asked, in this session's run; the outcome (image or the reason it failed)
+# is kept in st.session_state (this browser session only), never in a module global.
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") or "figure"
+
+
+def _figure_hash(fig: go.Figure) -> str:
+    return hashlib.sha256(fig.to_json().encode()).hexdigest()[:20]
+
+
+def image_state_key(key: str, fmt: str) -> str:
+    """The session-state key holding a figure's prepared image or its failure:
+    ``{"figure": hash, "data": bytes}`` or ``{"figure": hash, "error": reason}``."""
+    return f"_image_{key}_{fmt}"
+
+
+def _prepared(key: str, fmt: str, fig: go.Figure) -> dict | None:
+    """This session's prepared image (or failure) for ``fig``; dropped when the figure changed."""
+    ss = st.session_state
+    entry = ss.get(image_state_key(key, fmt))
+    if entry is not None and entry.get("figure") != _figure_hash(fig):  # hashed only when something is kept
+        del ss[image_state_key(key, fmt)]
+        return None
+    return entry
+
+
+def _prepare(key: str, fmt: str, fig: go.Figure) -> dict:
+    """Render ``fig`` now, in this session's run; the outcome goes to this session's state."""
+    try:
+        entry = {"data": export.figure_to_image(fig, fmt)}
+    except export.StaticExportUnavailable as exc:  # no browser, or it failed: the reason is shown under the figure
+        entry = {"error": str(exc)}
+    entry["figure"] = _figure_hash(fig)
+    st.session_state[image_state_key(key, fmt)] = entry
+    return entry
+
+
+def figure_export_row(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
+    """A compact row of exports under a figure: PNG and SVG (rendered when asked, then
+    downloaded) and CSV of ``data`` (or of the figure's own x/y/z when ``data`` is None)."""
+    name = _safe_name(key)
+    reason = export.static_export_unavailable_reason()
+    row = st.container(horizontal=True, gap="small", key=f"{key}__export")
+    failures = []
+    for fmt in ("png", "svg"):
+        label = fmt.upper()
+        slot = row.empty()
+        entry = None if reason else _prepared(key, fmt, fig)
+        if entry is None or "data" not in entry:
+            clicked = slot.button(label, key=f"{key}__prepare_{fmt}", type="tertiary", icon=":material/image:",
+                                  disabled=reason is not None,
+                                  help=reason or f"Render this figure as {label} (a few seconds), then download it")
+            if clicked:
+                with row, st.spinner(f"Rendering {label}…"):
+                    entry = _prepare(key, fmt, fig)
+        if entry is not None and "data" in entry:
+            slot.download_button(label, data=entry["data"], file_name=f"{name}.{fmt}", mime=export.STATIC_FORMATS[fmt],
+                                 key=f"{key}__{fmt}", on_click="ignore", type="tertiary", icon=":material/download:",
+                                 help=f"Download the rendered {label}")
+        elif entry is not None:
+            failures.append(f"{label} export failed: {entry['error']}")
+
+    def csv_bytes() -> bytes:
+        return export.data_frame_csv_bytes(data if data is not None else export.figure_data_frame(fig))
+
+    row.download_button("CSV", data=csv_bytes, file_name=f"{name}.csv", mime="text/csv", key=f"{key}__csv",
+                        on_click="ignore", type="tertiary", icon=":material/download:",
+                        help="Download the data behind this figure as CSV")
+    if reason:
+        row.caption(f"PNG/SVG unavailable: {reason}")
+    for msg in failures:
+        st.error(msg + " (the CSV still has the figure's data; press the button again to retry)",
+                 icon=":material/broken_image:")
+
+
+def trace_downloads(trace, label: str, key: str, container=None) -> None:
+    """Download buttons for one trace: the ``.npz`` (documented format, reopens without the model)
+    and its per-state metrics table as CSV and Parquet."""
+    c = container or st
+    row = c.container(horizontal=True, gap="small", key=f"{key}__trace_downloads")
+    row.download_button(f"{label} trace (.npz)", data=lambda: export.trace_npz_bytes(trace),
+                        file_name=export.trace_file_name(trace, "npz"), mime="application/octet-stream",
+                        key=f"{key}__npz", on_click="ignore", icon=":material/download:",
+                        help="The whole trace in loopscope's .npz format; the upload box reopens it without the model")
+    row.download_button(f"{label} metrics (CSV)", data=lambda: export.metrics_csv_bytes(trace),
+                        file_name=export.trace_file_name(trace, "metrics.csv"), mime="text/csv",
+                        key=f"{key}__metrics_csv", on_click="ignore", icon=":material/download:",
+                        help="One row per token x iteration x layer (analysis.measures.tables.state_metrics_table)")
+    row.download_button(f"{label} metrics (Parquet)", data=lambda: export.metrics_parquet_bytes(trace),
+                        file_name=export.trace_file_name(trace, "metrics.parquet"),
+                        mime="application/vnd.apache.parquet", key=f"{key}__metrics_parquet", on_click="ignore",
+                        icon=":material/download:", help="The same table as Parquet")
+
+
+def export_sidebar(session) -> None:
+    """A sidebar expander with the current traces' downloads."""
+    traces = [(t, lbl, k) for t, lbl, k in ((session.looped, "Looped", "sb_looped"),
+                                            (session.deep, "Deep", "sb_deep")) if t is not None]
+    with st.sidebar.expander("Export", icon=":material/download:"):
+        if not traces:
+            st.caption("Run a prompt first; its traces and metrics can then be downloaded here.")
+        for t, lbl, k in traces:
+            trace_downloads(t, lbl, k)
 
 
 # ---------------------------------------------------------------- measurement adapters: fn(trace) for state.measure

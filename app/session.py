@@ -1,44 +1,33 @@
-"""The app's sidebar, URL state and caches: the one place that turns settings into Traces.
+"""The one place that turns the applied settings into models and Traces: ``current()``.
 
 Every page reads ``Session`` from ``current()`` and draws; nothing here is global and mutable
 (settings, uploads and notes live in ``st.session_state``, one per browser session; models and
-traces live in Streamlit's caches, keyed by checkpoint hash, prompt, iterations and seed, so
-two sessions only ever share results for identical inputs).
-
-API (pages, export and report code against this):
+traces live in the caches of ``app.caching``).
 
 - ``Settings`` (dataclass): looped, deep, prompt, iterations, seed, hops, embed.
-- ``sidebar() -> Settings``: draws the sidebar (called once per run in ``app/main.py``) and keeps
-  the applied settings in the URL (``?looped=…&deep=…&prompt=…&iterations=…&seed=…&hops=…``).
 - ``current() -> Session``: models, traces and the errors met on the way; never raises.
-- ``measure(fn, trace, **kwargs)``: cached ``fn(trace, **kwargs)``.
+- ``measure(fn, trace, **kwargs)``: cached ``fn(trace, **kwargs)``; ``jacobian(model, trace)``.
 - ``trace_key(trace) -> str``: identifies a trace's inputs (and content, for uploads).
-- ``page_intro(text, paper_note)``: the teaching lines that open a page.
-- ``view_option`` / ``view_int`` / ``view_bool``: page view widgets kept in the URL.
-- ``jacobian(model, trace)``: cached ``analysis.measures.dynamics.jacobian_spectral_radius``.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
-from analysis.models.native import SAMPLE_DIR, CheckpointError, LoadedModel, load_checkpoint
-from analysis.tasks import make_chain, solve_chain
-from analysis.trace import Trace, TraceFormatError, trace as capture_trace
+from analysis.models import registry
+from analysis.models.native import CheckpointError, LoadedModel
+from analysis.trace import Trace, TraceFormatError
+from analysis.tracing import FIXED_POINT_ITERATIONS
+from app import caching
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MAX_ITERATIONS = 256          # the app's cap (the library allows more)
-FIXED_POINT_ITERATIONS = 128  # the paper's long run for s*
 MAX_SEED = 2**31 - 1
-MAX_HOPS = 6  # the sample chain prompts have 6 statements
+MAX_HOPS = 6
 DEFAULT_LOOPED = "chain-looped"
 DEFAULT_DEEP = "chain-deep"
 LOCAL = "local folder…"
@@ -59,7 +48,6 @@ class Settings:
     hops: int
     embed: bool
 
-
 @dataclass
 class Session:
     """One run's models and traces (None where unavailable) and the error messages shown."""
@@ -74,32 +62,13 @@ class Session:
     uploaded: dict = field(default_factory=dict)  # "looped"/"deep" -> file name, for uploaded traces
 
 
-# ---------------------------------------------------------------- checkpoints and examples
-def sample_dir() -> Path:
-    """Where the sample checkpoints are: $LOOPSCOPE_SAMPLE_DIR, else analysis.models.native.SAMPLE_DIR."""
-    return Path(os.environ.get("LOOPSCOPE_SAMPLE_DIR") or SAMPLE_DIR).expanduser()
-
-
-def samples() -> dict[str, Path]:
-    """Checkpoint folders (with a config.json) in the sample directory, by name."""
-    root = sample_dir()
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
-
-
-def _is_deep_sample(path: Path) -> bool:
-    try:
-        cfg = json.loads((path / "config.json").read_text()).get("model", {})
-        return cfg.get("iterations") == 1 and cfg.get("n_prelude") == 0 and cfg.get("injection") == "none"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
+# ---------------------------------------------------------------- checkpoints
 def default_models(found: dict[str, Path]) -> tuple[str, str]:
-    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next(
-        (n for n, p in found.items() if not _is_deep_sample(p)), "")
-    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n, p in found.items() if _is_deep_sample(p)), "")
+    """The default (looped, deep) pair among ``found``: the shipped pair when present, else the
+    first folder of each declared kind ("" when there is none)."""
+    kind = {n: registry.declared_kind(p) for n, p in found.items()}
+    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next((n for n in found if kind[n] == "looped"), "")
+    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n in found if kind[n] == "deep"), "")
     return looped, deep
 
 
@@ -107,39 +76,10 @@ def resolve(name: str) -> Path | None:
     """A Settings.looped/deep value -> folder path (None for "")."""
     if not name:
         return None
-    found = samples()
+    found = registry.sample_checkpoints()
     if name in found:
         return found[name]
     return Path(name).expanduser()
-
-
-@st.cache_data(show_spinner=False)
-def examples() -> list[dict]:
-    """assets/examples.json: [{title, task, prompt, answer, hops}]."""
-    try:
-        data = json.loads((ASSETS / "examples.json").read_text())
-        return [e for e in data if isinstance(e, dict) and isinstance(e.get("prompt"), str)]
-    except (OSError, ValueError):
-        return []
-
-
-def default_prompt(task: str = "chain") -> str:
-    for e in examples():
-        if e.get("task") == task:
-            return e["prompt"]
-    return "a=3;b=a;c=b;?c="
-
-
-def trained_iterations(card: dict, default: int) -> int:
-    """The largest iteration count a model saw in training (card["trained_iterations"])."""
-    ti = card.get("trained_iterations") if isinstance(card, dict) else None
-    if isinstance(ti, dict):
-        for k in ("max", "fixed", "mean"):
-            if isinstance(ti.get(k), (int, float)):
-                return int(ti[k])
-    if isinstance(ti, (int, float)):
-        return int(ti)
-    return int(default)
 
 
 def _mtime(path: Path) -> float:
@@ -149,444 +89,22 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-@st.cache_resource(show_spinner=False)
-def _configure_torch() -> int:
-    """Once per server process: torch threads = $LOOPSCOPE_TORCH_THREADS (default 1). The sample
-    models are tiny; one thread is several times faster than many (no sync, no contention)."""
-    import torch
-
-    n = _parse_int(os.environ.get("LOOPSCOPE_TORCH_THREADS", "1"), 1, 256) or 1
-    torch.set_num_threads(n)
-    return n
-
-
-@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
-def _load_model(path: str, mtime: float) -> LoadedModel:
-    _configure_torch()
-    return load_checkpoint(path)
-
-
 def load_model(name: str) -> tuple[LoadedModel | None, str | None]:
     """(model, None) or (None, a readable error). Never raises."""
     path = resolve(name)
     if path is None:
         return None, None
-    if not path.is_absolute() and name not in samples():
+    if not path.is_absolute() and name not in registry.sample_checkpoints():
         return None, f"{name!r} is neither a sample checkpoint nor an absolute folder path"
     try:
-        return _load_model(str(path), _mtime(path)), None
+        return caching.load_model(str(path), _mtime(path)), None
     except CheckpointError as exc:
         return None, str(exc)
-    except Exception as exc:  # anything else a broken folder can throw (permissions, torch)
+    except Exception as exc:  # anything else a broken folder can throw (permissions, torch): shown, not raised
         return None, f"{path} could not be loaded: {type(exc).__name__}: {exc}"
 
 
-# ---------------------------------------------------------------- URL state
-def _url_params() -> dict:
-    """The URL's query parameters as read on this session's first run (later runs: {})."""
-    ss = st.session_state
-    if "_url_params" not in ss:
-        try:
-            ss["_url_params"] = {k: st.query_params.get(k) for k in st.query_params.keys()}
-        except Exception:
-            ss["_url_params"] = {}
-        ss["_url_pending"] = dict(ss["_url_params"])
-    return ss["_url_params"]
-
-
-def _parse_int(raw, lo: int, hi: int) -> int | None:
-    try:
-        v = int(str(raw).strip())
-    except (TypeError, ValueError):
-        return None
-    return v if lo <= v <= hi else None
-
-
-def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict, list[str]]:
-    """Validated settings from URL parameters; invalid values fall back with a note."""
-    out, notes = dict(defaults), []
-    for key in ("looped", "deep"):
-        if key in params:
-            raw = str(params[key] or "")
-            if raw in found or (key == "deep" and raw in ("", "none", NONE)):
-                out[key] = "" if raw in ("none", NONE) else raw
-            elif raw and os.path.isabs(os.path.expanduser(raw)):
-                out[key] = os.path.expanduser(raw)
-            else:
-                notes.append(f"URL value {key}={raw!r} is not a sample checkpoint ({', '.join(found) or 'none found'}) "
-                             f"or an absolute folder path; using {defaults[key] or 'none'!r}.")
-    if "prompt" in params:
-        out["prompt"] = str(params["prompt"] or "")
-    for key, lo, hi in (("iterations", 1, MAX_ITERATIONS), ("seed", 0, MAX_SEED), ("hops", 1, MAX_HOPS)):
-        if key in params:
-            v = _parse_int(params[key], lo, hi)
-            if v is None:
-                notes.append(f"URL value {key}={params[key]!r} is not a whole number from {lo} to {hi}; "
-                             f"using {defaults[key]}.")
-            else:
-                out[key] = v
-    return out, notes
-
-
-def _write_url(settings: Settings) -> None:
-    """Keep the applied settings in the URL (only what differs from it, to avoid churn)."""
-    want = {"looped": settings.looped, "deep": settings.deep or "none", "prompt": settings.prompt,
-            "iterations": str(settings.iterations), "seed": str(settings.seed), "hops": str(settings.hops)}
-    if st.session_state.get("w_present"):
-        want["present"] = "true"
-    st.session_state["_url_keys"] = set(want)
-    try:
-        for k, v in want.items():
-            if st.query_params.get(k) != v:
-                st.query_params[k] = v
-        if "present" not in want and "present" in st.query_params:
-            del st.query_params["present"]
-    except Exception:  # the URL is a convenience; never break a page over it
-        pass
-
-
-def begin_page(page: str) -> None:
-    """Call before ``pg.run()``: drop the view options that other pages wrote to the URL. This runs
-    even when the page then calls ``st.stop()`` (which raises StopException out of ``pg.run()``, so
-    nothing after it runs, and no query parameter can be changed once it is raised)."""
-    ss = st.session_state
-    ss["_url_page"] = page
-    owners = ss.get("_url_owner") or {}
-    try:
-        for k in list(st.query_params.keys()):
-            if owners.get(k, page) != page:
-                del st.query_params[k]
-                ss.get("_url_known", set()).discard(k)
-    except Exception:
-        pass
-
-
-def prune_url() -> None:
-    """Drop view options written on earlier runs but not on this one (e.g. an option this page only
-    shows in another view); call after pg.run() (``begin_page`` handles other pages' options, also
-    when a page stops early). Parameters written by other code are left alone."""
-    keep = st.session_state.get("_url_keys") or set()
-    known = st.session_state.get("_url_known") or set()
-    try:
-        for k in list(st.query_params.keys()):
-            if k in known and k not in keep:
-                del st.query_params[k]
-    except Exception:
-        pass
-
-
-def _take_url_value(key: str):
-    """A page view option's URL value, once (then the widget owns it)."""
-    pending = st.session_state.get("_url_pending") or {}
-    return pending.pop(key, None)
-
-
-def url_flag(key: str) -> bool:
-    """Whether the URL this session opened with says ``?key=1`` (or true/yes); read once."""
-    return str(_take_url_value(key) or "").strip().lower() in ("1", "true", "yes")
-
-
-def keep_in_url(key: str, value) -> None:
-    """Write one page view value to the URL (``?key=value``); pages not using ``view_*`` call this."""
-    st.session_state.setdefault("_url_keys", set()).add(key)
-    st.session_state.setdefault("_url_known", set()).add(key)
-    st.session_state.setdefault("_url_owner", {})[key] = st.session_state.get("_url_page", "")
-    try:
-        if st.query_params.get(key) != str(value):
-            st.query_params[key] = str(value)
-    except Exception:
-        pass
-
-
-def view_option(label: str, key: str, options: list, default=None, *, widget: str = "radio",
-                format_func=str, help: str | None = None, container=None, horizontal: bool = True):
-    """A page's view option (radio or selectbox) whose value lives in the URL as ``?key=value``.
-    An unknown URL value falls back to ``default`` with a visible note."""
-    container = container or st
-    options = list(options)
-    default = options[0] if default is None or default not in options else default
-    raw = _take_url_value(key)
-    if raw is not None:
-        match = [o for o in options if str(o) == str(raw)]
-        if match:
-            st.session_state[key] = match[0]
-        else:
-            st.warning(f"URL value {key}={raw!r} is not one of {[str(o) for o in options]}; using {default!r}.")
-            st.session_state[key] = default
-    if key in st.session_state and st.session_state[key] not in options:
-        st.session_state[key] = default
-    kw = {} if key in st.session_state else {"index": options.index(default)}
-    if widget == "selectbox":
-        value = container.selectbox(label, options, key=key, format_func=format_func, help=help, **kw)
-    else:
-        value = container.radio(label, options, key=key, format_func=format_func, help=help, horizontal=horizontal, **kw)
-    keep_in_url(key, value)
-    return value
-
-
-def view_int(label: str, key: str, lo: int, hi: int, default: int, *, widget: str = "slider",
-             help: str | None = None, container=None) -> int:
-    """An integer view option (slider or number box) kept in the URL; out-of-range URL values fall back."""
-    container = container or st
-    default = min(max(int(default), lo), hi)
-    raw = _take_url_value(key)
-    if raw is not None:
-        v = _parse_int(raw, lo, hi)
-        if v is None:
-            st.warning(f"URL value {key}={raw!r} is not a whole number from {lo} to {hi}; using {default}.")
-            v = default
-        st.session_state[key] = v
-    if key in st.session_state and not (isinstance(st.session_state[key], int) and lo <= st.session_state[key] <= hi):
-        st.session_state[key] = default
-    kw = {} if key in st.session_state else {"value": default}
-    if lo == hi:
-        value = lo
-        container.caption(f"{label}: {lo}")
-    elif widget == "number":
-        value = container.number_input(label, min_value=lo, max_value=hi, step=1, key=key, help=help, **kw)
-    else:
-        value = container.slider(label, min_value=lo, max_value=hi, step=1, key=key, help=help, **kw)
-    keep_in_url(key, int(value))
-    return int(value)
-
-
-def view_bool(label: str, key: str, default: bool = False, *, help: str | None = None, container=None) -> bool:
-    """A checkbox view option kept in the URL as true/false."""
-    container = container or st
-    raw = _take_url_value(key)
-    if raw is not None:
-        low = str(raw).lower()
-        if low in ("true", "1", "yes", "false", "0", "no"):
-            st.session_state[key] = low in ("true", "1", "yes")
-        else:
-            st.warning(f"URL value {key}={raw!r} is not true or false; using {str(default).lower()}.")
-            st.session_state[key] = default
-    kw = {} if key in st.session_state else {"value": default}
-    value = container.checkbox(label, key=key, help=help, **kw)
-    keep_in_url(key, str(bool(value)).lower())
-    return bool(value)
-
-
-# ---------------------------------------------------------------- sidebar
-def embed_requested() -> bool:
-    """Presentation mode: ``?embed=true`` (Streamlit's embed flag), ``?present=true`` or the toggle."""
-    ss = st.session_state
-    if "w_present" not in ss:
-        raw = str(_url_params().get("present", "")).lower()
-        ss["w_present"] = raw in ("true", "1", "yes")
-    try:
-        embedded = bool(st.context.is_embedded)
-    except Exception:
-        embedded = False
-    return embedded or bool(ss.get("w_present"))
-
-
-def _defaults() -> dict:
-    found = samples()
-    looped, deep = default_models(found)
-    task, iters = "chain", 16
-    model, _ = load_model(looped) if looped else (None, None)
-    if model is not None:
-        task = model.task.get("name", "chain")
-        iters = min(16, trained_iterations(model.card, model.config.iterations))
-    return {"looped": looped, "deep": deep, "prompt": default_prompt(task), "iterations": iters,
-            "seed": 0, "hops": 3}
-
-
-def _choice_of(value: str, options: list[str]) -> tuple[str, str]:
-    if value in options:
-        return value, ""
-    if not value:
-        return NONE, ""
-    return LOCAL, value
-
-
-def _set_widgets(applied: dict, found: dict) -> None:
-    ss = st.session_state
-    ss["w_looped"], ss["w_looped_path"] = _choice_of(applied["looped"], list(found))
-    if ss["w_looped"] == NONE:
-        ss["w_looped"] = LOCAL
-    ss["w_deep"], ss["w_deep_path"] = _choice_of(applied["deep"], list(found))
-    ss["w_prompt"] = applied["prompt"]
-    ss["w_iterations"] = applied["iterations"]
-    ss["w_seed"] = applied["seed"]
-    ss["w_hops"] = applied["hops"]
-
-
-def _widget_settings() -> dict:
-    ss = st.session_state
-
-    def model_value(which):
-        choice = ss.get(f"w_{which}")
-        if choice == NONE:
-            return ""
-        if choice == LOCAL:
-            raw = str(ss.get(f"w_{which}_path") or "").strip()
-            return str(Path(raw).expanduser().absolute()) if raw else ""
-        return choice or ""
-
-    return {"looped": model_value("looped"), "deep": model_value("deep"), "prompt": ss.get("w_prompt", ""),
-            "iterations": int(ss.get("w_iterations", 16)), "seed": int(ss.get("w_seed", 0)),
-            "hops": int(ss.get("w_hops", 3))}
-
-
-def _apply() -> None:
-    st.session_state["applied"] = _widget_settings()
-    st.session_state["_url_notes"] = []
-
-
-def _fill_example() -> None:
-    title = st.session_state.get("w_example")
-    for e in examples():
-        if e.get("title") == title:
-            st.session_state["w_prompt"] = e["prompt"]
-            if isinstance(e.get("hops"), int) and 1 <= e["hops"] <= MAX_HOPS:
-                st.session_state["w_hops"] = e["hops"]
-
-
-def _new_chain() -> None:
-    ss = st.session_state
-    ss["_chain_count"] = ss.get("_chain_count", 0) + 1
-    hops = int(ss.get("w_hops", 3))
-    rng = random.Random(f"{int(ss.get('w_seed', 0))}/{hops}/{ss['_chain_count']}")
-    ss["w_prompt"] = make_chain(rng, hops).prompt
-
-
-def sidebar() -> Settings:
-    """Draw the sidebar (the same on every page) and return the applied settings."""
-    ss = st.session_state
-    params = _url_params()
-    found = samples()
-    if "applied" not in ss:
-        defaults = _defaults()
-        applied, notes = _settings_from_url(params, found, defaults)
-        ss["applied"], ss["_url_notes"] = applied, notes
-        _set_widgets(applied, found)
-    embed = embed_requested()
-    sb = st.sidebar
-    sb.markdown("### Models")
-    opts = list(found) + [LOCAL]
-    if ss.get("w_looped") not in opts:
-        ss["w_looped"] = opts[0]
-    sb.selectbox("Looped model", opts, key="w_looped",
-                 help=f"Sample checkpoints in {sample_dir()}, or a checkpoint folder on this machine.")
-    if ss["w_looped"] == LOCAL:
-        sb.text_input("Looped model folder", key="w_looped_path", placeholder="/path/to/checkpoint")
-    dopts = list(found) + [LOCAL, NONE]
-    if ss.get("w_deep") not in dopts:
-        ss["w_deep"] = NONE
-    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep")
-    if ss["w_deep"] == LOCAL:
-        sb.text_input("Deep model folder", key="w_deep_path", placeholder="/path/to/checkpoint")
-
-    pending = _widget_settings()
-    lm, lerr = load_model(pending["looped"])
-    if lerr:
-        sb.error(f"Looped model: {lerr}")
-    task = lm.task.get("name", "chain") if lm else "chain"
-    sb.markdown("### Prompt")
-    exs = [e for e in examples() if e.get("task") == task] or examples()
-    if exs:
-        titles = [e["title"] for e in exs]
-        if ss.get("w_example") not in titles:
-            ss["w_example"] = next((e["title"] for e in exs if e["prompt"] == ss.get("w_prompt")), titles[0])
-        sb.selectbox("Example", titles, key="w_example", on_change=_fill_example,
-                     help="Examples with their known answers (assets/examples.json).")
-        ex = next((e for e in exs if e["title"] == ss["w_example"]), None)
-        if ex and ex.get("answer") is not None and ex["prompt"] == ss.get("w_prompt"):
-            sb.caption(f"Known answer: **{ex['answer']}**" + (f" ({ex['hops']} hops)" if ex.get("hops") else ""))
-        elif task == "chain" and solve_chain(ss.get("w_prompt") or ""):
-            ans, h = solve_chain(ss["w_prompt"])
-            sb.caption(f"Answer solved from the prompt: **{ans}** ({h} hops)")
-    if task == "chain":
-        c1, c2 = sb.columns([3, 2], vertical_alignment="bottom")
-        c1.slider("Hops", 1, MAX_HOPS, key="w_hops", help="Lookups from the query to the digit (trained: 1–4).")
-        c2.button("New chain", on_click=_new_chain, help="Fill the prompt with a fresh seeded chain of this many hops.")
-    sb.text_area("Prompt", key="w_prompt", height=90,
-                 help=f"At most {lm.config.context_length} characters for this model." if lm else None)
-
-    sb.markdown("### Run")
-    trained = trained_iterations(lm.card, lm.config.iterations) if lm else None
-    sb.number_input("Iterations", min_value=1, max_value=MAX_ITERATIONS, step=1, key="w_iterations",
-                    help="How many times the looped block runs (1–256)."
-                         + (f" Trained with up to {trained}." if trained else ""))
-    if trained and int(ss["w_iterations"]) > trained:
-        sb.caption(f":orange[Extrapolation: {ss['w_iterations']} is past the trained count ({trained}).]")
-    sb.number_input("Seed", min_value=0, max_value=MAX_SEED, step=1, key="w_seed",
-                    help="Seeds the random initial state (and the chain generator).")
-    sb.button("Run", key="run", type="primary", on_click=_apply, width="stretch")
-    if _widget_settings() != ss["applied"]:
-        sb.caption(":blue[Settings changed: press **Run** to apply them.]")
-
-    sb.markdown("### Saved trace")
-    sb.file_uploader("Open a saved trace (.npz)", type=["npz"], key="upload",
-                     help="A trace saved from loopscope reopens without its model; it replaces the computed "
-                          "looped (or deep) trace.")
-    sb.toggle("Presentation mode", key="w_present", help="Larger fonts and no sidebar, for projecting; the "
-              "\"Exit presentation\" button at the top of the page brings the sidebar back. ?present=true or "
-              "?embed=true in the URL open the app this way.")
-
-    applied = ss["applied"]
-    settings = Settings(embed=embed, **applied)
-    ss["_settings"] = settings
-    ss["_run_session"] = None  # current() computes this run's Session once
-    _write_url(settings)
-    return settings
-
-
-def _exit_presentation() -> None:
-    st.session_state["w_present"] = False
-
-
-def apply_embed_style(embed: bool, embedded: bool = False) -> None:
-    """Presentation mode (``?embed=true``, ``?present=true`` or the sidebar toggle): larger type and
-    no sidebar. The way back: an "Exit presentation" button at the top of the page (toggle and
-    ?present=true), or, for ?embed=true, a note to remove it from the URL."""
-    if not embed:
-        return
-    css = """
-    html, body, [data-testid="stAppViewContainer"] { font-size: 20px; }
-    [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li { font-size: 1.25rem; }
-    [data-testid="stMetricValue"], [data-testid="stMetricValue"] div, [data-testid="stMetricValue"] p { font-size: 2.6rem !important; line-height: 1.2; }
-    [data-testid="stMetricLabel"], [data-testid="stMetricLabel"] div, [data-testid="stMetricLabel"] p {
-      white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
-    h1 { font-size: 3rem !important; } h2 { font-size: 2.3rem !important; }
-    [data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
-    [data-testid="stExpandSidebarButton"] { display: none !important; }
-    """
-    st.html(f"<style>{css}</style>")
-    if st.session_state.get("w_present"):
-        st.button("Exit presentation", key="exit_present", on_click=_exit_presentation, type="tertiary",
-                  icon=":material/fullscreen_exit:", help="Bring the sidebar and the normal font sizes back.")
-    elif embedded:
-        st.caption("Presentation (embed) mode: remove `embed=true` from the URL to get the sidebar back.")
-
-
 # ---------------------------------------------------------------- traces
-@st.cache_data(max_entries=16, show_spinner=False)
-def _cached_trace(sha256: str, path: str, prompt: str, iterations: int | None, seed: int,
-                  _model: LoadedModel) -> Trace:
-    """The trace of ``iterations`` iterations, without s* (``fixed_point_iterations=0``: skip)."""
-    return capture_trace(_model, prompt, iterations=iterations, seed=seed, fixed_point_iterations=0)
-
-
-@st.cache_data(max_entries=16, show_spinner=False)
-def _cached_fixed_point(sha256: str, path: str, prompt: str, n: int, seed: int, _model: LoadedModel):
-    """s*: the block's states after ``n`` iterations of the same prompt and seed, [L, T, D] (what
-    ``analysis.trace(..., fixed_point_iterations=n)`` keeps), run as its own step so that the app
-    can show its progress."""
-    long = capture_trace(_model, prompt, iterations=n, seed=seed, attention=False, fixed_point_iterations=0)
-    return long.states[-1]
-
-
-@st.cache_data(max_entries=8, show_spinner="Reading the trace file…")
-def _cached_upload(digest: str, _data: bytes) -> Trace:
-    import io
-
-    t = Trace.load(io.BytesIO(_data))
-    return dataclasses.replace(t, metadata=dict(t.metadata, upload_sha256=digest))
-
-
 def _capped_prompt(prompt: str, model: LoadedModel, who: str, warnings: list[str]) -> str:
     n = model.config.context_length
     if len(prompt) > n:
@@ -595,9 +113,7 @@ def _capped_prompt(prompt: str, model: LoadedModel, who: str, warnings: list[str
         return prompt[-n:]
     return prompt
 
-
 PROGRESS_KEEP_S = 0.5  # a progress box whose work took less than this (cache hits) is removed when done
-
 
 class _Progress:
     """The one st.status + st.progress box of a run that computes traces: created on the first
@@ -632,7 +148,6 @@ class _Progress:
         self.box.update(label="Some traces could not be computed" if failed else f"Traces ready ({seconds:.1f} s)",
                         state="error" if failed else "complete", expanded=False)
 
-
 def _step(progress: _Progress, key: str, done_key: str, fn):
     """Run one cached step, showing progress unless this session already computed it."""
     done = st.session_state.setdefault("_trace_done", set())
@@ -647,19 +162,17 @@ def _step(progress: _Progress, key: str, done_key: str, fn):
 
 def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int,
                who: str, errors: list[str], progress: _Progress) -> Trace | None:
-    """The model's trace (and, for fp > 0, its s* after ``fp`` iterations); problems -> errors."""
+    """The model's trace (and, for fp > 0, continued to ``fp`` iterations for s*); problems -> errors."""
     base = (model.sha256, model.path, prompt, iterations, seed)
     try:
-        t = _step(progress, f"{who}", repr(("trace",) + base),
-                  lambda: _cached_trace(*base, _model=model))
+        t = _step(progress, f"{who}", repr(("trace",) + base), lambda: caching.trace(*base, _model=model))
         if fp:
-            fixed = _step(progress, f"{who}_fp", repr(("fixed_point", fp) + base),
-                          lambda: _cached_fixed_point(model.sha256, model.path, prompt, fp, seed, _model=model))
-            t = dataclasses.replace(t, fixed_point=fixed, metadata=dict(t.metadata, fixed_point_iterations=fp))
+            t = _step(progress, f"{who}_fp", repr(("fixed_point", fp) + base),
+                      lambda: caching.fixed_point(*base, fp, _model=model, _trace=t))
         return t
     except ValueError as exc:  # TokenizerError, empty/overlong prompt, iterations
         errors.append(f"{who.capitalize()} model ({model.name}): {exc}")
-    except Exception as exc:  # a model that fails to run must not take the page down
+    except Exception as exc:  # a model that fails to run must not take the page down: the message says why
         errors.append(f"{who.capitalize()} model ({model.name}) failed to run: {type(exc).__name__}: {exc}")
     return None
 
@@ -671,6 +184,8 @@ def current(show_messages: bool = True) -> Session:
         return ss["_run_session"]
     settings = ss.get("_settings")
     if settings is None:  # a page run without the frame (tests of one page)
+        from app.sidebar import sidebar
+
         settings = sidebar()
     errors: list[str] = []
     warns: list[str] = list(ss.get("_url_notes") or [])
@@ -682,7 +197,7 @@ def current(show_messages: bool = True) -> Session:
             errors.append(f"Looped model: {err}")
     else:
         errors.append("No looped model is selected (no sample checkpoints found in "
-                      f"{sample_dir()}); pick a local folder in the sidebar.")
+                      f"{registry.sample_dir()}); pick a local folder in the sidebar.")
     if settings.deep:
         deep_model, err = load_model(settings.deep)
         if err:
@@ -698,7 +213,7 @@ def current(show_messages: bool = True) -> Session:
         errors.append("The prompt is empty: type a prompt or pick an example in the sidebar, then press Run.")
     else:
         if looped_model is not None:
-            trained = trained_iterations(looped_model.card, looped_model.config.iterations)
+            trained = looped_model.spec.schedule.high
             if iterations > trained:
                 warns.append(f"Extrapolation: {iterations} iterations is past the {trained} the looped model "
                              "was trained with.")
@@ -711,7 +226,7 @@ def current(show_messages: bool = True) -> Session:
             steps += [("looped", f"running the looped model ({iterations} iterations)"),
                       ("looped_fp", f"the long fixed-point run: {fp} iterations for s*")]
         if deep_model is not None:
-            steps += [("deep", f"running the deep model ({deep_model.config.n_block} layers)")]
+            steps += [("deep", f"running the deep model ({deep_model.spec.n_block} layers)")]
         progress = _Progress(steps)
         if looped_model is not None:
             looped = _run_trace(looped_model, lp, iterations, settings.seed, fp, "looped", errors, progress)
@@ -725,7 +240,7 @@ def current(show_messages: bool = True) -> Session:
     if up is not None:
         try:
             data = up.getvalue()
-            t = _cached_upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
+            t = caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
             if t.is_deep:
                 deep, uploaded["deep"] = t, up.name
             else:
@@ -751,12 +266,9 @@ def current(show_messages: bool = True) -> Session:
     session = Session(settings=settings, looped_model=looped_model, deep_model=deep_model, looped=looped, deep=deep,
                       errors=errors, warnings=warns, uploaded=uploaded)
     ss["_run_session"] = session
-    try:  # trace and metrics downloads in the sidebar (app/export_ui.py)
-        from app.export_ui import export_sidebar
+    from app.components import export_sidebar  # components draws; it imports this module
 
-        export_sidebar(session)
-    except Exception as exc:  # export is an extra; never break a page over it
-        st.sidebar.caption(f"Export unavailable: {exc}")
+    export_sidebar(session)
     return session
 
 
@@ -771,33 +283,13 @@ def trace_key(trace: Trace) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def _cached_measure(name: str, key: str, kwargs_json: str, _fn, _trace, _kwargs):
-    return _fn(_trace, **_kwargs)
-
-
 def measure(fn, trace: Trace, **kwargs):
     """Cached ``fn(trace, **kwargs)``, keyed by fn's qualified name, trace_key(trace) and kwargs."""
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
-    return _cached_measure(name, trace_key(trace), json.dumps(kwargs, sort_keys=True, default=repr),
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    return caching.measure(name, trace_key(trace), json.dumps(kwargs, sort_keys=True, default=repr),
                            _fn=fn, _trace=trace, _kwargs=kwargs)
-
-
-@st.cache_data(max_entries=32, show_spinner="Estimating the Jacobian's spectral radius…")
-def _cached_jacobian(sha256: str, key: str, _model, _trace):
-    from analysis.measures.dynamics import jacobian_spectral_radius
-
-    return jacobian_spectral_radius(_model, _trace)
 
 
 def jacobian(model: LoadedModel, trace: Trace):
     """Cached analysis.measures.dynamics.jacobian_spectral_radius(model, trace)."""
-    return _cached_jacobian(model.sha256, trace_key(trace), _model=model, _trace=trace)
-
-
-# ---------------------------------------------------------------- page furniture
-def page_intro(text: str, paper_note: str | None = None) -> None:
-    """Two sentences on what the page shows and how to read it, then what the paper found."""
-    st.markdown(text)
-    if paper_note:
-        st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
+    return caching.jacobian(model.sha256, trace_key(trace), _model=model, _trace=trace)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import figures, state, ui
+from analysis import viz
+from analysis.measures import summary
+from app import components as ui
+from app import session, url_state
 
-st.title("Overview: the answer as it forms")
-state.page_intro(
+s, tpl = ui.page(
+    "Overview: the answer as it forms",
     "Each row of the logit lens below decodes the block's state after one layer call into the model's "
     "top next character, so you can watch the answer appear iteration by iteration in the looped model "
     "(left) and layer by layer in the deep model (right). Read the probability curves left to right: "
@@ -15,9 +18,7 @@ state.page_intro(
     "stops changing after a few iterations; iterating past the trained count stays stable for some "
     "models and drifts for others.",
 )
-s = state.current()
-big = s.settings.embed
-ui.prompt_banner(s)
+big = tpl == "presentation"
 left, right = st.columns(2, gap="large")
 
 
@@ -27,12 +28,12 @@ def model_column(col, trace, model, who: str) -> None:
         if trace is None:
             st.info(f"No {who} trace: {ui.why_missing(s, who)}")
             return
-        stable = figures.stable_iteration(trace)
+        stable = summary.stable_iteration(trace)
         counts = None
         if not trace.is_deep:
             from analysis.measures.dynamics import class_counts
 
-            counts = class_counts(state.measure(ui.classify, trace))
+            counts = class_counts(session.measure(ui.classify, trace))
         c1, c2, c3 = st.columns(3)
         target = trace.answer if trace.answer is not None else trace.prediction()
         c1.metric("Prediction", repr(trace.prediction()),
@@ -51,10 +52,10 @@ def model_column(col, trace, model, who: str) -> None:
                            + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         else:
             c3.metric("Layers", trace.n_layers)
-        trained = state.trained_iterations(model.card, model.config.iterations) if model else None
-        ui.show_figure(figures.answer_figure(trace, trained=trained, big=big), key=f"answer_{who}",
-                       data=figures.answer_data(trace))
-        ui.show_figure(figures.lens_heatmap(trace, big=big), key=f"lens_{who}", data=figures.lens_data(trace))
+        trained = model.spec.schedule.high if model else None
+        ui.show_figure(viz.answer_figure(trace, trained=trained, template=tpl), key=f"answer_{who}",
+                       data=viz.answer_data(trace))
+        ui.show_figure(viz.lens_heatmap(trace, template=tpl), key=f"lens_{who}", data=viz.lens_data(trace))
         if counts is not None:
             st.caption("Trajectory classes (Convergence page for details): "
                        + " · ".join(f"**{k}** {v}" for k, v in counts.items()))
@@ -75,5 +76,5 @@ for col, m in zip(cc, (s.looped_model, s.deep_model)):
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")
-    ui.show_figure(figures.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, big=big),
-                   key="accuracy", data=figures.accuracy_data(cards))
+    ui.show_figure(viz.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, template=tpl),
+                   key="accuracy", data=viz.accuracy_data(cards))

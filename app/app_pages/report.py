@@ -6,11 +6,11 @@ import hashlib
 
 import streamlit as st
 
-from app import state
-from app.export_ui import trace_downloads
+from app import components as ui
+from app import session
 
 st.title("Report: evidence you can hand over")
-state.page_intro(
+ui.page_intro(
     "This page packages the current run as evidence: the **report** is one HTML file that opens in any browser "
     "without a network connection, with both models' cards, the answer through depth, convergence, attention, "
     "stages and CKA. The **trace** (.npz) reopens in this app without the model's weights, and the **metrics** "
@@ -18,8 +18,8 @@ state.page_intro(
     None,
 )
 
-session = state.current()
-looped, deep = session.looped, session.deep
+run = session.current()
+looped, deep = run.looped, run.deep
 
 st.subheader("HTML report")
 st.markdown(
@@ -39,15 +39,15 @@ if looped is None:
 
 
 def _report_key() -> str:
-    keys = [state.trace_key(looped)] + ([state.trace_key(deep)] if deep is not None else [])
+    keys = [session.trace_key(looped)] + ([session.trace_key(deep)] if deep is not None else [])
     return hashlib.sha256("|".join(keys).encode()).hexdigest()[:20]
 
 
 def _settings() -> dict:
-    s = dataclasses.asdict(session.settings)
+    s = dataclasses.asdict(run.settings)
     s["fixed_point_iterations"] = looped.metadata.get("fixed_point_iterations")
-    if session.uploaded:
-        s["uploaded_traces"] = dict(session.uploaded)
+    if run.uploaded:
+        s["uploaded_traces"] = dict(run.uploaded)
     return s
 
 
@@ -58,7 +58,7 @@ if st.button("Build the report", type="primary", icon=":material/description:", 
 
     with st.status("Building the report: measurements, figures, embedding plotly.js…", expanded=False) as status:
         try:
-            html_text = build_report(session.looped_model, session.deep_model, looped, deep, _settings())
+            html_text = build_report(run.looped_model, run.deep_model, looped, deep, _settings())
         except Exception as exc:  # never a traceback on the page
             status.update(label="The report could not be built", state="error")
             st.error(f"The report could not be built: {type(exc).__name__}: {exc}")
@@ -88,4 +88,4 @@ st.markdown("The `.npz` follows loopscope's documented trace format (format vers
             "`analysis.measures.tables.state_metrics_table` as CSV or Parquet. Files are prepared when you click.")
 for t, label, k in ((looped, "Looped", "report_looped"), (deep, "Deep", "report_deep")):
     if t is not None:
-        trace_downloads(t, label, k)
+        ui.trace_downloads(t, label, k)

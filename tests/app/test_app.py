@@ -6,7 +6,6 @@ fallback to untrained stand-ins.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
@@ -14,50 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT = 120
-
+from tests.helpers.apptest import MAIN, TIMEOUT, assert_clean, charts, decode, new_app, texts
 
 pytestmark = pytest.mark.usefixtures("real_samples")  # the shipped checkpoints (conftest.py)
-
-
-def new_app(query: dict | None = None):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    return at
-
-
-def decode(value):
-    """Plotly JSON arrays may be {'dtype', 'bdata'} (base64); return a numpy array or the value."""
-    if isinstance(value, dict) and "bdata" in value:
-        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
-        if "shape" in value:
-            shape = value["shape"]
-            shape = [int(n) for n in shape.split(",")] if isinstance(shape, str) else list(shape)
-            arr = arr.reshape(shape)
-        return arr
-    return value
-
-
-def charts(at) -> dict:
-    """{key: plotly figure dict} for every plotly chart on the page."""
-    out = {}
-    for el in at.get("plotly_chart"):
-        key = el.proto.id.rsplit("-", 1)[-1]
-        out[key] = json.loads(el.proto.spec)
-    return out
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
-
-
-def assert_clean(at):
-    assert not at.exception, texts(at.exception)
 
 
 @pytest.fixture(scope="module")
@@ -460,8 +418,9 @@ def test_saved_trace_uploads_to_the_same_figures(tmp_path):
     from analysis.measures.dynamics import distance_to_fixed_point, step_sizes
     from analysis.trace import Trace
     from analysis.tracing import trace
-    from app import figures as F
-    from app.session import FIXED_POINT_ITERATIONS, resolve, trained_iterations
+    from analysis import viz as F
+    from analysis.tracing import FIXED_POINT_ITERATIONS
+    from app.session import resolve
 
     at = new_app()
     at.run()
@@ -477,7 +436,7 @@ def test_saved_trace_uploads_to_the_same_figures(tmp_path):
     upload(at, "saved.npz", path.read_bytes())
     assert "Showing the uploaded trace saved.npz as the looped trace" in texts(at.warning)
     figs = charts(at)
-    trained = trained_iterations(model.card, model.config.iterations)
+    trained = model.spec.schedule.high
     assert_same_data(figs["answer_looped"], _plotly(F.answer_figure(back, trained=trained)), "answer")
     assert_same_data(figs["lens_looped"], _plotly(F.lens_heatmap(back)), "lens")
     assert_same_data(figs["answer_looped"], computed["answer_looped"], "answer vs computed run")
@@ -519,7 +478,7 @@ def test_two_sessions_do_not_see_each_others_traces():
 
 # ---------------------------------------------------------------- progress, presentation mode, URL
 def test_first_run_shows_progress_of_the_long_fixed_point_run(monkeypatch):
-    from app import state
+    from app import session as state
 
     monkeypatch.setattr(state, "PROGRESS_KEEP_S", 0.0)  # keep the box however fast this machine is
     at = new_app({"prompt": "q=5;r=q;s=r;?s=", "iterations": "7", "seed": "11"})  # nothing cached yet

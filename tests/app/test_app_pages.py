@@ -8,7 +8,6 @@ fallback to untrained stand-ins.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
@@ -16,34 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT = 120
-
+from tests.helpers.apptest import MAIN, TIMEOUT, charts
+from tests.helpers.apptest import assert_clean as _assert_clean
+from tests.helpers.apptest import decode_numbers as decode
 
 pytestmark = pytest.mark.usefixtures("real_samples")  # the shipped checkpoints (conftest.py)
 
 
-def decode(value):
-    """Plotly JSON arrays may be {'dtype', 'bdata', 'shape'} (base64); return a numpy array or the value."""
-    if isinstance(value, dict) and "bdata" in value:
-        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
-        if "shape" in value:
-            shape = value["shape"]
-            shape = [int(n) for n in shape.split(",")] if isinstance(shape, str) else list(shape)
-            arr = arr.reshape(shape)
-        return arr
-    return np.asarray(value, dtype=float) if isinstance(value, list) else value
-
-
-def charts(at) -> dict:
-    """{key: plotly figure dict} for every plotly chart on the page."""
-    return {el.proto.id.rsplit("-", 1)[-1]: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
-
-
 def assert_clean(at):
-    assert not at.exception, "\n".join(str(e.value) for e in at.exception)
-    assert not at.error, "\n".join(str(e.value) for e in at.error)
+    _assert_clean(at, errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from analysis.tasks import CHAIN_CHARS
 from analysis.models.tokenizers import CharTokenizer
 from analysis.trace import ARRAYS, Trace, TraceFormatError
 from analysis.tracing import trace
-from app import export
+from analysis import export
 
 PROMPT = "a=7;b=a;c=b;?c="
 

@@ -1,4 +1,4 @@
-"""The figure builders of app/figures.py on real small traces: tiny random looped and deep models on
+"""The figure builders of analysis.viz on real small traces: tiny random looped and deep models on
 a chain prompt. Overview, Orbits and Convergence builders are checked against numbers computed here
 from the Trace's own arrays (not through the analysis function the page uses); the attention,
 stages, correspondence and lab builders against their measurements. Each figure holds what it
@@ -17,7 +17,10 @@ from analysis.models.transformer import LoopConfig, LoopedTransformer
 from analysis.tasks import CHAIN_CHARS
 from analysis.models.tokenizers import CharTokenizer
 from analysis.tracing import trace
-from app import figures as F
+from analysis import viz as F
+from analysis.measures import correspondence, summary
+from analysis.measures.dynamics import layer_cosine_matrix
+from analysis.measures.tables import both_models
 
 PROMPT = "a=3;b=a;c=b;?c="
 I, L, H, DEEP_L = 5, 2, 2, 4
@@ -102,7 +105,7 @@ def test_attention_grid_height_follows_rows(traces):
         assert h == max(240, round(want))
     assert F.attention_grid_figure(d, head="all").layout.height == F.attention_grid_height(DEEP_L, H, T)
     assert F.attention_grid_height(4, 2, T, width=1000) > F.attention_grid_height(4, 2, T)  # wider: taller
-    assert F.attention_grid_height(64, 1, T) == 1300 and F.attention_grid_height(64, 1, T, big=True) == 1600  # capped
+    assert F.attention_grid_height(64, 1, T) == 1300 and F.attention_grid_height(64, 1, T, template="presentation") == 1600  # capped
 
 
 def test_attention_grid_deep(traces):
@@ -193,7 +196,7 @@ def test_stage_profile_figure(traces):
     # many iterations: at most max_lines, first and last kept
     fig = F.stage_profile_figure(looped, None, max_lines=3)
     assert len(fig.data) == 4 * 3 and fig.data[0].name == "iteration 1" and fig.data[2].name == f"iteration {I}"
-    assert len(F.stage_data(looped, deep)) == len(looped) + len(deep)
+    assert len(both_models(looped, deep)) == len(looped) + len(deep)
 
 
 def test_stage_profile_nan_gaps(traces):
@@ -234,8 +237,8 @@ def test_answer_rank_figure(traces):
     assert len(fig.data) == 2 and fig.layout.yaxis.type == "log"
     assert fig.layout.xaxis.title.text.startswith("relative depth")
     looped, deep = fig.data
-    assert np.allclose(np.asarray(looped.y, dtype=float), la.sort_values("depth")["rank"].to_numpy() + 1)
-    assert np.allclose(np.asarray(looped.x, dtype=float), la.sort_values("depth")["relative_depth"].to_numpy())
+    assert np.allclose(np.asarray(looped.y, dtype=float), la.sort_values("depth")["answer_rank"].to_numpy() + 1)
+    assert np.allclose(np.asarray(looped.x, dtype=float), la.sort_values("depth")["depth_fraction"].to_numpy())
     assert list(looped.marker.color) == [i + 1 for i in range(I) for _ in range(L)]  # coloured by iteration
     assert deep.name == "deep model" and len(deep.x) == DEEP_L and np.asarray(deep.y, dtype=float).min() >= 1
     fig = F.answer_rank_figure(la, da, x_by="depth", log_y=False)
@@ -253,7 +256,7 @@ def test_early_exit_kl_figure(traces):
     assert len(fig.data) == 1 and list(fig.data[0].x) == list(range(1, I + 1))
     assert np.isnan(y[0])  # no previous iteration: a gap
     assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "iteration"
-    assert any(s.y0 == F.HUGINN_EXIT_KL for s in fig.layout.shapes)
+    assert any(s.y0 == correspondence.EXIT_KL_THRESHOLD for s in fig.layout.shapes)
     F.early_exit_kl_figure(np.full(I, np.nan)).to_json()
 
 
@@ -279,25 +282,25 @@ def test_lab_step_figure(traces):
 
 def test_layer_cosine_and_collapse(traces):
     t, _ = traces
-    c = F.layer_cosine_matrix(t.states)
+    c = layer_cosine_matrix(t.states)
     assert c.shape == (L, L) and np.allclose(np.diag(c), 1.0)
     X = t.states[-1]
     manual = np.mean([np.dot(X[0, k], X[1, k]) / np.linalg.norm(X[0, k]) / np.linalg.norm(X[1, k])
                       for k in range(t.n_tokens)])
     assert c[0, 1] == pytest.approx(manual, rel=1e-5)
     collapsed = np.repeat(t.states[:, :1] * 3.0, 3, axis=1)  # every layer on one direction
-    assert np.allclose(F.layer_cosine_matrix(collapsed), 1.0)
+    assert np.allclose(layer_cosine_matrix(collapsed), 1.0)
     fig = F.fixed_point_cosine_figure(c)
     assert len(fig.data) == 1 and np.allclose(z_of(fig), c)
     assert fig.layout.xaxis.title.text == "block layer"
-    c_nan = F.layer_cosine_matrix(nan_trace(t).states)
+    c_nan = layer_cosine_matrix(nan_trace(t).states)
     assert np.isnan(c_nan).any()
     F.fixed_point_cosine_figure(c_nan).to_json()
 
 
 def test_big_mode_enlarges_fonts(traces):
     t, _ = traces
-    small, big = F.attention_floorplan_figure(t), F.attention_floorplan_figure(t, big=True)
+    small, big = F.attention_floorplan_figure(t), F.attention_floorplan_figure(t, template="presentation")
     assert big.layout.font.size > small.layout.font.size
     assert F.attention_grid_figure(t, title="mine").layout.title.text == "mine"
 
@@ -332,14 +335,14 @@ def test_stable_iteration_from_the_lens(traces):
         if all(top[j] == target for j in range(i, I)):
             want = i + 1
             break
-    assert F.stable_iteration(t) == want
+    assert summary.stable_iteration(t) == want
     forced = dataclasses.replace(t, lens_top_ids=np.full_like(t.lens_top_ids, target))
-    assert F.stable_iteration(forced) == 1  # the answer from the first iteration on
+    assert summary.stable_iteration(forced) == 1  # the answer from the first iteration on
     never = np.full_like(t.lens_top_ids, (target + 1) % len(CHAIN_CHARS))
-    assert F.stable_iteration(dataclasses.replace(t, lens_top_ids=never)) is None
+    assert summary.stable_iteration(dataclasses.replace(t, lens_top_ids=never)) is None
     deep_ids = np.full_like(d.lens_top_ids, CHAIN_CHARS.index(d.answer))
     deep_ids[0, :2, -1, 0] = (CHAIN_CHARS.index(d.answer) + 1) % len(CHAIN_CHARS)
-    assert F.stable_iteration(dataclasses.replace(d, lens_top_ids=deep_ids)) == 2  # a deep trace: 0-based layer
+    assert summary.stable_iteration(dataclasses.replace(d, lens_top_ids=deep_ids)) == 2  # a deep trace: 0-based layer
 
 
 def test_lens_heatmap_holds_the_lens(traces):
@@ -386,7 +389,9 @@ def test_answer_figure_holds_the_answer_probability(traces, with_fixed_point):
     assert free.answer is None
     fig = F.answer_figure(free)
     assert len(fig.data) == 0 and "no known answer" in fig.layout.annotations[0].text
-    assert len(F.answer_data(t)) == I * L and F.answer_data(free).empty
+    assert len(correspondence.answer_through_depth(t)) == I * L  # the table behind the figure (its CSV)
+    with pytest.raises(ValueError):
+        correspondence.answer_through_depth(free)
 
 
 def test_answer_probability_matches_the_lens_top_k(traces):
