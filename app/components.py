@@ -28,11 +28,16 @@ def page(title: str, text: str, paper_note: str | None = None, show_messages: bo
     return s, ("presentation" if s.settings.embed else "normal")
 
 
-def require_looped(s):
-    """The session's looped trace; without one, a note on why and how to get one, and the page stops."""
+def require_looped(s, attention_for: str | None = None):
+    """The session's looped trace; without one (or, with ``attention_for``, without attention maps,
+    which that view needs), a note on why and what to do, and the page stops."""
     if s.looped is None:
         st.info(f"No looped trace: {why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
                 "then press Run.")
+        st.stop()
+    if attention_for and s.looped.attention is None:
+        st.info(f"This looped trace has no attention maps, which {attention_for} need; run the model from the "
+                "sidebar to capture them.")
         st.stop()
     return s.looped
 

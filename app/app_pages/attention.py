@@ -38,11 +38,7 @@ s, tpl = ui.page(
     "reasoning: even a poorly trained model freezes its attention.",
 )
 big = tpl == "presentation"
-t = ui.require_looped(s)
-if t.attention is None:
-    st.info("This looped trace has no attention maps (it was saved without them); run the model from the sidebar "
-            "to capture them.")
-    st.stop()
+t = ui.require_looped(s, attention_for="the maps and their distances")
 
 I, L, H = t.attention.shape[:3]
 deep = s.deep if s.deep is not None and s.deep.attention is not None else None

@@ -116,31 +116,33 @@ def explained(pca) -> str:
     return "Variance explained: " + ", ".join(shown) + "."
 
 
+def draw(tr, key: str, title: str, color: str, frame_by=None, upto_=None, caption: str = "") -> None:
+    """One model's projected paths with its export row (nothing when the projection cannot be fitted)."""
+    got = coords_of(tr)
+    if got is None:
+        return
+    coords, label, pca = got
+    k = min(token, tr.n_tokens - 1) if token is not None else None
+    fig = viz.orbit_figure(coords, tr, dims=dims, color_by=color, frame_by=frame_by, token=k, upto=upto_,
+                           axis_label=label, template=tpl,
+                           title=title + (f", token {k} '{tr.token_labels[k]}'" if k is not None else ""))
+    ui.show_figure(fig, key=key, data=viz.orbit_data(coords, tr, token=k, axis_label=label))
+    st.caption(caption + explained(pca))
+
+
 left, right = st.columns(2, gap="large")
 with left:
     st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
     if t is None:
         st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")
-    elif (got := coords_of(t)) is not None:
-        coords, label, pca = got
-        k = min(token, t.n_tokens - 1) if token is not None else None
-        fig = viz.orbit_figure(coords, t, dims=dims, color_by=color_by,
-                                   frame_by="iteration" if animate else None, token=k, upto=upto,
-                                   axis_label=label, template=tpl,
-                                   title=f"{PROJ[proj]}: {t.n_iterations} iterations × {t.n_layers} layers"
-                                         + (f", token {k} '{t.token_labels[k]}'" if k is not None else ""))
-        ui.show_figure(fig, key="orbit_looped", data=viz.orbit_data(coords, t, token=k, axis_label=label))
-        st.caption(explained(pca))
+    else:
+        draw(t, "orbit_looped", f"{PROJ[proj]}: {t.n_iterations} iterations × {t.n_layers} layers", color_by,
+             frame_by="iteration" if animate else None, upto_=upto)
 with right:
     st.subheader(f"Deep: {ui.model_label(d, s.deep_model)}")
     if d is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
-    elif (got := coords_of(d)) is not None:
-        coords, label, pca = got
-        k = min(token, d.n_tokens - 1) if token is not None else None
-        fig = viz.orbit_figure(coords, d, dims=dims, color_by="token" if color_by == "token" else "layer",
-                                   token=k, axis_label=label, template=tpl,
-                                   title=f"{PROJ[proj]}: the deep model's {d.n_layers} layers"
-                                         + (f", token {k} '{d.token_labels[k]}'" if k is not None else ""))
-        ui.show_figure(fig, key="orbit_deep", data=viz.orbit_data(coords, d, token=k, axis_label=label))
-        st.caption("Its own projection (fit on the deep model's states), one point per layer. " + explained(pca))
+    else:
+        draw(d, "orbit_deep", f"{PROJ[proj]}: the deep model's {d.n_layers} layers",
+             "token" if color_by == "token" else "layer",
+             caption="Its own projection (fit on the deep model's states), one point per layer. ")

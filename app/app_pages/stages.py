@@ -20,11 +20,7 @@ s, tpl = ui.page(
     "depth, once per iteration (after the first few iterations the lines lie on top of each other).",
 )
 big = tpl == "presentation"
-t = ui.require_looped(s)
-if t.attention is None:
-    st.info("This looped trace has no attention maps, which the stage profiles need; run the model from the "
-            "sidebar to capture them.")
-    st.stop()
+t = ui.require_looped(s, attention_for="the stage profiles")
 
 I = t.n_iterations
 c1, c2 = st.columns([2, 3])
