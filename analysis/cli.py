@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from .report import add_parser as add_report_parser
+from .report.command import add_parser as add_report_parser
 
 EXIT_ERROR = 2
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from ..models import registry
 from ..tracing import FIXED_POINT_ITERATIONS, trace
-from .sections import build_report
 
 
 def report_for_checkpoints(looped_dir, deep_dir, prompt: str, iterations: int | None = None, seed: int = 0,
                            fixed_point_iterations: int = FIXED_POINT_ITERATIONS, answer: str | None = None,
                            date: str | None = None) -> str:
     """Load checkpoints, trace ``prompt`` with both (seeded) and build the report."""
+    from .sections import build_report
+
     lm = registry.load(looped_dir)
     dm = registry.load(deep_dir) if deep_dir else None
     # explicit fixed-point run lengths (0 = none): a deep model runs once and has no s*
