@@ -365,7 +365,7 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     return "".join(parts)
 
 
-def _convergence_section(rep: _Report, looped: Trace) -> str:
+def _convergence_section(rep: _Report, looped: Trace, looped_model=None) -> str:
     from analysis import dynamics
     parts = ["<section id='convergence'><h2>Convergence and trajectory classes</h2><p>A looped block applied "
              "again and again should settle: each token's state stops moving (a fixed point), or it cycles "
@@ -377,9 +377,10 @@ def _convergence_section(rep: _Report, looped: Trace) -> str:
     counts = dynamics.class_counts(classes)
     rep.numbers.setdefault("looped", {})["class_counts"] = counts
     items = "".join(f"<li>{_esc(c)}: {_num(f'looped.class_counts.{c}', n)}</li>" for c, n in counts.items())
+    rep.numbers["looped"]["class_rule"] = classes.attrs.get("rule")
     parts.append(f"<p>Trajectory classes of the {looped.n_tokens} tokens over the last half of "
                  f"{looped.n_iterations} iterations (<code>analysis.dynamics.classify_trajectories</code>):</p>"
-                 f"<ul class='counts'>{items}</ul>")
+                 f"<ul class='counts'>{items}</ul><p class='rule'>{_esc(classes.attrs.get('description', ''))}</p>")
     with np.errstate(all="ignore"):
         med = np.nanmedian(final_step) if np.isfinite(final_step).any() else np.nan
         mx = np.nanmax(final_step) if np.isfinite(final_step).any() else np.nan
@@ -391,16 +392,32 @@ def _convergence_section(rep: _Report, looped: Trace) -> str:
         with np.errstate(all="ignore"):
             parts.append(f" Relative distance to s* ({looped.metadata.get('fixed_point_iterations')} iterations) "
                          f"at the last iteration: median {rep.set('looped.final_distance_median', _f(np.nanmedian(dist)))}."
-                         f" Fixed-point spread min<sub>l</sub> cos(X*<sub>0</sub>, X*<sub>l</sub>), lowest over tokens: "
-                         f"{rep.set('looped.fixed_point_spread_min', _f(np.nanmin(spread)))} (near 1: all layers "
-                         f"collapsed onto one point).")
+                         f" Fixed-point spread min<sub>l</sub> cos(X*<sub>0</sub>, X*<sub>l</sub>), per token: "
+                         f"token mean {rep.set('looped.fixed_point_spread_mean', _f(np.nanmean(spread)))}, "
+                         f"token minimum {rep.set('looped.fixed_point_spread_min', _f(np.nanmin(spread)))} (near 1: "
+                         f"all layers collapsed onto one point).")
     parts.append("</p>")
     try:
         rate = dynamics.contraction_rate(looped.states)
+        rep.numbers["looped"]["contraction_window"] = list(rate.state_window)
+        rep.numbers["looped"]["contraction_floor"] = rate.floor
         with np.errstate(all="ignore"):
-            parts.append(f"<p>Empirical contraction rate (geometric mean of step ratios over the tail, last layer), "
-                         f"median over tokens: {rep.set('looped.contraction_median', _f(np.nanmedian(rate[-1])))} "
-                         f"(&lt; 1: contracting).</p>")
+            parts.append(f"<p>Empirical contraction rate of the whole state (last layer): "
+                         f"{rep.set('looped.contraction_state', _f(rate.state_rate))}; per token, median "
+                         f"{rep.set('looped.contraction_median', _f(np.nanmedian(rate.rate[-1])))} "
+                         f"(&lt; 1: contracting; <code>analysis.dynamics.contraction_rate</code>: "
+                         f"{_esc(rate.describe())}).")
+        jac = None
+        if looped_model is not None and looped.fixed_point is not None:
+            jac = dynamics.jacobian_spectral_radius(looped_model, looped)
+        if jac is not None:
+            parts.append(f" Reference: the spectral radius of one iteration's Jacobian at s* (power iteration, "
+                         f"<code>analysis.dynamics.jacobian_spectral_radius</code>) is "
+                         f"{rep.set('looped.jacobian_radius', _f(jac.radius))}, the rate the steps approach.</p>")
+        else:
+            parts.append(" (No Jacobian reference: it needs the model's weights and a fixed point s*.)</p>")
+        fig, src = _try_builder(("contraction_figure",), rate, looped, jacobian=jac)
+        parts.append(rep.figure("contraction", fig, src))
     except Exception:
         pass
     show = classes.copy()
@@ -450,7 +467,9 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
 def _stages_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     parts = ["<section id='stages'><h2>Stage profiles</h2><p>How attention mixes information, against relative "
              "depth: within the block for the looped model (one line per iteration), over the whole model for "
-             "the deep one. The paper finds each iteration of the block retraces the deep model's stages.</p>"]
+             "the deep one. The paper finds each iteration of the block retraces the deep model's stages. "
+             "Sink rate: the fraction of heads whose strongest key receives at least 0.3 of the attention on "
+             "average over queries, wherever that key sits (the table's sink_rate_first counts key 0 only).</p>"]
     if looped.attention is None:
         return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
     from analysis.stages import stage_profiles
@@ -548,7 +567,7 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
     body = [header,
             _safe(_cards_section, rep, "Models", looped_model, deep_model, looped, deep),
             _safe(_answer_section, rep, "The answer through depth", looped, deep),
-            _safe(_convergence_section, rep, "Convergence and trajectory classes", looped),
+            _safe(_convergence_section, rep, "Convergence and trajectory classes", looped, looped_model),
             _safe(_attention_section, rep, "Attention stripes", looped, deep),
             _safe(_stages_section, rep, "Stage profiles", looped, deep),
             _safe(_cka_section, rep, "Correspondence (CKA)", looped, deep),

@@ -109,11 +109,12 @@ def model_card(model, big: bool = False) -> None:
 
 
 # ---------------------------------------------------------------- measurement adapters: fn(trace) for state.measure
-def classify(trace):
-    """analysis.dynamics.classify_trajectories of a trace's states (DataFrame, one row per token)."""
+def classify(trace, rule: str = "precision"):
+    """analysis.dynamics.classify_trajectories(states, rule) of a trace (DataFrame, one row per
+    token; ``df.attrs["description"]`` names the rule and its thresholds)."""
     from analysis.dynamics import classify_trajectories
 
-    df = classify_trajectories(trace.states)
+    df = classify_trajectories(trace.states, rule=rule)
     df.insert(1, "char", [trace.token_labels[int(k)] for k in df["token"]])
     return df
 
@@ -142,12 +143,14 @@ def distances(trace):
 
 
 def spread(trace):
+    """analysis.dynamics.fixed_point_spread of the trace's s*: [T], per token (None without s*)."""
     from analysis.dynamics import fixed_point_spread
 
     return None if trace.fixed_point is None else fixed_point_spread(trace.fixed_point)
 
 
 def contraction(trace):
+    """analysis.dynamics.contraction_rate of the states: a ContractionEstimate (rate [L, T])."""
     from analysis.dynamics import contraction_rate
 
     return contraction_rate(trace.states)
