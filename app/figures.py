@@ -528,8 +528,8 @@ def contraction_figure(rate, trace, jacobian=None, title: str | None = None, big
 
 
 def class_figure(counts: dict, title: str | None = None, big: bool = False) -> go.Figure:
-    """Tokens per trajectory class (fixed point / orbit / slider / unknown)."""
-    colors = {"fixed point": "#2ca02c", "orbit": "#9467bd", "slider": "#ff7f0e", "unknown": "#7f7f7f"}
+    """Tokens per trajectory class (fixed point / converging / orbit / slider / unknown)."""
+    colors = {"fixed point": "#2ca02c", "converging": "#98df8a", "orbit": "#9467bd", "slider": "#ff7f0e", "unknown": "#7f7f7f"}
     fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), marker_color=[colors.get(k, "#1f77b4") for k in counts],
                            text=list(counts.values()), textposition="auto"))
     fig.update_yaxes(title="tokens")
