@@ -426,8 +426,8 @@ def jacobian_spectral_radius(model, trace, n_power_iterations: int = 200, seed: 
 # ---------------------------------------------------------------- trajectory classes
 CLASSIFIER_RULES = ("precision", "paper")
 CLASSIFIER_DEFAULTS = {
-    "precision": {"tol_factor": NOISE_FLOOR_FACTOR, "rho": 0.9, "converge_rate": 0.9, "orbit_gap": 0.1,
-                  "slider_threshold": 0.9, "turn_tol": 0.1, "max_period": 8},
+    "precision": {"tol_factor": NOISE_FLOOR_FACTOR, "converge_rate": 0.9, "orbit_gap": 0.1,
+                  "slider_threshold": 0.9, "turn_tol": 0.1, "min_turn": 2.0, "max_period": 8},
     "paper": {"eps": 0.05, "rho": 0.9, "slider_threshold": 0.9, "max_period": 8},
 }
 
@@ -461,13 +461,12 @@ def describe_rule(rule: str = "precision", eps: float | None = None, window: int
     e = dtype_eps(None, eps)
     tol = p["tol_factor"] * e
     return (f"Rule \"precision\" over {win}: fixed point if the relative step ‖Δ_t‖/‖s_t‖ ≤ {tol:.1e} "
-            f"({p['tol_factor']:g}·eps) at the end and on ≥ {p['rho']:.0%} of the steps (or at the end after "
-            f"shrinking geometrically); converging if the steps shrink at a fitted rate ≤ {p['converge_rate']:g} "
-            f"but are still above it; orbit with period p ≤ {p['max_period']} if ‖s_t − s_t−p‖ < "
-            f"{p['orbit_gap']:g}× the median step, or orbit (period 0) if the steps turn like a rotation "
-            f"(cos(Δ_t, Δ_t+2) within {p['turn_tol']:g} of 2cos²(Δ_t, Δ_t+1) − 1) without going straight; slider "
-            f"if net displacement / path length ≥ {p['slider_threshold']:g} or the norm grows along most of "
-            f"the path; otherwise unknown.")
+            f"({p['tol_factor']:g}·eps) on the last two steps; converging if the steps shrink at a fitted "
+            f"rate ≤ {p['converge_rate']:g} but are still above it; orbit with period p ≤ {p['max_period']} if ‖s_t − s_t−p‖ < "
+            f"{p['orbit_gap']:g}× the median step, or orbit (period 0) if the steps turn like a rotation by "
+            f"≥ {p['min_turn']:g}° a step (cos(Δ_t, Δ_t+2) within {p['turn_tol']:g} of 2cos²(Δ_t, Δ_t+1) − 1); "
+            f"slider if net displacement / path length ≥ {p['slider_threshold']:g} or the norm grows along "
+            f"most of the path; otherwise unknown.")
 
 
 def _median_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -494,17 +493,19 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
     Rule "precision" (a state that keeps moving cannot pass as a fixed point), with
     ``tol = tol_factor * eps`` (eps: the states' dtype epsilon unless given; 1.2e-5 in float32):
 
-    - "fixed point": relative step ``r_t = ||Δ_t|| / ||s_t|| <= tol`` at the window's last step,
-      and on a fraction >= ``rho`` of its steps or after steps that shrink geometrically;
+    - "fixed point": the relative step ``r_t = ||Δ_t|| / ||s_t|| <= tol`` on the window's last two
+      steps (a state still moving at the end cannot pass; a converging one passes once its steps
+      have fallen to rounding level);
     - "converging": the steps above the noise floor shrink at a fitted rate (``exp`` of the slope
       of ``log ||Δ_t||``) <= ``converge_rate`` but have not reached ``tol``;
     - "orbit" with period p: the smallest p in 2..``max_period`` with
       ``max_t ||s_t - s_{t-p}|| < orbit_gap * median ||Δ_t||`` over the window;
-    - "slider": straightness ``||s_end - s_start|| / Σ||Δ_t||`` >= ``slider_threshold``, or the
-      norm grows along most of the path (norm_trend >= 0.5);
     - "orbit" with period 0: the steps turn like a rotation, ``|cos(Δ_t, Δ_{t+2}) - (2 c² - 1)|
       <= turn_tol`` with ``c = cos(Δ_t, Δ_{t+1})`` (medians; a steady turn by a fixed angle, which
-      a random walk's nearly orthogonal steps do not show);
+      a random walk's nearly orthogonal steps do not show) by at least ``min_turn`` degrees a step
+      (a straight line turns by 0);
+    - "slider": straightness ``||s_end - s_start|| / Σ||Δ_t||`` >= ``slider_threshold``, or the
+      norm grows along most of the path (norm_trend >= 0.5);
     - else "unknown" (also for any NaN state in the window).
 
     Rule "paper" (the paper's; cosine steps vanish for any state far from the origin that moves
@@ -543,7 +544,8 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
         path = steps.sum(axis=0)
         straight = _divide(_norm(tail[-1] - tail[0]), path)
         norm_trend = _divide(norms[-1] - norms[0], path)
-        rate = _rate_above_floor(steps, norms[1:], NOISE_FLOOR_FACTOR * e, w, "fit")[0] if w >= 3 else nan
+        floor = (params["tol_factor"] if rule == "precision" else NOISE_FLOOR_FACTOR) * e
+        rate = _rate_above_floor(steps, norms[1:], floor, w, "fit")[0] if w >= 3 else nan
         c1 = _median_cos(delta[1:], delta[:-1])
         c2 = _median_cos(delta[2:], delta[:-2])
     else:  # a single iteration: nothing to classify
@@ -561,10 +563,10 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
             gap_ok = lambda gap, lo: (_divide(gap, _norm(x[lo:])) < params["eps"]).all(axis=0)
         else:
             tol = params["tol_factor"] * e
-            small = rel <= tol
-            last_small = small[-1] if w >= 2 else np.zeros(T, bool)
+            small = rel <= tol                                # [w-1, T]
+            settle = min(2, w - 1)                            # the last two steps (one in a 2-state window)
+            is_fixed = finite & (small[-settle:].all(axis=0) if w >= 2 else False)
             shrinking = rate <= params["converge_rate"]
-            is_fixed = finite & last_small & ((small.mean(axis=0) >= params["rho"] if w >= 2 else False) | shrinking)
             converging = finite & ~is_fixed & shrinking
             cls[converging] = "converging"
             moving = finite & ~is_fixed & ~converging
@@ -581,11 +583,12 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
         is_orbit = period > 0
         slide = straight >= params["slider_threshold"]
         if rule == "precision":
+            # a steady turn by the same angle every step (a rotation), at least min_turn degrees
+            turn = np.degrees(np.arccos(np.clip(c1, -1.0, 1.0)))
+            turning = (np.abs(c2 - (2 * c1 ** 2 - 1)) <= params["turn_tol"]) & (turn >= params["min_turn"])
+            is_orbit = is_orbit | (moving & (med_rel > tol) & turning)
             slide = slide | (norm_trend >= 0.5)
         is_slider = moving & ~is_orbit & slide
-        if rule == "precision":
-            turning = np.abs(c2 - (2 * c1 ** 2 - 1)) <= params["turn_tol"]
-            is_orbit = is_orbit | (moving & ~is_slider & turning)
     cls[is_fixed] = "fixed point"
     cls[is_orbit] = "orbit"
     cls[is_slider] = "slider"
