@@ -426,7 +426,8 @@ def _convergence_section(rep: _Report, looped: Trace, looped_model=None) -> str:
     fig, src = _try_builder(("class_figure",), counts)
     parts.append(rep.figure("classes", fig, src))
     last = looped.n_layers - 1
-    fig, src = _try_builder(("step_size_figure",), steps, looped, layer=last)
+    floor = dynamics.NOISE_FLOOR_FACTOR * dynamics.dtype_eps(looped.states)
+    fig, src = _try_builder(("step_size_figure",), steps, looped, layer=last, floor=floor)
     parts.append(rep.figure("steps", fig, src) if fig is not None
                  else rep.figure("steps", _own_step_figure(looped), "report figure (app.figures has no step_size_figure)"))
     fig = src = None

@@ -283,6 +283,11 @@ def test_precision_rule_never_calls_a_moving_state_a_fixed_point():
     assert df.loc[4, "straightness"] == pytest.approx(1.0, abs=1e-5) and df.loc[4, "norm_trend"] > 0.9
     assert df.loc[5, "rel_step"] == pytest.approx(0.08 / np.sqrt(1 + 0.08 ** 2), rel=0.02)
     assert abs(df.loc[2, "norm_trend"]) < 1e-3
+    # a short run (16 iterations, a window of 8): the 10° rotation covers only 70° yet still turns steadily,
+    # and the contraction at 0.7 a step has not reached rounding level yet
+    short = classify_trajectories(_moving_trajectories(I=16)[1])
+    assert list(short["class"]) == ["converging", "orbit", "orbit", "orbit", "slider", "unknown"]
+    assert short.loc[0, "step_rate"] == pytest.approx(0.7, rel=1e-3)
     # the paper's rule (cosine step < 0.05 on 90% of the tail) passes every one of them as a fixed point
     paper = classify_trajectories(states, rule="paper")
     assert list(paper["class"]) == ["fixed point"] * 6

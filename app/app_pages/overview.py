@@ -32,7 +32,8 @@ def model_column(col, trace, model, who: str) -> None:
         if not trace.is_deep:
             from analysis.dynamics import class_counts
 
-            counts = class_counts(state.measure(ui.classify, trace))
+            classes = state.measure(ui.classify, trace)
+            counts = class_counts(classes)
         c1, c2, c3 = st.columns(3)
         target = trace.answer if trace.answer is not None else trace.prediction()
         c1.metric("Prediction", repr(trace.prediction()),
@@ -48,7 +49,8 @@ def model_column(col, trace, model, who: str) -> None:
             n = trace.n_tokens
             ui.metric(c3, "Tokens at a fixed point", f"{counts['fixed point']} / {n}", short="At fixed point",
                       big=big, help="analysis.dynamics.classify_trajectories over the tail of this run: "
-                           + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+                           + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". "
+                           + classes.attrs.get("description", ""))
         else:
             c3.metric("Layers", trace.n_layers)
         trained = state.trained_iterations(model.card, model.config.iterations) if model else None
