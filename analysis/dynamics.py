@@ -445,11 +445,11 @@ def _rule_params(rule: str, overrides: dict) -> dict:
     return params
 
 
-def describe_rule(rule: str = "precision", eps: float | None = None, window: int | None = None,
+def describe_rule(rule: str = "precision", machine_eps: float | None = None, window: int | None = None,
                   **thresholds) -> str:
     """One caption line naming the classifier rule and the thresholds it used.
 
-    eps: the states' dtype epsilon for the "precision" rule (float32's by default); window: the
+    machine_eps: the states' dtype epsilon for the "precision" rule (float32's by default); window: the
     tail window length in iterations (None: "the last half of the run")."""
     p = _rule_params(rule, thresholds)
     win = "the last half of the run" if window is None else f"the last {int(window)} iterations"
@@ -458,7 +458,7 @@ def describe_rule(rule: str = "precision", eps: float | None = None, window: int
                 f"≥ {p['rho']:.0%} of the steps (passes slowly moving states); orbit if ‖s_t − s_t−p‖/‖s_t‖ < "
                 f"{p['eps']:g} for some p ≤ {p['max_period']}; slider if net displacement / path length ≥ "
                 f"{p['slider_threshold']:g}.")
-    e = dtype_eps(None, eps)
+    e = dtype_eps(None, machine_eps)
     tol = p["tol_factor"] * e
     return (f"Rule \"precision\" over {win}: fixed point if the relative step ‖Δ_t‖/‖s_t‖ ≤ {tol:.1e} "
             f"({p['tol_factor']:g}·eps) on the last two steps; converging if the steps shrink at a fitted "
@@ -480,8 +480,8 @@ def _median_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.nanmedian(_divide(_dot(a, b), _norm(a) * _norm(b)), axis=0)
 
 
-def classify_trajectories(states, rule: str = "precision", window: int | None = None, eps: float | None = None,
-                          **thresholds) -> pd.DataFrame:
+def classify_trajectories(states, rule: str = "precision", window: int | None = None,
+                          machine_eps: float | None = None, **thresholds) -> pd.DataFrame:
     """Classify each token's trajectory over the tail window: fixed point, converging, orbit,
     slider or unknown.
 
@@ -491,7 +491,7 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
     (``CLASSIFIER_DEFAULTS``); ``describe_rule`` words them for a caption.
 
     Rule "precision" (a state that keeps moving cannot pass as a fixed point), with
-    ``tol = tol_factor * eps`` (eps: the states' dtype epsilon unless given; 1.2e-5 in float32):
+    ``tol = tol_factor * machine_eps`` (default: the states' dtype epsilon; 1.2e-5 in float32):
 
     - "fixed point": the relative step ``r_t = ||Δ_t|| / ||s_t|| <= tol`` on the window's last two
       steps (a state still moving at the end cannot pass; a converging one passes once its steps
@@ -523,7 +523,7 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
     states = _check_states(states)
     I, _, T, _ = states.shape
     params = _rule_params(rule, thresholds)
-    e = dtype_eps(states, eps)
+    e = dtype_eps(states, machine_eps)
     x = states[:, -1]                                     # [I, T, D]
     w = max(2, I // 2) if window is None else max(2, int(window))
     w = min(w, I)
@@ -597,7 +597,7 @@ def classify_trajectories(states, rule: str = "precision", window: int | None = 
                        "tail_step": keep(tail_step), "rel_step": keep(med_rel), "step_rate": keep(rate),
                        "straightness": keep(straight), "norm_trend": keep(norm_trend)})
     df.attrs["rule"] = rule
-    df.attrs["description"] = describe_rule(rule, eps=e, window=window, **thresholds)
+    df.attrs["description"] = describe_rule(rule, machine_eps=e, window=window, **thresholds)
     return df
 
 

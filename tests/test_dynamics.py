@@ -296,7 +296,10 @@ def test_precision_rule_never_calls_a_moving_state_a_fixed_point():
     with pytest.raises(ValueError, match="rule"):
         classify_trajectories(states, rule="cosine")
     with pytest.raises(ValueError, match="threshold"):
-        classify_trajectories(states, rule="precision", eps_cos=0.1)
+        classify_trajectories(states, rule="precision", eps=0.1)       # the paper's threshold, not this rule's
+    # thresholds override by name: a paper tolerance of 1e-6 no longer passes the slow movers
+    strict = classify_trajectories(states, rule="paper", eps=1e-6)
+    assert (strict["class"] != "fixed point").sum() >= 4 and "1e-06" in strict.attrs["description"]
 
 
 def test_precision_rule_converging_then_fixed():
