@@ -249,11 +249,12 @@ def export_sidebar(session) -> None:
 
 
 # ---------------------------------------------------------------- measurement adapters: fn(trace) for state.measure
-def classify(trace):
-    """analysis.measures.dynamics.classify_trajectories of a trace's states (DataFrame, one row per token)."""
+def classify(trace, rule: str = "precision"):
+    """analysis.measures.dynamics.classify_trajectories(states, rule) of a trace (DataFrame, one row per
+    token; ``df.attrs["description"]`` names the rule and its thresholds)."""
     from analysis.measures.dynamics import classify_trajectories
 
-    df = classify_trajectories(trace.states)
+    df = classify_trajectories(trace.states, rule=rule)
     df.insert(1, "char", [trace.token_labels[int(k)] for k in df["token"]])
     return df
 
@@ -282,12 +283,14 @@ def distances(trace):
 
 
 def spread(trace):
+    """analysis.measures.dynamics.fixed_point_spread of the trace's s*: [T], per token (None without s*)."""
     from analysis.measures.dynamics import fixed_point_spread
 
     return None if trace.fixed_point is None else fixed_point_spread(trace.fixed_point)
 
 
 def contraction(trace):
+    """analysis.measures.dynamics.contraction_rate of the states: a ContractionEstimate (rate [L, T])."""
     from analysis.measures.dynamics import contraction_rate
 
     return contraction_rate(trace.states)

@@ -21,7 +21,7 @@ from ._numeric import divide as _divide
 from ._numeric import dot as _dot
 from ._numeric import norm as _norm
 
-TRAJECTORY_CLASSES = ("fixed point", "orbit", "slider", "unknown")
+TRAJECTORY_CLASSES = ("fixed point", "converging", "orbit", "slider", "unknown")
 
 
 # ---------------------------------------------------------------- step sizes and distances
@@ -81,33 +81,129 @@ def fixed_point_spread(fixed_point) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0).min(axis=0)  # min propagates NaN
 
 
-def contraction_rate(states, tail: int = 16) -> np.ndarray:
-    """Empirical contraction: geometric mean of ``||Δ_{t+1}|| / ||Δ_t||`` over the tail.
+NOISE_FLOOR_FACTOR = 100.0
 
-    states [I, L, T, D] -> [L, T] (dimensionless; < 1 contracting, > 1 expanding), with
-    ``Δ_t = s_t - s_{t-1}``. Uses the last ``tail`` ratios (fewer if the run is shorter); NaN if
-    there are fewer than 3 iterations or a state in the tail is NaN. Ratios 0/0 (the state has
-    stopped moving exactly) are skipped; if every step in the tail is exactly zero the rate is 0.
+
+def dtype_eps(states=None, eps: float | None = None) -> float:
+    """Machine epsilon of the states' floating dtype (float32's for non-float input), or ``eps``."""
+    if eps is not None:
+        return float(eps)
+    dt = np.asarray(states).dtype if states is not None else np.dtype(np.float32)
+    return float(np.finfo(dt if np.issubdtype(dt, np.floating) else np.float32).eps)
+
+
+@dataclass
+class ContractionEstimate:
+    """Empirical contraction rate of the steps ``Δ_t = s_t - s_{t-1}``, measured above the noise floor.
+
+    rate [L, T]: per block layer and token, ``exp(slope)`` of ``log ||Δ_t||`` over the window
+    (method "fit": least squares) or the geometric mean of ``||Δ_{t+1}|| / ||Δ_t||`` over it
+    (method "ratio"); < 1 contracting, ~1 not contracting (orbit, drift), > 1 expanding; NaN
+    where fewer than 2 steps are above the floor (nothing measurable) or a state is NaN; 0 where
+    the state stops exactly (steps become exactly 0).
+    window_start, window_end [L, T] (int): first and last iteration (1-based, as on the pages;
+    the step into that iteration) of the steps used; 0 where there is no window.
+    state_rate, state_window: the same for the whole last-layer state (all tokens stacked), the
+    quantity the Jacobian spectral radius of one iteration predicts.
+    floor: relative step ``||Δ_t|| / ||s_t||`` at or below which a step is float rounding noise
+    (``floor_factor * eps``); the window is the last ``tail + 1`` steps before the first step at
+    or below the floor. method, tail, eps: how it was measured.
     """
-    states = _check_states(states)
-    I = states.shape[0]
-    L, T = states.shape[1:3]
-    if I < 3 or tail < 1:
-        return np.full((L, T), np.nan)
-    n_ratios = min(int(tail), I - 2)
-    window = states[I - n_ratios - 2:]                     # n_ratios + 2 states -> n_ratios + 1 steps
-    d = _norm(window[1:] - window[:-1])                    # [n+1, L, T]
-    prev, nxt = d[:-1], d[1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.where(prev > 0, np.log(np.where(nxt > 0, nxt, 1.0)) - np.log(np.where(prev > 0, prev, 1.0)), 0.0)
-        logs = np.where((prev > 0) & (nxt == 0), -np.inf, logs)
-    valid = prev > 0
-    count = valid.sum(axis=0)
-    total = np.where(valid, logs, 0.0).sum(axis=0)
+
+    rate: np.ndarray
+    window_start: np.ndarray
+    window_end: np.ndarray
+    state_rate: float
+    state_window: tuple
+    floor: float
+    method: str
+    tail: int
+    eps: float
+
+    def __post_init__(self):
+        if self.method not in ("fit", "ratio"):
+            raise ValueError(f"method must be 'fit' or 'ratio', got {self.method!r}")
+        if not (np.shape(self.rate) == np.shape(self.window_start) == np.shape(self.window_end)):
+            raise ValueError("rate, window_start and window_end must have the same shape")
+
+    def describe(self) -> str:
+        """One line: how the rate was measured (for captions)."""
+        how = ("least-squares slope of log ‖Δ_t‖" if self.method == "fit"
+               else "geometric mean of ‖Δ_{t+1}‖/‖Δ_t‖")
+        return (f"{how} over the last {self.tail + 1} steps above the noise floor (relative step "
+                f"‖Δ_t‖/‖s_t‖ > {self.floor:.1e} = {self.floor / self.eps:.0f}·eps); whole state: iterations "
+                f"{self.state_window[0]}–{self.state_window[1]}")
+
+
+def _rate_above_floor(d: np.ndarray, n: np.ndarray, floor: float, tail: int, method: str):
+    """Rate of steps d [S, ...] with state norms n [S, ...] (the newer state of each step) over the
+    last ``tail + 1`` steps before the first one at or below ``floor * n``.
+    Returns rate, first and last step index (0-based; -1 where no window), all [...]."""
+    S = d.shape[0]
     with np.errstate(invalid="ignore"):
-        rate = np.where(count > 0, np.exp(total / np.maximum(count, 1)), 0.0)
-    rate[~np.isfinite(d).all(axis=0)] = np.nan
-    return rate
+        above = d > floor * n
+    first_below = np.where(above.all(axis=0), S, np.argmin(above, axis=0))       # [...]
+    end = first_below - 1
+    start = np.maximum(0, end - int(tail))
+    j = np.arange(S).reshape((S,) + (1,) * (d.ndim - 1))
+    m = (j >= start) & (j <= end)
+    k = m.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(m, np.log(np.where(m & (d > 0), d, 1.0)), 0.0)
+        if method == "fit":
+            xm = (np.where(m, j, 0).sum(0)) / np.maximum(k, 1)
+            ym = y.sum(0) / np.maximum(k, 1)
+            sxx = np.where(m, (j - xm) ** 2, 0.0).sum(0)
+            sxy = np.where(m, (j - xm) * (y - ym), 0.0).sum(0)
+            slope = sxy / np.where(sxx > 0, sxx, 1.0)
+        else:
+            y_end = np.take_along_axis(y, np.clip(end, 0, S - 1)[None], 0)[0]
+            y_start = np.take_along_axis(y, np.clip(start, 0, S - 1)[None], 0)[0]
+            slope = (y_end - y_start) / np.maximum(end - start, 1)
+        rate = np.where(k >= 2, np.exp(slope), np.nan)
+    # stopped exactly: every step from the first one at the floor on is exactly zero
+    tail_zero = np.flip(np.cumprod(np.flip(d == 0, axis=0), axis=0), axis=0).astype(bool)  # d[j:] all zero
+    stopped = np.take_along_axis(tail_zero, np.clip(first_below, 0, S - 1)[None], 0)[0] & (first_below < S)
+    rate = np.where((k < 2) & stopped, 0.0, rate)
+    rate = np.where(np.isfinite(d).all(0) & np.isfinite(n).all(0), rate, np.nan)
+    none = k < 1
+    return rate, np.where(none, -1, start), np.where(none, -1, end)
+
+
+def contraction_rate(states, tail: int = 8, method: str = "fit", floor_factor: float = NOISE_FLOOR_FACTOR,
+                     eps: float | None = None) -> ContractionEstimate:
+    """Empirical contraction rate per block layer and token, from steps above the noise floor.
+
+    states [I, L, T, D] -> ContractionEstimate (rate [L, T], dimensionless). Steps
+    ``Δ_t = s_t - s_{t-1}`` whose relative size ``||Δ_t|| / ||s_t||`` is at or below
+    ``floor_factor * eps`` (eps: the states' dtype epsilon, float32's 1.19e-7 by default) are
+    rounding noise, and a tail of noise ratios reads ~1 however fast the map contracts; so the
+    window is the last ``tail + 1`` steps before the first step at the floor (the whole run's
+    tail when the steps never reach it, e.g. an orbit). method "fit": ``exp`` of the least-squares
+    slope of ``log ||Δ_t||`` over the window; "ratio": geometric mean of the step ratios.
+    ``state_rate`` applies the same to the whole last-layer state (norms over all tokens): the
+    number to compare with ``jacobian_spectral_radius``. NaN with fewer than 3 iterations.
+    """
+    if method not in ("fit", "ratio"):
+        raise ValueError(f"method must be 'fit' or 'ratio', got {method!r}")
+    states = _check_states(states)
+    e = dtype_eps(states, eps)
+    floor = float(floor_factor) * e
+    tail = max(1, int(tail))
+    I, L, T = states.shape[:3]
+    if I < 3:
+        nan = np.full((L, T), np.nan)
+        zero = np.zeros((L, T), dtype=np.int64)
+        return ContractionEstimate(nan, zero, zero.copy(), float("nan"), (0, 0), floor, method, tail, e)
+    d = _norm(states[1:] - states[:-1])                    # [I-1, L, T]
+    n = _norm(states[1:])
+    rate, start, end = _rate_above_floor(d, n, floor, tail, method)
+    dl, nl = np.sqrt((d[:, -1] ** 2).sum(-1)), np.sqrt((n[:, -1] ** 2).sum(-1))   # whole last-layer state [I-1]
+    srate, sstart, send = _rate_above_floor(dl, nl, floor, tail, method)
+    it = lambda j: np.where(np.asarray(j) >= 0, np.asarray(j) + 2, 0).astype(np.int64)  # step index -> iteration
+    return ContractionEstimate(rate=rate, window_start=it(start), window_end=it(end), state_rate=float(srate),
+                               state_window=(int(it(sstart)), int(it(send))), floor=floor, method=method,
+                               tail=tail, eps=e)
 
 
 # ---------------------------------------------------------------- Jacobian spectral radius
@@ -295,76 +391,185 @@ def jacobian_spectral_radius(model, trace, n_power_iterations: int = 200, seed: 
 
 
 # ---------------------------------------------------------------- trajectory classes
-def classify_trajectories(states, eps: float = 0.05, rho: float = 0.9, window: int | None = None,
-                          max_period: int = 8, slider_threshold: float = 0.9) -> pd.DataFrame:
-    """Classify each token's trajectory over the tail window (docs/SCIENCE.md, "Trajectory class").
+CLASSIFIER_RULES = ("precision", "paper")
+CLASSIFIER_DEFAULTS = {
+    "precision": {"tol_factor": NOISE_FLOOR_FACTOR, "converge_rate": 0.9, "orbit_gap": 0.1,
+                  "slider_threshold": 0.9, "turn_tol": 0.1, "min_turn": 2.0, "max_period": 8},
+    "paper": {"eps": 0.05, "rho": 0.9, "slider_threshold": 0.9, "max_period": 8},
+}
+
+
+def _rule_params(rule: str, overrides: dict) -> dict:
+    if rule not in CLASSIFIER_RULES:
+        raise ValueError(f"rule must be one of {CLASSIFIER_RULES}, got {rule!r}")
+    params = dict(CLASSIFIER_DEFAULTS[rule])
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in params:
+            raise ValueError(f"rule {rule!r} has no threshold {k!r}; it takes {sorted(params)}")
+        params[k] = v
+    return params
+
+
+def describe_rule(rule: str = "precision", machine_eps: float | None = None, window: int | None = None,
+                  **thresholds) -> str:
+    """One caption line naming the classifier rule and the thresholds it used.
+
+    machine_eps: the states' dtype epsilon for the "precision" rule (float32's by default); window: the
+    tail window length in iterations (None: "the last half of the run")."""
+    p = _rule_params(rule, thresholds)
+    win = "the last half of the run" if window is None else f"the last {int(window)} iterations"
+    if rule == "paper":
+        return (f"Rule \"paper\" over {win}: fixed point if the cosine step 1 − cos(s_t, s_t−1) < {p['eps']:g} on "
+                f"≥ {p['rho']:.0%} of the steps (passes slowly moving states); orbit if ‖s_t − s_t−p‖/‖s_t‖ < "
+                f"{p['eps']:g} for some p ≤ {p['max_period']}; slider if net displacement / path length ≥ "
+                f"{p['slider_threshold']:g}.")
+    e = dtype_eps(None, machine_eps)
+    tol = p["tol_factor"] * e
+    return (f"Rule \"precision\" over {win}: fixed point if the relative step ‖Δ_t‖/‖s_t‖ ≤ {tol:.1e} "
+            f"({p['tol_factor']:g}·eps) on the last two steps; converging if the steps shrink at a fitted "
+            f"rate ≤ {p['converge_rate']:g} but are still above it; orbit with period p ≤ {p['max_period']} if ‖s_t − s_t−p‖ < "
+            f"{p['orbit_gap']:g}× the median step, or orbit (period 0) if the steps turn like a rotation by "
+            f"≥ {p['min_turn']:g}° a step (cos(Δ_t, Δ_t+2) within {p['turn_tol']:g} of 2cos²(Δ_t, Δ_t+1) − 1); "
+            f"slider if net displacement / path length ≥ {p['slider_threshold']:g} or the norm grows along "
+            f"most of the path; otherwise unknown.")
+
+
+def _median_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Median over the first axis of cos(a_t, b_t); a, b [n, T, D] -> [T] (NaN if n = 0)."""
+    if a.shape[0] == 0:
+        return np.full(a.shape[1], np.nan)
+    import warnings
+
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)       # all-NaN columns (zero steps) give NaN
+        return np.nanmedian(_divide(_dot(a, b), _norm(a) * _norm(b)), axis=0)
+
+
+def classify_trajectories(states, rule: str = "precision", window: int | None = None,
+                          machine_eps: float | None = None, **thresholds) -> pd.DataFrame:
+    """Classify each token's trajectory over the tail window: fixed point, converging, orbit,
+    slider or unknown.
 
     states [I, L, T, D]; each token's state at the block's last layer across iterations
-    (``states[:, -1, tok]``). window: the last ``window`` iterations (default: the last half,
-    at least 2). Rules, in order:
+    (``states[:, -1, tok]``). window: the last ``window`` iterations (default: the last half, at
+    least 2). rule "precision" (default) or "paper"; thresholds override the rule's defaults
+    (``CLASSIFIER_DEFAULTS``); ``describe_rule`` words them for a caption.
 
-    - "fixed point": cosine step ``1 - cos(s_t, s_{t-1}) < eps`` on a fraction >= ``rho`` of the
-      window's steps;
-    - otherwise (steps do not vanish) "orbit" with period p: the smallest p in 2..``max_period``
-      with ``max_t ||s_t - s_{t-p}|| / ||s_t|| < eps`` over the window (at least p comparisons),
-      while the median relative step ``r_t`` is >= eps (a real cycle, not a stalled point);
-    - "slider": straightness ``||s_end - s_start|| / Σ||Δ_t||`` >= ``slider_threshold``;
+    Rule "precision" (a state that keeps moving cannot pass as a fixed point), with
+    ``tol = tol_factor * machine_eps`` (default: the states' dtype epsilon; 1.2e-5 in float32):
+
+    - "fixed point": the relative step ``r_t = ||Δ_t|| / ||s_t|| <= tol`` on the window's last two
+      steps (a state still moving at the end cannot pass; a converging one passes once its steps
+      have fallen to rounding level);
+    - "converging": the steps above the noise floor shrink at a fitted rate (``exp`` of the slope
+      of ``log ||Δ_t||``) <= ``converge_rate`` but have not reached ``tol``;
+    - "orbit" with period p: the smallest p in 2..``max_period`` with
+      ``max_t ||s_t - s_{t-p}|| < orbit_gap * median ||Δ_t||`` over the window;
+    - "orbit" with period 0: the steps turn like a rotation, ``|cos(Δ_t, Δ_{t+2}) - (2 c² - 1)|
+      <= turn_tol`` with ``c = cos(Δ_t, Δ_{t+1})`` (medians; a steady turn by a fixed angle, which
+      a random walk's nearly orthogonal steps do not show) by at least ``min_turn`` degrees a step
+      (a straight line turns by 0);
+    - "slider": straightness ``||s_end - s_start|| / Σ||Δ_t||`` >= ``slider_threshold``, or the
+      norm grows along most of the path (norm_trend >= 0.5);
     - else "unknown" (also for any NaN state in the window).
 
-    Returns a DataFrame, one row per token: token (int), class (str), period (int, 0 unless
-    orbit), tail_step (median cosine step over the window), straightness (in [0, 1]).
+    Rule "paper" (the paper's; cosine steps vanish for any state far from the origin that moves
+    slowly, so rotations, drifts and random walks pass as fixed points): "fixed point" if the
+    cosine step ``1 - cos(s_t, s_{t-1}) < eps`` (0.05) on a fraction >= ``rho`` of the window;
+    else "orbit" with the smallest p with ``max_t ||s_t - s_{t-p}|| / ||s_t|| < eps`` while the
+    median relative step is >= eps; else "slider" by straightness; else "unknown".
+
+    Returns a DataFrame, one row per token: token (int), class (str), period (int, 0 unless a
+    periodic orbit), tail_step (median cosine step), rel_step (median relative step), step_rate
+    (fitted step rate above the noise floor, NaN if not measurable), straightness (in [0, 1]),
+    norm_trend ((||s_end|| - ||s_start||) / Σ||Δ_t||, in [-1, 1]). ``df.attrs["rule"]`` holds the
+    rule's name and ``df.attrs["description"]`` its ``describe_rule`` line.
     """
     states = _check_states(states)
     I, _, T, _ = states.shape
+    params = _rule_params(rule, thresholds)
+    e = dtype_eps(states, machine_eps)
     x = states[:, -1]                                     # [I, T, D]
     w = max(2, I // 2) if window is None else max(2, int(window))
     w = min(w, I)
     start = I - w
     tail = x[start:]                                      # [w, T, D]
     finite = np.isfinite(tail).all(axis=(0, 2)) if w else np.zeros(T, bool)
+    nan = np.full(T, np.nan)
     if w >= 2:
         cos = cosine_steps(tail)[1:]                      # [w-1, T]
         rel = step_sizes(tail)[1:]
-        steps = _norm(tail[1:] - tail[:-1])               # [w-1, T]
+        delta = tail[1:] - tail[:-1]                      # [w-1, T, D]
+        steps = _norm(delta)                              # [w-1, T]
+        norms = _norm(tail)                               # [w, T]
         with np.errstate(invalid="ignore"):
             tail_step = np.median(cos, axis=0)
-            frac_small = (cos < eps).mean(axis=0)
             med_rel = np.median(rel, axis=0)
-        straight = _divide(_norm(tail[-1] - tail[0]), steps.sum(axis=0))
+            med_step = np.median(steps, axis=0)
+        path = steps.sum(axis=0)
+        straight = _divide(_norm(tail[-1] - tail[0]), path)
+        norm_trend = _divide(norms[-1] - norms[0], path)
+        floor = (params["tol_factor"] if rule == "precision" else NOISE_FLOOR_FACTOR) * e
+        rate = _rate_above_floor(steps, norms[1:], floor, w, "fit")[0] if w >= 3 else nan
+        c1 = _median_cos(delta[1:], delta[:-1])
+        c2 = _median_cos(delta[2:], delta[:-2])
     else:  # a single iteration: nothing to classify
-        tail_step = frac_small = med_rel = straight = np.full(T, np.nan)
+        tail_step = med_rel = med_step = straight = norm_trend = rate = c1 = c2 = nan
+        cos = rel = np.full((0, T), np.nan)
     straight = np.where(np.isfinite(straight), np.clip(straight, 0.0, 1.0), np.nan)
-
-    is_fixed = finite & (frac_small >= rho)
-    moving = finite & ~is_fixed
+    norm_trend = np.where(np.isfinite(norm_trend), np.clip(norm_trend, -1.0, 1.0), np.nan)
     period = np.zeros(T, dtype=np.int64)
-    cycling = moving & (med_rel >= eps)
-    norms = _norm(x)                                      # [I, T]
-    for p in range(2, int(max_period) + 1):
-        lo = max(start, p)
-        if I - lo < p:                                    # not a full cycle of comparisons
-            break
-        todo = cycling & (period == 0)
-        if not todo.any():
-            break
-        gap = _divide(_norm(x[lo:] - x[lo - p:I - p]), norms[lo:])
-        with np.errstate(invalid="ignore"):
-            ok = (gap < eps).all(axis=0)
-        period[todo & ok] = p
-    is_orbit = period > 0
-    is_slider = moving & ~is_orbit & (straight >= slider_threshold)
     cls = np.full(T, "unknown", dtype=object)
+    with np.errstate(invalid="ignore"):
+        if rule == "paper":
+            is_fixed = finite & ((cos < params["eps"]).mean(axis=0) >= params["rho"] if w >= 2 else False)
+            moving = finite & ~is_fixed
+            cycling = moving & (med_rel >= params["eps"])
+            gap_ok = lambda gap, lo: (_divide(gap, _norm(x[lo:])) < params["eps"]).all(axis=0)
+        else:
+            tol = params["tol_factor"] * e
+            small = rel <= tol                                # [w-1, T]
+            settle = min(2, w - 1)                            # the last two steps (one in a 2-state window)
+            is_fixed = finite & (small[-settle:].all(axis=0) if w >= 2 else False)
+            shrinking = rate <= params["converge_rate"]
+            converging = finite & ~is_fixed & shrinking
+            cls[converging] = "converging"
+            moving = finite & ~is_fixed & ~converging
+            cycling = moving & (med_rel > tol)
+            gap_ok = lambda gap, lo: (gap < params["orbit_gap"] * med_step).all(axis=0)
+        for p in range(2, int(params["max_period"]) + 1):
+            lo = max(start, p)
+            if I - lo < p:                                # not a full cycle of comparisons
+                break
+            todo = cycling & (period == 0)
+            if not todo.any():
+                break
+            period[todo & gap_ok(_norm(x[lo:] - x[lo - p:I - p]), lo)] = p
+        is_orbit = period > 0
+        slide = straight >= params["slider_threshold"]
+        if rule == "precision":
+            # a steady turn by the same angle every step (a rotation), at least min_turn degrees
+            turn = np.degrees(np.arccos(np.clip(c1, -1.0, 1.0)))
+            turning = (np.abs(c2 - (2 * c1 ** 2 - 1)) <= params["turn_tol"]) & (turn >= params["min_turn"])
+            is_orbit = is_orbit | (moving & (med_rel > tol) & turning)
+            slide = slide | (norm_trend >= 0.5)
+        is_slider = moving & ~is_orbit & slide
     cls[is_fixed] = "fixed point"
     cls[is_orbit] = "orbit"
     cls[is_slider] = "slider"
-    tail_step = np.where(finite, tail_step, np.nan)
-    straight = np.where(finite, straight, np.nan)
-    return pd.DataFrame({"token": np.arange(T, dtype=np.int64), "class": cls.astype(str), "period": period,
-                         "tail_step": tail_step.astype(np.float64), "straightness": straight.astype(np.float64)})
+    keep = lambda a: np.where(finite, a, np.nan).astype(np.float64)
+    df = pd.DataFrame({"token": np.arange(T, dtype=np.int64), "class": cls.astype(str), "period": period,
+                       "tail_step": keep(tail_step), "rel_step": keep(med_rel), "step_rate": keep(rate),
+                       "straightness": keep(straight), "norm_trend": keep(norm_trend)})
+    df.attrs["rule"] = rule
+    df.attrs["description"] = describe_rule(rule, machine_eps=e, window=window, **thresholds)
+    return df
 
 
 def class_counts(df: pd.DataFrame) -> dict[str, int]:
-    """Number of tokens per trajectory class; all four classes are keys (zero if absent)."""
+    """Number of tokens per trajectory class; every class in TRAJECTORY_CLASSES is a key (zero if absent)."""
     counts = df["class"].value_counts() if len(df) else {}
     return {c: int(counts.get(c, 0)) for c in TRAJECTORY_CLASSES}
 

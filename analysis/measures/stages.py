@@ -38,16 +38,26 @@ def sink_scores(A) -> np.ndarray:
     return A.mean(axis=-2)
 
 
-def sink_rate(A, tau: float = SINK_TAU):
-    """Fraction of heads whose largest sink score is >= ``tau``.
+SINK_KEYS = ("strongest", "first")
 
-    A [H, T, T] -> float in [0, 1] (NaN if a head's map holds NaN). For A [..., H, T, T] an
-    array [...] is returned.
+
+def sink_rate(A, tau: float = SINK_TAU, key: str = "strongest"):
+    """Fraction of heads with an attention sink: a key whose sink score is >= ``tau``.
+
+    key "strongest" (default): each head's strongest key, ``max_k`` of its sink scores, wherever
+    it sits; "first": key 0 only (the first token, the BOS-style sink much of the literature
+    means). A [H, T, T] -> float in [0, 1] (NaN if a head's map holds NaN). For A [..., H, T, T]
+    an array [...] is returned.
     """
+    if key not in SINK_KEYS:
+        raise ValueError(f"key must be one of {SINK_KEYS}, got {key!r}")
     A = _maps(A)
     if A.ndim < 3:
         raise ValueError(f"sink_rate needs maps [..., head, T, T], got shape {A.shape}")
-    top = sink_scores(A).max(axis=-1)          # [..., H], NaN propagates
+    scores = sink_scores(A)                    # [..., H, T]
+    top = scores.max(axis=-1) if key == "strongest" else scores[..., 0]   # [..., H], NaN propagates
+    if key == "first":
+        top = np.where(np.isnan(scores).any(-1), np.nan, top)
     rate = np.where(np.isnan(top).any(-1), np.nan, (top >= tau).mean(-1))
     return float(rate) if rate.ndim == 0 else rate
 
@@ -90,8 +100,9 @@ def stage_profiles(trace) -> pd.DataFrame:
     iteration, layer, relative_depth (percent 0-100, ``(layer+1)/L*100``: within the block for
     a looped trace, over the whole depth for a deep one), colsum_concentration (mean over the
     layer's heads), sink_score (``max_k`` of the sink score of the head-averaged map: the
-    attention the strongest sink receives, in [0, 1]), sink_rate (fraction of heads with a sink
-    >= 0.3), mixing_score (mean over heads, nats) and residual_entropy (of the block state after
+    attention the strongest sink receives, in [0, 1]), sink_rate (fraction of heads whose
+    strongest key has a sink score >= 0.3), sink_rate_first (the same for key 0, the first
+    token), mixing_score (mean over heads, nats) and residual_entropy (of the block state after
     that layer, nats). Raises ValueError if the trace has no attention.
     """
     if trace.attention is None:
@@ -106,6 +117,7 @@ def stage_profiles(trace) -> pd.DataFrame:
         "colsum_concentration": colsum_concentration(att).mean(-1).ravel(),
         "sink_score": sink_scores(att.mean(axis=2)).max(axis=-1).ravel(),  # NaN propagates
         "sink_rate": np.asarray(sink_rate(att), dtype=np.float64).ravel(),
+        "sink_rate_first": np.asarray(sink_rate(att, key="first"), dtype=np.float64).ravel(),
         "mixing_score": mixing_score(att).mean(-1).ravel(),
         "residual_entropy": _matrix_entropy(trace.states).ravel(),
     })

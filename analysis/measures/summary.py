@@ -8,7 +8,7 @@ pages show them: 1-based (iteration 1 is the state after the first pass); a deep
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,11 +47,13 @@ def stable_iteration(trace) -> int | None:
     return first if trace.is_deep else first + 1
 
 
-def median_contraction(trace) -> float | None:
-    """Median of ``contraction_rate(trace.states)`` over every block layer and token (finite
-    values; None when there are none, e.g. fewer than 3 iterations)."""
-    rate = contraction_rate(trace.states)
-    finite = rate[np.isfinite(rate)]
+def median_contraction(trace, rate=None) -> float | None:
+    """Median over tokens of the per-token contraction rate at the block's last layer
+    (``contraction_rate(trace.states).rate[-1]``, finite values; None when there are none).
+    ``rate``: that ContractionEstimate when already computed."""
+    rate = contraction_rate(trace.states) if rate is None else rate
+    last = np.asarray(rate.rate[-1], dtype=float)
+    finite = last[np.isfinite(last)]
     return float(np.median(finite)) if finite.size else None
 
 
@@ -76,10 +78,12 @@ class Headline:
 
     prediction / answer; final_answer_prob and final_answer_rank (0 = top) at the block's last
     layer of the last iteration; stable_from (``stable_iteration``); class_counts (looped only,
-    tokens per trajectory class); final_step_median / final_step_max (relative step at the last
-    iteration, last block layer, over tokens); contraction_median (``median_contraction``);
-    final_distance_median (relative distance to s* at the last iteration, last layer);
-    fixed_point_spread_min (lowest over tokens of min_l cos(X*_0, X*_l)); schedule (trained)."""
+    tokens per trajectory class, default rule) and class_rule / class_description; final_step_median /
+    final_step_max (relative step at the last iteration, last block layer, over tokens);
+    contraction_median (``median_contraction``) and contraction_state (the whole last-layer
+    state's rate), with the ContractionEstimate as ``contraction``; final_distance_median
+    (relative distance to s* at the last iteration, last layer); fixed_point_spread_mean /
+    fixed_point_spread_min (token mean and lowest of min_l cos(X*_0, X*_l)); schedule (trained)."""
 
     prediction: str
     answer: str | None
@@ -88,20 +92,29 @@ class Headline:
     stable_from: int | None
     schedule: TrainedSchedule
     class_counts: dict | None = None
+    class_rule: str | None = None
+    class_description: str | None = None
     final_step_median: float | None = None
     final_step_max: float | None = None
     contraction_median: float | None = None
+    contraction_state: float | None = None
+    contraction: object = None
     final_distance_median: float | None = None
+    fixed_point_spread_mean: float | None = None
     fixed_point_spread_min: float | None = None
-    notes: tuple = field(default_factory=tuple)
 
 
 def headline(trace) -> Headline:
     """Every headline number of ``trace`` (see ``Headline``)."""
     kw = {}
     if not trace.is_deep:
-        kw["class_counts"] = class_counts(classify_trajectories(trace.states))
-        kw["contraction_median"] = median_contraction(trace)
+        classes = classify_trajectories(trace.states)
+        kw["class_counts"] = class_counts(classes)
+        kw["class_rule"], kw["class_description"] = classes.attrs.get("rule"), classes.attrs.get("description")
+        rate = contraction_rate(trace.states)
+        kw["contraction"] = rate
+        kw["contraction_median"] = median_contraction(trace, rate)
+        kw["contraction_state"] = _finite_or_none(rate.state_rate)
         if trace.n_iterations > 1:
             last = step_sizes(trace.states)[-1, -1]
             if np.isfinite(last).any():
@@ -113,6 +126,7 @@ def headline(trace) -> Headline:
             with np.errstate(all="ignore"):
                 kw["final_distance_median"] = _finite_or_none(np.nanmedian(dist)) if np.isfinite(dist).any() else None
                 kw["fixed_point_spread_min"] = _finite_or_none(np.nanmin(spread)) if np.isfinite(spread).any() else None
+                kw["fixed_point_spread_mean"] = _finite_or_none(np.nanmean(spread)) if np.isfinite(spread).any() else None
     has_answer = trace.answer is not None and trace.answer_prob is not None
     return Headline(prediction=trace.prediction(), answer=trace.answer,
                     final_answer_prob=_finite_or_none(trace.answer_prob[-1, -1]) if has_answer else None,

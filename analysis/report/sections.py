@@ -193,7 +193,7 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     return "".join(parts)
 
 
-def _convergence_section(rep: _Report, looped: Trace) -> str:
+def _convergence_section(rep: _Report, looped: Trace, looped_model=None) -> str:
     parts = ["<section id='convergence'><h2>Convergence and trajectory classes</h2><p>A looped block applied "
              "again and again should settle: each token's state stops moving (a fixed point), or it cycles "
              "(an orbit) or drifts in one direction (a slider). Small relative steps and a shrinking distance "
@@ -202,30 +202,49 @@ def _convergence_section(rep: _Report, looped: Trace) -> str:
     classes = dynamics.classify_trajectories(looped.states)
     counts = h.class_counts
     rep.numbers.setdefault("looped", {})["class_counts"] = counts
+    rep.numbers["looped"]["class_rule"] = h.class_rule
     items = "".join(f"<li>{_esc(c)}: {_num(f'looped.class_counts.{c}', n)}</li>" for c, n in counts.items())
     parts.append(f"<p>Trajectory classes of the {looped.n_tokens} tokens over the last half of "
                  f"{looped.n_iterations} iterations (<code>analysis.measures.dynamics.classify_trajectories</code>):</p>"
-                 f"<ul class='counts'>{items}</ul>")
+                 f"<ul class='counts'>{items}</ul><p class='rule'>{_esc(h.class_description or '')}</p>")
     parts.append(f"<p>Relative step at the last iteration (last block layer): median "
                  f"{rep.set('looped.final_step_median', h.final_step_median)}, max "
                  f"{rep.set('looped.final_step_max', h.final_step_max)}.")
     if looped.fixed_point is not None:
         parts.append(f" Relative distance to s* ({looped.metadata.get('fixed_point_iterations')} iterations) "
                      f"at the last iteration: median {rep.set('looped.final_distance_median', h.final_distance_median)}."
-                     f" Fixed-point spread min<sub>l</sub> cos(X*<sub>0</sub>, X*<sub>l</sub>), lowest over tokens: "
-                     f"{rep.set('looped.fixed_point_spread_min', h.fixed_point_spread_min)} (near 1: all layers "
-                     f"collapsed onto one point).")
+                     f" Fixed-point spread min<sub>l</sub> cos(X*<sub>0</sub>, X*<sub>l</sub>), per token: "
+                     f"token mean {rep.set('looped.fixed_point_spread_mean', h.fixed_point_spread_mean)}, "
+                     f"token minimum {rep.set('looped.fixed_point_spread_min', h.fixed_point_spread_min)} (near 1: "
+                     f"all layers collapsed onto one point).")
     parts.append("</p>")
-    parts.append(f"<p>Empirical contraction rate (geometric mean of step ratios over the tail), median over "
-                 f"layers and tokens: {rep.set('looped.contraction_median', h.contraction_median)} "
-                 f"(&lt; 1: contracting).</p>")
+    rate = h.contraction
+    rep.numbers["looped"]["contraction_window"] = list(rate.state_window)
+    rep.numbers["looped"]["contraction_floor"] = rate.floor
+    parts.append(f"<p>Empirical contraction rate of the whole state (last layer): "
+                 f"{rep.set('looped.contraction_state', h.contraction_state)}; per token, median "
+                 f"{rep.set('looped.contraction_median', h.contraction_median)} "
+                 f"(&lt; 1: contracting; <code>analysis.measures.dynamics.contraction_rate</code>: "
+                 f"{_esc(rate.describe())}).")
+    jac = None
+    if looped_model is not None and looped.fixed_point is not None:
+        jac = dynamics.jacobian_spectral_radius(looped_model, looped)
+        parts.append(f" Reference: the spectral radius of one iteration's Jacobian at s* (power iteration, "
+                     f"<code>analysis.measures.dynamics.jacobian_spectral_radius</code>) is "
+                     f"{rep.set('looped.jacobian_radius', _f(jac.radius))}, the rate the steps approach.</p>")
+    else:
+        parts.append(" (No Jacobian reference: it needs the model's weights and a fixed point s*.)</p>")
+    parts.append(rep.figure("contraction", viz.contraction_figure(rate, looped, jacobian=jac),
+                            "analysis.viz.contraction_figure"))
     show = classes.copy()
     show.insert(1, "label", [looped.token_labels[int(t)] for t in show["token"]])
     parts.append(f"<details><summary>Per-token classes</summary>{_table(show)}</details>")
     parts.append(rep.figure("classes", viz.class_figure(counts), "analysis.viz.class_figure"))
     last = looped.n_layers - 1
     steps = dynamics.step_sizes(looped.states)
-    parts.append(rep.figure("steps", viz.step_size_figure(steps, looped, layer=last), "analysis.viz.step_size_figure"))
+    floor = dynamics.NOISE_FLOOR_FACTOR * dynamics.dtype_eps(looped.states)
+    parts.append(rep.figure("steps", viz.step_size_figure(steps, looped, layer=last, floor=floor),
+                            "analysis.viz.step_size_figure"))
     if looped.fixed_point is not None:
         dist = dynamics.distance_to_fixed_point(looped.states, looped.fixed_point)
         parts.append(rep.figure("distance", viz.fixed_point_distance_figure(dist, looped, layer=last),
@@ -255,7 +274,9 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
 def _stages_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     parts = ["<section id='stages'><h2>Stage profiles</h2><p>How attention mixes information, against relative "
              "depth: within the block for the looped model (one line per iteration), over the whole model for "
-             "the deep one. The paper finds each iteration of the block retraces the deep model's stages.</p>"]
+             "the deep one. The paper finds each iteration of the block retraces the deep model's stages. "
+             "Sink rate: the fraction of heads whose strongest key receives at least 0.3 of the attention on "
+             "average over queries, wherever that key sits (the table's sink_rate_first counts key 0 only).</p>"]
     if looped.attention is None:
         rep.notes.append("Stage profiles: the looped trace has no attention maps")
         return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
@@ -330,7 +351,7 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
     body = [header,
             _cards_section(rep, looped_model, deep_model, looped, deep),
             _answer_section(rep, looped, deep),
-            _convergence_section(rep, looped),
+            _convergence_section(rep, looped, looped_model),
             _attention_section(rep, looped, deep),
             _stages_section(rep, looped, deep),
             _cka_section(rep, looped, deep),

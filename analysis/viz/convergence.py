@@ -8,6 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..measures.dynamics import ContractionEstimate
 from .theme import is_presentation, LOOPED_COLOR, PALETTE, SEQUENTIAL, theme, token_names
 
 
@@ -18,18 +19,23 @@ def _per_layer_frame(arr, trace, value: str, x_name: str) -> pd.DataFrame:
     return pd.DataFrame({x_name: (x + 1).ravel() if x_name == "iteration" else x.ravel(), "layer": l.ravel(),
                          "token": j.ravel(), "char": [trace.token_labels[k] for k in j.ravel()], value: a.ravel()})
 
-def step_data(steps, trace, x_name: str = "iteration") -> pd.DataFrame:
-    return _per_layer_frame(steps, trace, "step", x_name)
+def step_data(steps, trace, x_name: str = "iteration", floor: float | None = None) -> pd.DataFrame:
+    """The steps behind ``step_size_figure``; with ``floor``, a noise_floor column (the line drawn)."""
+    df = _per_layer_frame(steps, trace, "step", x_name)
+    if floor is not None:
+        df["noise_floor"] = float(floor)
+    return df
 
 def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_by: str | None = "layer",
                      color_by: str = "token", log_y: bool = True, x_name: str = "iteration",
-                     title: str | None = None, template: str = "normal") -> go.Figure:
+                     title: str | None = None, template: str = "normal", floor: float | None = None) -> go.Figure:
     """Relative step size ``‖s_t − s_{t−1}‖/‖s_t‖`` per token (one line each) against iteration.
 
     steps: [I, L, T] (analysis.measures.dynamics.step_sizes). facet_by "layer": one subplot per block
     layer (or only ``layer``); tokens: positions to draw (default all). x_name "layer" treats
     the first axis as depth (a deep model's layer-to-layer change, steps of shape [L, 1, T]).
-    Traces: len(tokens) per facet.
+    Traces: len(tokens) per facet. floor: a relative step drawn as a dashed line, below which
+    steps are float rounding noise (``ContractionEstimate.floor``).
     """
     s = np.asarray(steps, dtype=float)
     X, L, T = s.shape
@@ -49,6 +55,9 @@ def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_
                                      hovertemplate=f"token {k} '{trace.token_labels[k]}', {x_name} %{{x}}, layer {l}: "
                                                    "%{y:.2e}<extra></extra>"), row=1, col=col)
         fig.update_xaxes(title=x_name, row=1, col=col)
+    if floor is not None and np.isfinite(floor) and floor > 0:
+        fig.add_hline(y=float(floor), line_dash="dash", line_color="grey",
+                      annotation_text="noise floor: smaller steps are float rounding", annotation_position="bottom left")
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
         fig.update_yaxes(type="log", exponentformat="power")
@@ -106,33 +115,72 @@ def spread_figure(spread, trace, title: str | None = None, template: str = "norm
     fig.update_yaxes(title="min cosine between layers' s*", range=[min(lo - 0.05, 0.9), 1.02])
     return theme(fig, template, title or "Fixed-point spread per token", height=320 if not big else 420)
 
-def contraction_data(rate, trace) -> pd.DataFrame:
-    r = np.asarray(rate, dtype=float)
+def _contraction_parts(rate):
+    """(rate [L, T], estimate or None) from a ContractionEstimate or a plain [L, T] array."""
+    if isinstance(rate, ContractionEstimate):
+        return np.asarray(rate.rate, dtype=float), rate
+    return np.asarray(rate, dtype=float), None
+
+
+def contraction_data(rate, trace, jacobian=None) -> pd.DataFrame:
+    """The numbers behind ``contraction_figure``: one row per (layer, token) with its rate and the
+    window of iterations it was measured on, plus the whole-state rate, the noise floor, the
+    method and the Jacobian radius drawn as reference lines (NaN / "" where not given)."""
+    r, est = _contraction_parts(rate)
     L, T = r.shape
     l, j = np.meshgrid(np.arange(L), np.arange(T), indexing="ij")
-    return pd.DataFrame({"layer": l.ravel(), "token": j.ravel(), "char": [trace.token_labels[k] for k in j.ravel()],
-                         "contraction_rate": r.ravel()})
+    df = pd.DataFrame({"layer": l.ravel(), "token": j.ravel(), "char": [trace.token_labels[k] for k in j.ravel()],
+                       "contraction_rate": r.ravel()})
+    if est is not None:
+        df["window_start"] = np.asarray(est.window_start).ravel()
+        df["window_end"] = np.asarray(est.window_end).ravel()
+        df["whole_state_rate"] = est.state_rate
+        df["noise_floor_relative_step"] = est.floor
+        df["method"] = est.method
+    df["jacobian_radius"] = float(jacobian.radius) if jacobian is not None else np.nan
+    return df
 
-def contraction_figure(rate, trace, title: str | None = None, template: str = "normal") -> go.Figure:
-    """Empirical contraction rate per token, one bar group per block layer (< 1 contracting)."""
+def contraction_figure(rate, trace, jacobian=None, title: str | None = None, template: str = "normal") -> go.Figure:
+    """Empirical contraction rate per token, one bar group per block layer.
+
+    rate: a ``ContractionEstimate`` (analysis.measures.dynamics.contraction_rate: measured on the steps
+    above the float noise floor; hover shows each bar's window of iterations) or a plain [L, T]
+    array. Reference lines: the whole last-layer state's rate and, when ``jacobian`` (a
+    JacobianEstimate) is given, its spectral radius |λ| at s*, which the rate should approach;
+    1 marks steps that stop shrinking (orbit, drift). Traces: one bar trace per layer."""
     big = is_presentation(template)
-    r = np.asarray(rate, dtype=float)
+    r, est = _contraction_parts(rate)
     L, T = r.shape
     fig = go.Figure()
     for l in range(L):
+        if est is not None:
+            win = np.stack([np.asarray(est.window_start)[l], np.asarray(est.window_end)[l]], axis=-1)
+            custom = [[trace.token_labels[k], int(win[k, 0]), int(win[k, 1])] for k in range(T)]
+            hover = (f"layer {l}, token %{{x}} '%{{customdata[0]}}': %{{y:.3f}} "
+                     "(iterations %{customdata[1]}–%{customdata[2]})<extra></extra>")
+        else:
+            custom = [[c] for c in trace.token_labels]
+            hover = f"layer {l}, token %{{x}} '%{{customdata[0]}}': %{{y:.3f}}<extra></extra>"
         fig.add_trace(go.Bar(x=np.arange(T), y=r[l], name=f"layer {l}", marker_color=PALETTE[l % len(PALETTE)],
-                             customdata=list(trace.token_labels),
-                             hovertemplate=f"layer {l}, token %{{x}} '%{{customdata}}': %{{y:.3f}}<extra></extra>"))
-    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="1 = neither contracting nor expanding")
+                             customdata=custom, hovertemplate=hover))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="1: steps stop shrinking (orbit, drift)")
+    if est is not None and np.isfinite(est.state_rate):
+        fig.add_hline(y=est.state_rate, line_dash="dash", line_color="#555555", annotation_position="bottom right",
+                      annotation_text=f"whole state {est.state_rate:.3f} (iterations "
+                                      f"{est.state_window[0]}–{est.state_window[1]})")
+    if jacobian is not None and np.isfinite(jacobian.radius):
+        fig.add_hline(y=float(jacobian.radius), line_color="#d62728", annotation_position="top left",
+                      annotation_text=f"Jacobian |λ| at s* = {jacobian.radius:.3f}")
     fig.update_layout(barmode="group")
     fig.update_xaxes(title="token", tickvals=list(range(T)), ticktext=list(trace.token_labels))
-    fig.update_yaxes(title="‖Δ_{t+1}‖ / ‖Δ_t‖ (tail geometric mean)")
+    fig.update_yaxes(title="‖Δ_{t+1}‖ / ‖Δ_t‖ above the noise floor" if est is not None
+                     else "‖Δ_{t+1}‖ / ‖Δ_t‖")
     return theme(fig, template, title or "Empirical contraction rate", height=320 if not big else 420)
 
 def class_figure(counts: dict, title: str | None = None, template: str = "normal") -> go.Figure:
-    """Tokens per trajectory class (fixed point / orbit / slider / unknown)."""
+    """Tokens per trajectory class (fixed point / converging / orbit / slider / unknown)."""
     big = is_presentation(template)
-    colors = {"fixed point": "#2ca02c", "orbit": "#9467bd", "slider": "#ff7f0e", "unknown": "#7f7f7f"}
+    colors = {"fixed point": "#2ca02c", "converging": "#98df8a", "orbit": "#9467bd", "slider": "#ff7f0e", "unknown": "#7f7f7f"}
     fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), marker_color=[colors.get(k, "#1f77b4") for k in counts],
                            text=list(counts.values()), textposition="auto"))
     fig.update_yaxes(title="tokens")

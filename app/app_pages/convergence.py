@@ -38,7 +38,11 @@ else:
                                                "last": "last position"}.get)
     with c3:
         log_y = url_state.view_bool("Log axis", "c_log", True)
-    classes = session.measure(ui.classify, t)
+    rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
+                             format_func={"precision": "precision (default: a moving state is never a fixed point)",
+                                          "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    classes = session.measure(ui.classify, t, rule=rule)
+    rate = session.measure(ui.contraction, t)
     if which == "unsettled":
         tokens = [int(k) for k in classes.loc[classes["class"] != "fixed point", "token"]]
         if not tokens:
@@ -54,8 +58,11 @@ else:
     with left:
         st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
         steps = session.measure(ui.steps, t)
-        ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl),
-                       key="steps", data=viz.step_data(steps, t))
+        ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl,
+                                                floor=rate.floor),
+                       key="steps", data=viz.step_data(steps, t, floor=rate.floor))
+        st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
+                   "steps below it are rounding noise, not motion.")
     with right:
         st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
         if s.deep is None:
@@ -80,36 +87,48 @@ else:
                        data=viz.distance_data(dist, t))
 
     st.subheader("Fixed points, contraction and the Jacobian")
+    est = None
+    if s.looped_model is None or "looped" in s.uploaded:
+        st.info("The Jacobian's spectral radius needs the model's weights: it is skipped for an uploaded trace.")
+    elif not url_state.view_bool("Estimate the Jacobian's spectral radius at s* (matrix-free, takes several seconds)",
+                             "c_jac", False):
+        st.caption("Tick the box above to estimate the local Jacobian radius of one iteration at the fixed point, "
+                   "the reference the contraction rate below should approach.")
+    else:
+        est = session.jacobian(s.looped_model, t)
+        j1, j2, j3 = st.columns(3)
+        j1.metric("Jacobian spectral radius |λ|", f"{est.radius:.3f}",
+                  help="Leading eigenvalue of one iteration's Jacobian at s* (power iteration); < 1 = locally "
+                       "contracting; the asymptotic rate at which steps shrink.")
+        j2.metric("Rotation angle of λ", f"{np.degrees(est.argument):.1f}°",
+                  help="0° = no rotation; a complex λ means a damped rotation around the fixed point.")
+        j3.metric("Jacobian-vector products", est.iterations)
     a, b = st.columns(2, gap="large")
     with a:
         sp = session.measure(ui.spread, t)
         if sp is None:
             st.info("No fixed point in this trace.")
         else:
-            st.metric("Fixed-point spread (min over tokens)", f"{np.nanmin(sp):.3f}" if np.isfinite(sp).any() else "NaN",
-                      help="min over layers of cos(X*_0, X*_l), per token; near 1 = all layers collapse to one point.")
+            ok = np.isfinite(sp).any()
+            m1, m2 = st.columns(2)
+            m1.metric("Fixed-point spread, token mean", f"{np.nanmean(sp):.3f}" if ok else "NaN",
+                      help="min over layers of cos(X*_0, X*_l) per token, averaged over tokens; near 1 = all "
+                           "layers collapse to one point.")
+            m2.metric("Fixed-point spread, token minimum", f"{np.nanmin(sp):.3f}" if ok else "NaN",
+                      help="the lowest token's min over layers of cos(X*_0, X*_l): the most distinct per-layer "
+                           "fixed points.")
             ui.show_figure(viz.spread_figure(sp, t, template=tpl), key="spread", data=viz.spread_data(sp, t))
     with b:
-        rate = session.measure(ui.contraction, t)
-        finite = rate[np.isfinite(rate)]
-        st.metric("Median contraction rate", f"{np.median(finite):.3f}" if finite.size else "NaN",
-                  help="Geometric mean of ‖Δ_{t+1}‖/‖Δ_t‖ over the last iterations; < 1 means contracting.")
-        ui.show_figure(viz.contraction_figure(rate, t, template=tpl), key="contraction",
-                       data=viz.contraction_data(rate, t))
-    if s.looped_model is None or "looped" in s.uploaded:
-        st.info("The Jacobian's spectral radius needs the model's weights: it is skipped for an uploaded trace.")
-    elif not url_state.view_bool("Estimate the Jacobian's spectral radius at s* (matrix-free, takes several seconds)",
-                             "c_jac", False):
-        st.caption("Tick the box above to estimate the local Jacobian radius of one iteration at the fixed point.")
-    else:
-        est = session.jacobian(s.looped_model, t)
-        j1, j2, j3 = st.columns(3)
-        j1.metric("Jacobian spectral radius |λ|", f"{est.radius:.3f}",
-                  help="Leading eigenvalue of one iteration's Jacobian at s* (power iteration); < 1 = locally "
-                       "contracting.")
-        j2.metric("Rotation angle of λ", f"{np.degrees(est.argument):.1f}°",
-                  help="0° = no rotation; a complex λ means a damped rotation around the fixed point.")
-        j3.metric("Power iterations", est.iterations)
+        m1, m2 = st.columns(2)
+        m1.metric("Contraction rate, whole state", f"{rate.state_rate:.3f}" if np.isfinite(rate.state_rate) else "NaN",
+                  help=f"{rate.describe()}. Compare with the Jacobian radius |λ|.")
+        finite = rate.rate[-1][np.isfinite(rate.rate[-1])]
+        m2.metric("Token median (last layer)", f"{np.median(finite):.3f}" if finite.size else "NaN",
+                  help="Median over tokens of the per-token rate at the block's last layer; tokens the leading "
+                       "mode barely touches contract faster than |λ|.")
+        st.caption(f"Measured only on steps above the float noise floor: {rate.describe()}.")
+        ui.show_figure(viz.contraction_figure(rate, t, jacobian=est, template=tpl), key="contraction",
+                       data=viz.contraction_data(rate, t, jacobian=est))
 
     st.subheader("Token classes")
     from analysis.measures.dynamics import class_counts
@@ -120,8 +139,11 @@ else:
         ui.show_figure(viz.class_figure(counts, template=tpl), key="classes",
                        data=pd.DataFrame({"class": list(counts), "tokens": list(counts.values())}))
     with k2:
-        st.caption(f"Over the tail window of this {I}-iteration run (the last half); a fixed point needs a cosine "
-                   "step below 0.05 on 90% of it. More iterations give a more reliable class.")
+        st.caption(f"Counts over the tail window of this {I}-iteration run. {classes.attrs.get('description', '')} "
+                   "More iterations give a more reliable class.")
         st.dataframe(classes, hide_index=True, height=320,
                      column_config={"tail_step": st.column_config.NumberColumn(format="%.2e"),
-                                    "straightness": st.column_config.NumberColumn(format="%.3f")})
+                                    "rel_step": st.column_config.NumberColumn(format="%.2e"),
+                                    "step_rate": st.column_config.NumberColumn(format="%.3f"),
+                                    "straightness": st.column_config.NumberColumn(format="%.3f"),
+                                    "norm_trend": st.column_config.NumberColumn(format="%.3f")})

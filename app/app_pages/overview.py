@@ -5,6 +5,7 @@ import streamlit as st
 
 from analysis import viz
 from analysis.measures import summary
+from analysis.measures.correspondence import answer_through_depth
 from app import components as ui
 from app import session, url_state
 
@@ -33,7 +34,8 @@ def model_column(col, trace, model, who: str) -> None:
         if not trace.is_deep:
             from analysis.measures.dynamics import class_counts
 
-            counts = class_counts(session.measure(ui.classify, trace))
+            classes = session.measure(ui.classify, trace)
+            counts = class_counts(classes)
         c1, c2, c3 = st.columns(3)
         target = trace.answer if trace.answer is not None else trace.prediction()
         c1.metric("Prediction", repr(trace.prediction()),
@@ -42,19 +44,20 @@ def model_column(col, trace, model, who: str) -> None:
                   delta_color="normal" if trace.prediction() == trace.answer else "inverse")
         unit = "layer" if trace.is_deep else "iteration"
         ui.metric(c2, f"Answer stable from {unit}", "never" if stable is None else stable,
-                  short="Stable from " + ("layer" if trace.is_deep else "iter."), big=big,
+                  short="Stable from " + ("layer" if trace.is_deep else "iter."), template=tpl,
                   help=f"First {unit} after which the logit lens's top-1 at the last position (block's last layer) "
                        f"stays {target!r}.")
         if counts is not None:
             n = trace.n_tokens
             ui.metric(c3, "Tokens at a fixed point", f"{counts['fixed point']} / {n}", short="At fixed point",
-                      big=big, help="analysis.measures.dynamics.classify_trajectories over the tail of this run: "
-                           + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+                      template=tpl, help="analysis.measures.dynamics.classify_trajectories over the tail of this run: "
+                           + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". "
+                           + classes.attrs.get("description", ""))
         else:
             c3.metric("Layers", trace.n_layers)
         trained = model.spec.schedule.high if model else None
         ui.show_figure(viz.answer_figure(trace, trained=trained, template=tpl), key=f"answer_{who}",
-                       data=viz.answer_data(trace))
+                       data=None if trace.answer_prob is None else answer_through_depth(trace))
         ui.show_figure(viz.lens_heatmap(trace, template=tpl), key=f"lens_{who}", data=viz.lens_data(trace))
         if counts is not None:
             st.caption("Trajectory classes (Convergence page for details): "
@@ -72,7 +75,7 @@ for col, m in zip(cc, (s.looped_model, s.deep_model)):
     with col:
         if m is None:
             continue
-        ui.model_card(m, big=big)
+        ui.model_card(m, template=tpl)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")

@@ -23,10 +23,17 @@ big = tpl == "presentation"
 t = ui.require_looped(s, attention_for="the stage profiles")
 
 I = t.n_iterations
-c1, c2 = st.columns([2, 3])
+c1, c2, c3 = st.columns([2, 2, 3])
 with c1:
     max_lines = url_state.view_int("Iterations drawn (at most)", "stages_lines", 1, min(I, 32), min(I, 17),
                                help="First, last and evenly spaced iterations between them; one line each.")
+with c3:
+    sink_key = url_state.view_option("Sink rate counts", "stages_sink", ["strongest", "first"], "strongest",
+                                 format_func={"strongest": "each head's strongest key",
+                                              "first": "key 0 (first token)"}.get,
+                                 help="A head has a sink when one key receives >= 0.3 of its attention on average "
+                                      "over queries: its strongest key wherever it sits, or key 0 only (the "
+                                      "literature's usual BOS sink). The table below has both columns.")
 with c2:
     st.caption(f"The looped block has {t.n_layers} layers, so each iteration's line has {t.n_layers} points "
                "(relative depth within the block).")
@@ -49,7 +56,8 @@ else:
 label = f"looped {ui.model_label(t, s.looped_model)}" + (
     f" over deep {ui.model_label(s.deep, s.deep_model)}" if deep is not None else "")
 st.subheader(label)
-ui.show_figure(viz.stage_profile_figure(looped, deep, max_lines=max_lines, template=tpl), key="stages_profiles",
+ui.show_figure(viz.stage_profile_figure(looped, deep, max_lines=max_lines, template=tpl, sink_key=sink_key),
+               key="stages_profiles",
                data=both_models(looped, deep))
 with st.expander("The numbers"):
     st.dataframe(both_models(looped, deep), hide_index=True, height=300)

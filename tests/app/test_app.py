@@ -116,7 +116,17 @@ def test_convergence(app):
     assert len(figs["spread"]["data"]) == 1 and len(figs["contraction"]["data"]) == L
     assert len(figs["deep_steps"]["data"]) == T
     classes = at.dataframe[0].value
-    assert len(classes) == T and set(classes["class"]) <= {"fixed point", "orbit", "slider", "unknown"}
+    assert len(classes) == T and set(classes["class"]) <= {"fixed point", "converging", "orbit", "slider", "unknown"}
+    captions = texts(at.caption)
+    assert 'Rule "precision"' in captions and "noise floor" in captions
+    labels = [m.label for m in at.metric]
+    assert "Fixed-point spread, token mean" in labels and "Fixed-point spread, token minimum" in labels
+    assert "Contraction rate, whole state" in labels
+    # the paper's rule, by name; the caption says which rule produced the counts
+    at.radio(key="c_rule").set_value("paper")
+    at.run()
+    assert not at.exception and 'Rule "paper"' in texts(at.caption)
+    at.radio(key="c_rule").set_value("precision")
     # one layer only, via the view option
     at.radio(key="c_layer").set_value(1)
     at.run()

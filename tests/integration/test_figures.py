@@ -191,8 +191,17 @@ def test_stage_profile_figure(traces):
         assert np.allclose(np.asarray(lines[0].y, dtype=float), first[col].to_numpy(dtype=float), equal_nan=True)
         assert lines[-1].name == "deep model" and lines[-1].line.width == 4
         assert len(lines[-1].x) == DEEP_L
-    assert [a.text for a in fig.layout.annotations] == [name for _, name in F.STAGE_METRICS]
+    titles = [name for _, name in F.STAGE_METRICS]
+    titles[1] = "sink rate (each head's strongest key)"
+    assert [a.text for a in fig.layout.annotations] == titles
     assert fig.layout.xaxis3.title.text == "relative depth (%)"
+    # key 0 instead: the sink panel draws sink_rate_first and says so
+    fig0 = F.stage_profile_figure(looped, deep, sink_key="first")
+    assert fig0.layout.annotations[1].text == "sink rate (key 0, the first token)"
+    assert np.allclose(np.asarray(fig0.data[per_panel].y, dtype=float),
+                       first["sink_rate_first"].to_numpy(dtype=float), equal_nan=True)
+    with pytest.raises(ValueError, match="sink_key"):
+        F.stage_profile_figure(looped, deep, sink_key="bos")
     # many iterations: at most max_lines, first and last kept
     fig = F.stage_profile_figure(looped, None, max_lines=3)
     assert len(fig.data) == 4 * 3 and fig.data[0].name == "iteration 1" and fig.data[2].name == f"iteration {I}"
@@ -544,17 +553,33 @@ def test_spread_contraction_and_class_figures(with_fixed_point):
 
     s = np.asarray(t.states, dtype=np.float64)
     steps = np.linalg.norm(np.diff(s, axis=0), axis=-1)  # [I-1, L, T]
-    manual = np.exp(np.log(steps[1:] / steps[:-1]).mean(axis=0))  # every ratio (the run is shorter than the tail)
+    rel = steps / np.linalg.norm(s[1:], axis=-1)
+    assert (rel > 100 * np.finfo(np.float32).eps).all(), "a short run: every step is above the noise floor"
+    assert steps.shape[0] <= 9, "the run is shorter than the default window (8 ratios)"
+    x = np.arange(steps.shape[0])
+    manual = np.exp(np.polyfit(x, np.log(steps.reshape(len(x), -1)), 1)[0]).reshape(L, T)  # least-squares slope
     rate = contraction_rate(t.states)
     fig = F.contraction_figure(rate, t)
     assert len(fig.data) == L and [tr.name for tr in fig.data] == [f"layer {l}" for l in range(L)]
     for l in range(L):
         np.testing.assert_allclose(arr(fig.data[l].y), manual[l], rtol=1e-4)
-    assert len(F.contraction_data(rate, t)) == L * T
+    data = F.contraction_data(rate, t)
+    assert len(data) == L * T
+    np.testing.assert_allclose(data["contraction_rate"].to_numpy(), manual.ravel(), rtol=1e-4)
+    assert (data["window_end"] == t.n_iterations).all() and (data["window_start"] == max(2, t.n_iterations - 8)).all()
+    assert np.isnan(data["jacobian_radius"]).all()
+    # reference lines: the whole state's rate and, when given, the Jacobian radius (data says the same)
+    from analysis.measures.dynamics import JacobianEstimate
+    jac = JacobianEstimate(0.4, 0.4 + 0j, 0.0, 10)
+    fig = F.contraction_figure(rate, t, jacobian=jac)
+    lines = sorted(sh.y0 for sh in fig.layout.shapes)
+    assert lines == pytest.approx(sorted([1.0, rate.state_rate, 0.4]))
+    assert not any("neither contracting" in (a.text or "") for a in fig.layout.annotations)
+    assert (F.contraction_data(rate, t, jacobian=jac)["jacobian_radius"] == 0.4).all()
 
     counts = class_counts(classify_trajectories(t.states))
     fig = F.class_figure(counts)
-    assert list(fig.data[0].x) == ["fixed point", "orbit", "slider", "unknown"]
+    assert list(fig.data[0].x) == ["fixed point", "converging", "orbit", "slider", "unknown"]
     assert list(fig.data[0].y) == list(counts.values()) and sum(fig.data[0].y) == T
 
 

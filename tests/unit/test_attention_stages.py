@@ -145,6 +145,21 @@ def test_stage_closed_forms():
     assert isinstance(sink_rate(heads), float)
     nanmap = heads.copy(); nanmap[1, 2, 1] = np.nan
     assert math.isnan(sink_rate(nanmap)) and math.isnan(float(colsum_concentration(nanmap[1])))
+    # key 0 versus each head's strongest key: a sink on the last key counts only as "strongest"
+    T = 6
+    last = np.zeros((T, T)); last[np.arange(T), np.arange(T)] = 1.0   # each query on itself: key 5 gets 1/T
+    late = np.zeros((T, T)); late[:, 0] = 0.5; late[np.arange(T), np.arange(T)] += 0.5
+    late[0, 0] = 1.0                                                 # key 0 gets (0.5*5 + 1)/T
+    mid = np.full((T, T), 0.0); mid[:, 2] = 1.0                      # every query on key 2 (not causal; a test map)
+    maps = np.stack([sinkmap, mid, late, last])
+    top = sink_scores(maps).max(axis=-1)
+    first = sink_scores(maps)[:, 0]
+    assert sink_rate(maps) == pytest.approx(np.mean(top >= 0.3))            # brute force, strongest key
+    assert sink_rate(maps, key="first") == pytest.approx(np.mean(first >= 0.3))
+    assert sink_rate(maps) == pytest.approx(3 / 4) and sink_rate(maps, key="first") == pytest.approx(2 / 4)
+    assert math.isnan(sink_rate(nanmap, key="first"))
+    with pytest.raises(ValueError, match="key"):
+        sink_rate(maps, key="bos")
 
 
 def test_residual_entropy():
@@ -163,7 +178,7 @@ def test_residual_entropy():
 def test_stage_profiles(tiny_trace):
     df = stage_profiles(tiny_trace)
     assert list(df.columns) == ["iteration", "layer", "relative_depth", "colsum_concentration", "sink_score",
-                                "sink_rate", "mixing_score", "residual_entropy"]
+                                "sink_rate", "sink_rate_first", "mixing_score", "residual_entropy"]
     assert len(df) == 16
     row = df.iloc[5]
     t, l = int(row.iteration), int(row.layer)
@@ -172,6 +187,7 @@ def test_stage_profiles(tiny_trace):
     assert row.colsum_concentration == pytest.approx(np.mean([colsum_concentration(a) for a in A]), rel=1e-6)
     assert row.mixing_score == pytest.approx(np.mean([mixing_score(a) for a in A]), rel=1e-6)
     assert row.sink_rate == pytest.approx(sink_rate(A))
+    assert row.sink_rate_first == pytest.approx(np.mean([a[:, 0].mean() >= 0.3 for a in A]))
     assert row.residual_entropy == pytest.approx(residual_entropy(tiny_trace.states[t, l]), rel=1e-6)
     import dataclasses
     with pytest.raises(ValueError, match="attention"):

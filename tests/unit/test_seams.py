@@ -19,6 +19,7 @@ from analysis.capture import CaptureError
 from analysis.lab import LabSettings, run_lab
 from analysis.measures import summary
 from analysis.measures.correspondence import answer_through_depth
+from analysis.measures.dynamics import contraction_rate
 from analysis.measures.stages import stage_profiles
 from analysis.measures.tables import state_metrics_table
 from analysis.models.native import load_checkpoint, save_checkpoint
@@ -88,30 +89,17 @@ def test_report_raises_when_a_figure_builder_fails(monkeypatch):
         build_report(None, None, looped, deep, {"prompt": PROMPT}, date="2000-01-01T00:00:00+00:00")
 
 
-def _brute_contraction(states, tail=16):
-    """Median over (layer, token) of the geometric mean of ||Δ_{t+1}|| / ||Δ_t|| over the tail, by loops."""
-    I, L, T, _ = states.shape
-    n = min(tail, I - 2)
-    rates = []
-    for l in range(L):
-        for k in range(T):
-            x = states[:, l, k].astype(np.float64)
-            d = [np.linalg.norm(x[i] - x[i - 1]) for i in range(I - n - 1, I)]
-            logs = [np.log(d[j + 1] / d[j]) for j in range(n) if d[j] > 0]
-            if logs:
-                rates.append(np.exp(np.mean(logs)))
-    return float(np.median(rates))
-
-
 def test_headline_numbers_have_one_definition():
-    """The report's median contraction and stable iteration are summary's, which match loops written here."""
+    """The report's contraction and stable iteration are summary's: one definition, the page's."""
     from analysis.report import build_report, report_numbers
 
     looped, deep = _traces()
     nums = report_numbers(build_report(None, None, looped, deep, {"prompt": PROMPT}, date="2000-01-01T00:00:00+00:00"))
     h = summary.headline(looped)
     assert nums["looped"]["contraction_median"] == pytest.approx(h.contraction_median, rel=1e-12)
-    assert h.contraction_median == pytest.approx(_brute_contraction(looped.states), rel=1e-9)
+    assert nums["looped"]["contraction_state"] == pytest.approx(h.contraction_state, rel=1e-12)
+    rate = contraction_rate(looped.states).rate[-1]          # the Convergence page's "token median (last layer)"
+    assert h.contraction_median == pytest.approx(float(np.median(rate[np.isfinite(rate)])), rel=1e-12)
     assert nums["looped"]["stable_iteration"] == h.stable_from == summary.stable_iteration(looped)
     top = looped.lens_top_ids[:, -1, -1, 0]
     target = summary.target_id(looped)
