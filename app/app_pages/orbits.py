@@ -7,7 +7,7 @@ import streamlit as st
 from analysis.measures.projections import project_across_tokens, project_token
 from analysis import viz
 from app import components as ui
-from app import session, url_state
+from app import caching, session, url_state
 
 s, tpl = ui.page(
     "Orbits: where each token's state travels",
@@ -65,15 +65,6 @@ center = bool(st.session_state.get("o_center", False)) if proj == "pca" else Fal
 dims = (0, 1, 2) if dim == "3D" else {"1-2": (0, 1), "3-4": (2, 3), "5-6": (4, 5)}[pcs]
 
 
-@st.cache_resource(show_spinner=False)
-def _warm_umap() -> bool:
-    """Compile (or load from numba's cache) UMAP once per server process."""
-    from analysis.measures.projections import warm_umap
-
-    warm_umap()
-    return True
-
-
 def coords_of(trace):
     """(coords, axis label, PCA or None) for the chosen projection of one trace; None when the
     projection cannot be fitted (a st.warning says why, and the figure is skipped)."""
@@ -98,7 +89,7 @@ def _coords_of(trace):
         return coords, "PC", pca
     with st.status("UMAP: fitting a seeded neighbourhood embedding…", expanded=False) as status:
         try:
-            _warm_umap()
+            caching.warm_umap()
             coords = session.measure(ui.umap_coords, trace, n_components=3 if dim == "3D" else 2,
                                    seed=int(s.settings.seed))
         except Exception:
