@@ -336,9 +336,18 @@ def view_int(label: str, key: str, lo: int, hi: int, default: int, *, widget: st
             st.warning(f"URL value {key}={raw!r} is not a whole number from {lo} to {hi}; using {default}.")
             v = default
         st.session_state[key] = v
-    if key in st.session_state and not (isinstance(st.session_state[key], int) and lo <= st.session_state[key] <= hi):
-        st.session_state[key] = default
-    kw = {} if key in st.session_state else {"value": default}
+    ss = st.session_state
+    if key in ss:
+        # Streamlit forgets a keyed slider's value when its range changes (a new widget id) and
+        # falls back to the range's start; set the value explicitly before drawing the widget: the
+        # default when the user kept the old default (it follows the range), else the user's
+        # choice clamped to the new range.
+        prev = ss[key]
+        if not isinstance(prev, int) or prev == ss.get(f"_view_default_{key}"):
+            prev = default
+        ss[key] = min(max(prev, lo), hi)
+    ss[f"_view_default_{key}"] = default
+    kw = {} if key in ss else {"value": default}
     if lo == hi:
         value = lo
         container.caption(f"{label}: {lo}")

@@ -611,3 +611,30 @@ def test_every_page_opens_with_title_and_teaching_before_any_message(page):
         assert types[2] == "info" and "What the paper found" in str(order[2].value)
     if page != "lab":  # the lab needs no trace, so it does not repeat the sidebar's messages
         assert "prompt is empty" in texts(at.error) and "iterations='abc'" in texts(at.warning)
+
+
+# ---------------------------------------------------------------- view controls across an Iterations change
+@pytest.mark.parametrize("page,key", [("orbits", "o_upto"), ("stages", "stages_lines"),
+                                      ("attention", "attention_rows")])
+def test_iteration_controls_keep_the_choice_when_iterations_change(page, key):
+    """A slider bounded by the iteration count keeps the user's value (clamped), or follows the
+    full range when the user left it at its default; it never drops to 1 (Streamlit's fallback
+    when a keyed slider's range changes)."""
+    at = new_app({"iterations": "4"})
+    at.run()
+    at.switch_page(f"app_pages/{page}.py").run()
+    assert_clean(at)
+    assert at.slider(key=key).value == 4  # the default: all 4 iterations
+    at.number_input(key="w_iterations").set_value(8)
+    at.button(key="run").click().run()
+    assert_clean(at)
+    default = {"o_upto": 8, "stages_lines": 8, "attention_rows": 6}[key]
+    assert at.slider(key=key).value == default and at.query_params[key] == str(default)
+    at.slider(key=key).set_value(3).run()
+    at.number_input(key="w_iterations").set_value(5)
+    at.button(key="run").click().run()
+    assert_clean(at)
+    assert at.slider(key=key).value == 3 and at.query_params[key] == "3"
+    at.number_input(key="w_iterations").set_value(2)
+    at.button(key="run").click().run()
+    assert at.slider(key=key).value == 2  # clamped to the new range
