@@ -66,6 +66,28 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
+def describe_trained(ti) -> str:
+    """A card's ``trained_iterations`` in words, as the app shows it: {"mean": 6, "min": 2,
+    "max": 18, ...} -> "2–18 (mean 6)", {"fixed": 6} -> "6 (fixed)", 6 -> "6"; None -> "n/a"."""
+    if isinstance(ti, dict):
+        if {"min", "max"} <= set(ti):
+            mean = f" (mean {_fmt(ti['mean'])})" if "mean" in ti else ""
+            return f"{_fmt(ti['min'])}–{_fmt(ti['max'])}{mean}"
+        if "fixed" in ti:
+            return f"{_fmt(ti['fixed'])} (fixed)"
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in ti.items() if isinstance(v, (int, float)))
+    return "n/a" if ti is None else _fmt(ti)
+
+
+def describe_accuracy(acc) -> str:
+    """{"1": 1.0, "2": 0.98} -> "1 hop 100%, 2 hops 98%" (held-out accuracy by hop count)."""
+    if not isinstance(acc, dict) or not acc:
+        return "n/a"
+    items = sorted(acc.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
+    return ", ".join(f"{h} hop{'s' if str(h) != '1' else ''} {float(v):.0%}" for h, v in items
+                     if isinstance(v, (int, float)))
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -227,7 +249,7 @@ class _Report:
         self.figures.append((div_id, fig, source))
         body = pio.to_html(fig, full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=div_id,
                            config=PLOTLY_CONFIG, validate=False, auto_play=False)
-        return f'<figure class="plot" data-source="{_esc(source)}">{body}<figcaption>{_esc(source)}</figcaption></figure>'
+        return f'<figure class="plot">{body}</figure>'
 
     def set(self, key: str, value):
         """Store ``value`` under a dotted key in the numbers JSON and return its HTML."""
@@ -252,11 +274,14 @@ def _model_card(m: LoadedModel | None, tr: Trace | None) -> dict:
         except Exception:
             params = None
     arch = (m.config.describe() if m is not None else md.get("architecture")) or card.get("architecture")
-    return {"name": m.name if m is not None else md.get("model_name", "unknown"),
+    uploaded = m is None and md.get("upload_sha256")
+    return {"name": (m.name if m is not None else md.get("model_name", "unknown")) + (" (uploaded trace)" if uploaded else ""),
             "architecture": arch, "parameters": params,
             "sha256": m.sha256 if m is not None else md.get("checkpoint_sha256"),
-            "trained_iterations": card.get("trained_iterations", md.get("trained_iterations")),
-            "path": m.path if m is not None else "(trace only: weights not loaded)",
+            "trained_iterations": card.get("trained_iterations", md.get("card_trained", md.get("trained_iterations"))),
+            "path": m.path if m is not None else (
+                f"uploaded trace file {md.get('upload_name', '')} (weights not loaded; facts from its metadata)"
+                if uploaded else "(trace only: weights not loaded)"),
             "accuracy_by_hops": card.get("accuracy_by_hops"), "training_steps": card.get("training_steps")}
 
 
@@ -276,8 +301,12 @@ def _cards_section(rep: _Report, looped_model, deep_model, looped, deep) -> str:
             v = c.get(f)
             if f == "parameters" and v is not None:
                 cells.append(f'<td>{_num(f"models.{k}.parameters", int(v))}</td>')
+            elif f == "trained_iterations":
+                cells.append(f"<td>{_esc(describe_trained(v))}</td>")
+            elif f == "accuracy_by_hops":
+                cells.append(f"<td>{_esc(describe_accuracy(v))}</td>")
             elif isinstance(v, dict):
-                cells.append(f"<td><code>{_esc(json.dumps(v, sort_keys=True))}</code></td>")
+                cells.append(f"<td>{_esc(', '.join(f'{a}: {b}' for a, b in v.items()))}</td>")
             else:
                 cells.append(f'<td class="mono">{_esc("n/a" if v is None else v)}</td>')
         rows.append(f"<tr><th>{_esc(label)}</th>{''.join(cells)}</tr>")
@@ -500,7 +529,11 @@ def _cka_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
 
 
 def _settings_section(rep: _Report, settings: dict, versions: dict, date: str) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(json.dumps(v, default=str))}</td></tr>"
+    def words(v):
+        if isinstance(v, dict):
+            return ", ".join(f"{a}: {b}" for a, b in v.items())
+        return "n/a" if v is None else str(v)
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(words(v))}</td></tr>"
                    for k, v in sorted(settings.items()))
     vrows = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(v)}</td></tr>" for k, v in versions.items())
     return (f"<section id='settings'><h2>Settings and software</h2><table class='card'><tbody>{rows}</tbody></table>"
@@ -543,8 +576,9 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
               f"model. Generated {_esc(date)}.</p><h2>Prompt</h2><p class='prompt'><code>{_esc(looped.prompt)}</code></p>"
               f"<p>Expected answer: <code>{_esc(looped.answer if looped.answer is not None else 'unknown')}</code>"
               + (f", {looped.metadata.get('answer_hops')} hop(s)" if looped.metadata.get("answer_hops") else "")
-              + f". Looped model run for {looped.n_iterations} iterations (trained: "
-              f"{_esc(json.dumps(looped.metadata.get('trained_iterations')))}), seed {_esc(looped.metadata.get('seed'))}.</p>")
+              + f". Looped model run for {looped.n_iterations} iterations (trained with "
+              f"{_esc(describe_trained(looped.metadata.get('card_trained', looped.metadata.get('trained_iterations'))))} "
+              f"iterations), seed {_esc(looped.metadata.get('seed'))}.</p>")
     body = [header,
             _safe(_cards_section, rep, "Models", looped_model, deep_model, looped, deep),
             _safe(_answer_section, rep, "The answer through depth", looped, deep),

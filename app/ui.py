@@ -40,14 +40,42 @@ def metric(where, label: str, value, short: str | None = None, big: bool = False
 
 
 # ---------------------------------------------------------------- page helpers (app/state.py owns the data)
-def model_label(trace, model) -> str:
-    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata."""
+def model_label(trace, model, session=None) -> str:
+    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata with
+    "· uploaded trace" after it; with ``session``, each side's prompt is named when the two sides
+    show different prompts."""
     if model is not None:
-        return f"{model.name} {model.config.describe()}"
-    if trace is not None:
+        label = f"{model.name} {model.config.describe()}"
+    elif trace is not None:
         m = trace.metadata
-        return f"{m.get('model_name', 'uploaded trace')} {m.get('architecture', '')}".strip()
-    return "—"
+        label = f"{m.get('model_name', 'unknown model')} {m.get('architecture', '')}".strip()
+        if m.get("upload_sha256"):
+            label += " · uploaded trace"
+    else:
+        return "—"
+    if session is not None and trace is not None and prompts_differ(session):
+        label += f" · prompt '{trace.prompt}'"
+    return label
+
+
+def prompts_differ(session) -> bool:
+    """Whether the looped and the deep side show different prompts."""
+    return session.looped is not None and session.deep is not None and session.looped.prompt != session.deep.prompt
+
+
+def trained_of(trace, model):
+    """The largest trained iteration count of the model behind a trace (its card, or an uploaded
+    trace's metadata), or None."""
+    from app.state import trained_iterations
+
+    if model is not None:
+        return trained_iterations(model.card, model.config.iterations)
+    if trace is None or trace.is_deep:
+        return None
+    m = trace.metadata
+    card = {"trained_iterations": m.get("card_trained")} if m.get("card_trained") is not None else {}
+    ti = m.get("trained_iterations")
+    return trained_iterations(card, ti) if (card or isinstance(ti, int)) else None
 
 
 def why_missing(session, who: str) -> str:
@@ -63,15 +91,54 @@ def why_missing(session, who: str) -> str:
 
 
 def prompt_banner(session) -> None:
-    """The prompt as the models read it, with its known answer, in one line."""
+    """The prompt as the models read it, with its known answer, in one line; when the two sides
+    show different prompts (an uploaded trace beside a model that cannot read its prompt), a
+    loud note naming each side's prompt instead."""
+    if prompts_differ(session):
+        lines = []
+        for who, t in (("Looped", session.looped), ("Deep", session.deep)):
+            src = f"uploaded trace {session.uploaded[who.lower()]}" if who.lower() in session.uploaded else "computed"
+            ans = f", known answer {t.answer!r}" if t.answer is not None else ""
+            lines.append(f"- **{who}** ({src}): prompt `{t.prompt}`{ans}")
+        st.error("**The two sides show different prompts**, so they are not comparable position by position:\n"
+                 + "\n".join(lines), icon=":material/compare_arrows:")
+        return
     t = session.looped or session.deep
     if t is None:
         return
     answer = f" → known answer **{t.answer}**" if t.answer is not None else " (free text: no known answer)"
     hops = t.metadata.get("answer_hops")
     its = "" if t.is_deep else f", {t.n_iterations} iterations"
+    src = "".join(f" · {who} side: **uploaded trace** `{name}`" for who, name in session.uploaded.items())
     st.markdown(f"Prompt `{t.prompt}`{answer}" + (f" ({hops} hops)" if hops else "") + its
-                + f", seed {t.metadata.get('seed', '—')}.")
+                + f", seed {t.metadata.get('seed', '—')}." + src)
+
+
+def trace_card(trace, file_name: str | None = None, big: bool = False) -> None:
+    """The model facts an uploaded trace carries in its metadata (name, architecture, weights
+    hash, configuration, trained iterations), labelled as an uploaded trace: the weights are not
+    loaded, so there are no held-out numbers."""
+    m = trace.metadata
+    cfg = m.get("config") or {}
+    st.markdown(f"**{m.get('model_name', 'unknown model')}** — `{m.get('architecture', '')}` · "
+                f":orange-badge[uploaded trace{' ' + file_name if file_name else ''}]")
+    c1, c2, c3 = st.columns(3)
+    if trace.is_deep:
+        c1.metric("Layers", trace.n_layers)
+    else:
+        metric(c1, "Iterations run", trace.n_iterations, short="Iterations", big=big)
+        ti = m.get("card_trained")
+        if ti is not None or m.get("trained_iterations") is not None:
+            from app.report import describe_trained
+
+            metric(c2, "Trained iterations", describe_trained(ti if ti is not None else m.get("trained_iterations")),
+                   short="Trained iters", big=big)
+    c3.metric("Seed", m.get("seed", "—"))
+    st.caption(f"From the trace file's metadata (the weights are not loaded): d_model {cfg.get('d_model', '?')}, "
+               f"{cfg.get('n_heads', '?')} heads, norm {cfg.get('norm_layout', '?')}, injection "
+               f"{cfg.get('injection', '?')}, initial state {cfg.get('initial_state', '?')}, context "
+               f"{cfg.get('context_length', '?')} · weights sha256 {m.get('checkpoint_sha256', 'unknown')} · "
+               f"prompt `{trace.prompt}`")
 
 
 def model_card(model, big: bool = False) -> None:

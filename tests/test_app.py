@@ -638,3 +638,70 @@ def test_iteration_controls_keep_the_choice_when_iterations_change(page, key):
     at.number_input(key="w_iterations").set_value(2)
     at.button(key="run").click().run()
     assert at.slider(key=key).value == 2  # clamped to the new range
+
+
+# ---------------------------------------------------------------- an uploaded trace's provenance
+def _all_text(at) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "subheader", "metric", "warning", "error", "info"):
+        for e in at.get(kind):
+            parts.append(str(getattr(e, "value", "")) + " " + str(getattr(e, "label", "")))
+    return "\n".join(parts)
+
+
+def test_uploaded_trace_is_credited_to_its_own_model(tmp_path):
+    """A chain-contrast trace uploaded while the sidebar holds chain-looped and another prompt:
+    every page names chain-contrast (labelled as an uploaded trace) and its hash, never the
+    sidebar model's; the deep side reads the trace's prompt; the report's model table and
+    settings describe the trace."""
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+    from app.report import report_numbers
+    from app.state import resolve
+
+    contrast, looped = load_checkpoint(resolve("chain-contrast")), load_checkpoint(resolve("chain-looped"))
+    prompt = "y=1;f=g;o=7;q=o;s=q;g=2;?s="
+    t = trace(contrast, prompt, iterations=5, seed=3, fixed_point_iterations=0)
+    at = new_app({"looped": "chain-looped", "prompt": "k=4;m=k;p=m;?p=", "iterations": "4"})
+    at.run()
+    upload(at, "contrast.npz", t.save(tmp_path / "contrast.npz").read_bytes())
+    s = at.session_state["_run_session"]
+    assert s.looped_model is None and s.looped.metadata["model_name"] == "chain-contrast"
+    assert s.deep.prompt == prompt  # the deep side re-ran on the trace's prompt
+    text = _all_text(at)
+    assert "Looped: chain-contrast (1, 2⊗r, 1) · uploaded trace" in [h.value for h in at.subheader]
+    assert contrast.sha256 in text and looped.sha256 not in text and "different prompts" not in text
+    for page in ("orbits", "stages", "attention"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert_clean(at)
+        text = _all_text(at)
+        assert "chain-contrast" in text and "uploaded trace" in text and "chain-looped" not in text, page
+    at.switch_page("app_pages/report.py").run()
+    at.button(key="report_build").click().run()
+    assert_clean(at)
+    html_text = at.session_state["_report_built"]["html"].decode()
+    nums = report_numbers(html_text)
+    card = nums["models"]["looped"]
+    assert card["name"].startswith("chain-contrast") and card["sha256"] == contrast.sha256
+    assert "uploaded trace file contrast.npz" in card["path"]
+    assert looped.sha256 not in html_text and "chain-looped" not in html_text
+    assert ">5<" in html_text.split("<th>iterations</th>")[1][:40]
+    assert ">3<" in html_text.split("<th>seed</th>")[1][:40]
+    assert prompt in html_text.split("<th>prompt</th>")[1][:80]
+
+
+def test_uploaded_trace_beside_a_model_that_cannot_read_its_prompt_names_each_sides_prompt(tmp_path):
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+    from app.state import resolve
+
+    text_model = load_checkpoint(resolve("text-looped"))
+    t = trace(text_model, "The for statement is", iterations=3, seed=0, fixed_point_iterations=0)
+    at = new_app({"iterations": "3"})
+    at.run()
+    upload(at, "text.npz", t.save(tmp_path / "text.npz").read_bytes())
+    s = at.session_state["_run_session"]
+    assert s.looped.prompt == "The for statement is" and s.deep.prompt != s.looped.prompt
+    err = texts(at.error)
+    assert "The two sides show different prompts" in err and "The for statement is" in err and s.deep.prompt in err
+    assert f"prompt '{s.deep.prompt}'" in [h.value for h in at.subheader][1]

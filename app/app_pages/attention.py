@@ -75,13 +75,13 @@ def grid_head(n_heads: int):
 
 left, right = st.columns(2, gap="large")
 with left:
-    st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
+    st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
     rows = figures.pick_iterations(I, n_rows)
     st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}.")
     ui.show_figure(figures.attention_grid_figure(t, layer=layer, rows=rows, head=grid_head(H), big=big),
                    key="attention_grid", data=figures.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H)))
 with right:
-    st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
+    st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
     if s.deep is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
     elif deep is None:

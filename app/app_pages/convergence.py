@@ -52,12 +52,12 @@ else:
 
     left, right = st.columns([3, 2], gap="large")
     with left:
-        st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
+        st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
         steps = state.measure(ui.steps, t)
         ui.show_figure(figures.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, big=big),
                        key="steps", data=figures.step_data(steps, t))
     with right:
-        st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
+        st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
         if s.deep is None:
             st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
         else:

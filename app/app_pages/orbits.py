@@ -118,7 +118,7 @@ def explained(pca) -> str:
 
 left, right = st.columns(2, gap="large")
 with left:
-    st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
+    st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
     if t is None:
         st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")
     elif (got := coords_of(t)) is not None:
@@ -132,7 +132,7 @@ with left:
         ui.show_figure(fig, key="orbit_looped", data=figures.orbit_data(coords, t, token=k, axis_label=label))
         st.caption(explained(pca))
 with right:
-    st.subheader(f"Deep: {ui.model_label(d, s.deep_model)}")
+    st.subheader(f"Deep: {ui.model_label(d, s.deep_model, s)}")
     if d is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
     elif (got := coords_of(d)) is not None:

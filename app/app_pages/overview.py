@@ -23,7 +23,7 @@ left, right = st.columns(2, gap="large")
 
 def model_column(col, trace, model, who: str) -> None:
     with col:
-        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model)}")
+        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model, s)}")
         if trace is None:
             st.info(f"No {who} trace: {ui.why_missing(s, who)}")
             return
@@ -51,7 +51,7 @@ def model_column(col, trace, model, who: str) -> None:
                            + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         else:
             c3.metric("Layers", trace.n_layers)
-        trained = state.trained_iterations(model.card, model.config.iterations) if model else None
+        trained = ui.trained_of(trace, model)
         ui.show_figure(figures.answer_figure(trace, trained=trained, big=big), key=f"answer_{who}",
                        data=figures.answer_data(trace))
         ui.show_figure(figures.lens_heatmap(trace, big=big), key=f"lens_{who}", data=figures.lens_data(trace))
@@ -67,11 +67,12 @@ st.divider()
 st.subheader("Model cards")
 cards = {m.name: m.card for m in (s.looped_model, s.deep_model) if m is not None}
 cc = st.columns(2, gap="large")
-for col, m in zip(cc, (s.looped_model, s.deep_model)):
+for col, m, t, who in zip(cc, (s.looped_model, s.deep_model), (s.looped, s.deep), ("looped", "deep")):
     with col:
-        if m is None:
-            continue
-        ui.model_card(m, big=big)
+        if m is not None:
+            ui.model_card(m, big=big)
+        elif t is not None and who in s.uploaded:  # an uploaded trace: its own model, from its metadata
+            ui.trace_card(t, s.uploaded[who], big=big)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")

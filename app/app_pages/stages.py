@@ -58,8 +58,8 @@ else:
     except ValueError as exc:
         st.warning(f"Could not compute the deep model's stage profiles: {exc}")
 
-label = f"looped {ui.model_label(t, s.looped_model)}" + (
-    f" over deep {ui.model_label(s.deep, s.deep_model)}" if deep is not None else "")
+label = f"looped {ui.model_label(t, s.looped_model, s)}" + (
+    f" over deep {ui.model_label(s.deep, s.deep_model, s)}" if deep is not None else "")
 st.subheader(label)
 ui.show_figure(figures.stage_profile_figure(looped, deep, max_lines=max_lines, big=big), key="stages_profiles",
                data=figures.stage_data(looped, deep))
