@@ -308,15 +308,19 @@ class Trace:
         truncated, pickled objects, bad or missing metadata, missing or misshapen arrays)."""
         try:
             z = np.load(source, allow_pickle=False)
-        except Exception as exc:  # zip, header or pickle errors all mean the same to a user
-            raise TraceFormatError(f"not a loopscope trace file (.npz): {exc}") from None
+        except Exception:  # zip, header or pickle errors all mean the same to a user; numpy's own
+            # message would name the wrong cause (random bytes read as "pickled data") and suggest
+            # loading the file unsafely, so it is not repeated
+            raise TraceFormatError("not a loopscope trace file: it is not a NumPy .npz archive") from None
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise TraceFormatError("not a loopscope trace file: a single .npy array, not an .npz archive")
         try:
             with z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
-            raise TraceFormatError(f"trace file is damaged or holds objects: {exc}") from None
+            why = ("it holds Python objects, which loopscope never loads" if "pickle" in str(exc)
+                   else f"the archive is damaged ({exc})")
+            raise TraceFormatError(f"not a loopscope trace file: {why}") from None
         if "metadata" not in data:
             raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
         raw = data.pop("metadata")

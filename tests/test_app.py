@@ -705,3 +705,12 @@ def test_uploaded_trace_beside_a_model_that_cannot_read_its_prompt_names_each_si
     err = texts(at.error)
     assert "The two sides show different prompts" in err and "The for statement is" in err and s.deep.prompt in err
     assert f"prompt '{s.deep.prompt}'" in [h.value for h in at.subheader][1]
+
+
+def test_random_bytes_upload_is_not_a_trace_and_no_unsafe_loading_is_suggested():
+    at = new_app()
+    at.run()
+    upload(at, "random.npz", np.random.default_rng(0).bytes(4096))
+    msg = texts(at.error)
+    assert "Uploaded file random.npz could not be opened" in msg and "not a loopscope trace" in msg
+    assert "pickle" not in msg.lower()
