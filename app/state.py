@@ -208,13 +208,15 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
     for key in ("looped", "deep"):
         if key in params:
             raw = str(params[key] or "")
+            # only the configured models: a URL never names a folder on the server (a shared server
+            # must not load, or say whether it has, whatever path a visitor types)
             if raw in found or (key == "deep" and raw in ("", "none", NONE)):
                 out[key] = "" if raw in ("none", NONE) else raw
-            elif raw and os.path.isabs(os.path.expanduser(raw)):
-                out[key] = os.path.expanduser(raw)
             else:
-                notes.append(f"URL value {key}={raw!r} is not a sample checkpoint ({', '.join(found) or 'none found'}) "
-                             f"or an absolute folder path; using {defaults[key] or 'none'!r}.")
+                shown = raw if len(raw) <= 40 and "/" not in raw and "\\" not in raw else "(a path)"
+                notes.append(f"URL value {key}={shown!r} is not one of the models this app offers "
+                             f"({', '.join(found) or 'none found'}); using {defaults[key] or 'none'!r}. "
+                             "A local checkpoint folder can be chosen in the sidebar.")
     if "prompt" in params:
         out["prompt"] = str(params["prompt"] or "")
     for key, lo, hi in (("iterations", 1, MAX_ITERATIONS), ("seed", 0, MAX_SEED), ("hops", 1, MAX_HOPS)):

@@ -212,15 +212,32 @@ def test_unreadable_checkpoint_folder(tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     (broken / "model.safetensors").write_bytes(b"garbage")
-    at = new_app({"looped": str(broken)})
+    at = new_app()
     at.run()
+    at.selectbox(key="w_looped").set_value("local folder…").run()
+    at.text_input(key="w_looped_path").set_value(str(broken))
+    at.button(key="run").click().run()
     assert_clean(at)
     assert "not valid JSON" in texts(at.error)
-    at = new_app({"looped": str(tmp_path / "missing")})
-    at.run()
+    at.text_input(key="w_looped_path").set_value(str(tmp_path / "missing"))
+    at.button(key="run").click().run()
     assert_clean(at)
     assert "is not a folder" in texts(at.error)
     assert "answer_deep" in charts(at)  # the deep model still works
+
+
+@pytest.mark.parametrize("value", ["/root/.ssh", "/", "../sample_checkpoints/chain-looped", "~"])
+def test_url_models_only_from_the_configured_folders(value, tmp_path):
+    """A URL cannot load a server folder, and its note says nothing about the server's files."""
+    at = new_app({"looped": value, "deep": value})
+    at.run()
+    assert_clean(at)
+    s = at.session_state["_settings"]
+    assert (s.looped, s.deep) == ("chain-looped", "chain-deep")
+    notes = texts(at.warning)
+    assert "is not one of the models this app offers" in notes
+    assert "missing" not in notes and "not a folder" not in notes and value not in notes.replace("'~'", "")
+    assert not at.error
 
 
 def test_foreign_checkpoint_folder(tmp_path):
