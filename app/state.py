@@ -218,7 +218,7 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
                              f"({', '.join(found) or 'none found'}); using {defaults[key] or 'none'!r}. "
                              "A local checkpoint folder can be chosen in the sidebar.")
     if "prompt" in params:
-        out["prompt"] = str(params["prompt"] or "")
+        out["prompt"] = str(params["prompt"] or "").rstrip("\r\n")
     for key, lo, hi in (("iterations", 1, MAX_ITERATIONS), ("seed", 0, MAX_SEED), ("hops", 1, MAX_HOPS)):
         if key in params:
             v = _parse_int(params[key], lo, hi)
@@ -436,13 +436,16 @@ def _widget_settings() -> dict:
             return str(Path(raw).expanduser().absolute()) if raw else ""
         return choice or ""
 
-    return {"looped": model_value("looped"), "deep": model_value("deep"), "prompt": ss.get("w_prompt", ""),
+    # a trailing newline (Enter pressed at the end of the text area) is not part of the prompt
+    prompt = str(ss.get("w_prompt", "") or "").rstrip("\r\n")
+    return {"looped": model_value("looped"), "deep": model_value("deep"), "prompt": prompt,
             "iterations": int(ss.get("w_iterations", 16)), "seed": int(ss.get("w_seed", 0)),
             "hops": int(ss.get("w_hops", 3))}
 
 
 def _apply() -> None:
     st.session_state["applied"] = _widget_settings()
+    st.session_state["w_prompt"] = st.session_state["applied"]["prompt"]
     st.session_state["_url_notes"] = []
 
 

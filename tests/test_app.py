@@ -207,6 +207,14 @@ def test_out_of_vocabulary_character():
     assert "'B'" in msg and "position 4" in msg
 
 
+def test_trailing_newline_is_stripped_not_rejected():
+    at = run_with_prompt("a=7;b=a;?b=\n")
+    assert not at.error, texts(at.error)
+    assert at.session_state["_settings"].prompt == "a=7;b=a;?b="
+    assert at.text_area(key="w_prompt").value == "a=7;b=a;?b="
+    assert at.session_state["_run_session"].looped.answer == "7"
+
+
 def test_unreadable_checkpoint_folder(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
