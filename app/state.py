@@ -205,17 +205,22 @@ def _parse_int(raw, lo: int, hi: int) -> int | None:
 def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict, list[str]]:
     """Validated settings from URL parameters; invalid values fall back with a note."""
     out, notes = dict(defaults), []
+    kinds = {"looped": [n for n, p in found.items() if not _is_deep_sample(p)],
+             "deep": [n for n, p in found.items() if _is_deep_sample(p)]}
     for key in ("looped", "deep"):
         if key in params:
             raw = str(params[key] or "")
             # only the configured models: a URL never names a folder on the server (a shared server
             # must not load, or say whether it has, whatever path a visitor types)
-            if raw in found or (key == "deep" and raw in ("", "none", NONE)):
+            if raw in kinds[key] or (key == "deep" and raw in ("", "none", NONE)):
                 out[key] = "" if raw in ("none", NONE) else raw
+            elif raw in found:
+                notes.append(f"URL value {key}={raw!r} is a {'deep' if key == 'looped' else 'looped'} model, not a "
+                             f"{key} one ({', '.join(kinds[key]) or 'none found'}); using {defaults[key] or 'none'!r}.")
             else:
                 shown = raw if len(raw) <= 40 and "/" not in raw and "\\" not in raw else "(a path)"
                 notes.append(f"URL value {key}={shown!r} is not one of the models this app offers "
-                             f"({', '.join(found) or 'none found'}); using {defaults[key] or 'none'!r}. "
+                             f"({', '.join(kinds[key]) or 'none found'}); using {defaults[key] or 'none'!r}. "
                              "A local checkpoint folder can be chosen in the sidebar.")
     if "prompt" in params:
         out["prompt"] = str(params["prompt"] or "").rstrip("\r\n")
@@ -458,6 +463,39 @@ def _fill_example() -> None:
                 st.session_state["w_hops"] = e["hops"]
 
 
+def _task_of(name: str) -> str | None:
+    model, _ = load_model(name) if name and name not in (LOCAL, NONE) else (None, None)
+    return model.task.get("name", "chain") if model is not None else None
+
+
+def _looped_changed() -> None:
+    """A looped model of another task (chain -> text): switch to that task's first example and to
+    a deep model of the same task and vocabulary (none when there is none)."""
+    ss = st.session_state
+    model, _ = load_model(ss.get("w_looped")) if ss.get("w_looped") not in (LOCAL, NONE) else (None, None)
+    if model is None:
+        return
+    task = model.task.get("name", "chain")
+    prompt = str(ss.get("w_prompt") or "")
+    prompt_task = "chain" if solve_chain(prompt) else "text"
+    switched = prompt_task != task or not _fits(model, prompt)
+    if switched:
+        ex = next((e for e in examples() if e.get("task") == task), None)
+        if ex is not None:
+            ss["w_prompt"], ss["w_example"] = ex["prompt"], ex["title"]
+            if isinstance(ex.get("hops"), int) and 1 <= ex["hops"] <= MAX_HOPS:
+                ss["w_hops"] = ex["hops"]
+    deep = ss.get("w_deep")
+    if deep != LOCAL:
+        dm, _ = load_model(deep) if deep != NONE else (None, None)
+        wrong = dm is None or dm.task.get("name", "chain") != task or dm.tokenizer.chars != model.tokenizer.chars
+        if (deep != NONE and wrong) or (deep == NONE and switched):
+            found = samples()
+            fits = [n for n, p in found.items() if _is_deep_sample(p) and _task_of(n) == task
+                    and load_model(n)[0].tokenizer.chars == model.tokenizer.chars]
+            ss["w_deep"] = fits[0] if fits else NONE
+
+
 def _new_chain() -> None:
     ss = st.session_state
     ss["_chain_count"] = ss.get("_chain_count", 0) + 1
@@ -479,17 +517,21 @@ def sidebar() -> Settings:
     embed = embed_requested()
     sb = st.sidebar
     sb.markdown("### Models")
-    opts = list(found) + [LOCAL]
+    # each picker lists the models that fit it: looped models on the left, deep (one pass) on the right
+    opts = [n for n, p in found.items() if not _is_deep_sample(p)] + [LOCAL]
     if ss.get("w_looped") not in opts:
         ss["w_looped"] = opts[0]
-    sb.selectbox("Looped model", opts, key="w_looped",
-                 help=f"Sample checkpoints in {sample_dir()}, or a checkpoint folder on this machine.")
+    sb.selectbox("Looped model", opts, key="w_looped", on_change=_looped_changed,
+                 help="The looped (weight-tied) sample checkpoints, or a checkpoint folder on this machine. "
+                      "Switching to a model of another task also switches the example prompt and the deep model.")
     if ss["w_looped"] == LOCAL:
         sb.text_input("Looped model folder", key="w_looped_path", placeholder="/path/to/checkpoint")
-    dopts = list(found) + [LOCAL, NONE]
+    dopts = [n for n, p in found.items() if _is_deep_sample(p)] + [LOCAL, NONE]
     if ss.get("w_deep") not in dopts:
         ss["w_deep"] = NONE
-    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep")
+    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep",
+                 help="The deep (one pass through distinct layers) sample checkpoints, a checkpoint folder, or none. "
+                      "A looped checkpoint chosen here runs once at its own configured iteration count.")
     if ss["w_deep"] == LOCAL:
         sb.text_input("Deep model folder", key="w_deep_path", placeholder="/path/to/checkpoint")
 

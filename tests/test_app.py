@@ -739,3 +739,33 @@ def test_random_bytes_upload_is_not_a_trace_and_no_unsafe_loading_is_suggested()
     msg = texts(at.error)
     assert "Uploaded file random.npz could not be opened" in msg and "not a loopscope trace" in msg
     assert "pickle" not in msg.lower()
+
+
+def test_pickers_list_models_where_they_fit_and_switching_task_switches_prompt_and_partner():
+    at = new_app()
+    at.run()
+    looped_opts, deep_opts = at.selectbox(key="w_looped").options, at.selectbox(key="w_deep").options
+    assert "chain-looped" in looped_opts and "text-looped" in looped_opts and "chain-deep" not in looped_opts
+    assert "chain-deep" in deep_opts and "chain-looped" not in deep_opts and "text-looped" not in deep_opts
+    at.selectbox(key="w_looped").set_value("text-looped").run()
+    prompt = at.text_area(key="w_prompt").value
+    from app.state import examples
+
+    text_examples = [e for e in examples() if e["task"] == "text"]
+    assert prompt == text_examples[0]["prompt"] and at.selectbox(key="w_example").value == text_examples[0]["title"]
+    assert at.selectbox(key="w_deep").value == "(none)"  # no deep text model ships
+    at.button(key="run").click().run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    assert "no known answer" in texts(at.markdown)
+    at.selectbox(key="w_looped").set_value("chain-looped").run()
+    assert at.selectbox(key="w_deep").value == "chain-deep"
+    from analysis.tasks import solve_chain
+
+    assert solve_chain(at.text_area(key="w_prompt").value)
+    # a URL that puts a model in the wrong picker falls back with a note
+    at = new_app({"looped": "chain-deep", "deep": "chain-looped"})
+    at.run()
+    s = at.session_state["_settings"]
+    assert (s.looped, s.deep) == ("chain-looped", "chain-deep")
+    assert "is a deep model, not a looped one" in texts(at.warning)
