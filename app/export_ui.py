@@ -109,7 +109,9 @@ def trace_downloads(trace, label: str, key: str, container=None) -> None:
     row.download_button(f"{label} metrics (CSV)", data=lambda: export.metrics_csv_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.csv"), mime="text/csv",
                         key=f"{key}__metrics_csv", on_click="ignore", icon=":material/download:", disabled=bool(no_metrics),
-                        help=no_metrics or "One row per token x iteration x layer (analysis.metrics.state_metrics_table)")
+                        help=no_metrics or "One row per token x iteration x layer; iterations and depth count from 1 "
+                        "as on the figures and their CSVs, layers and tokens from 0; lens_top1 is the lens's top "
+                        "character, lens_top1_id its id")
     row.download_button(f"{label} metrics (Parquet)", data=lambda: export.metrics_parquet_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.parquet"),
                         mime="application/vnd.apache.parquet", key=f"{key}__metrics_parquet", on_click="ignore",

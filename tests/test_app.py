@@ -769,3 +769,12 @@ def test_pickers_list_models_where_they_fit_and_switching_task_switches_prompt_a
     s = at.session_state["_settings"]
     assert (s.looped, s.deep) == ("chain-looped", "chain-deep")
     assert "is a deep model, not a looped one" in texts(at.warning)
+
+
+def test_overview_says_prediction_is_the_final_output_and_the_lens_reads_the_block(app):
+    at = app.switch_page("app_pages/overview.py").run()
+    caps = texts(at.caption)
+    assert "**Prediction** is the final output, through the coda and the output head" in caps
+    assert "before the coda" in caps
+    tip = [m.proto.help for m in at.metric if m.label == "Prediction"][0]
+    assert "logit lens" in tip and "final output" in tip

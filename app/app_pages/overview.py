@@ -36,6 +36,11 @@ def model_column(col, trace, model, who: str) -> None:
         c1, c2, c3 = st.columns(3)
         target = trace.answer if trace.answer is not None else trace.prediction()
         c1.metric("Prediction", repr(trace.prediction()),
+                  help="The model's final output: the last iteration's state read through the coda and the "
+                       "output head. The logit lens below reads the block's state after each layer call "
+                       "directly, before the coda, so at early iterations it can show another character (and "
+                       "a low probability for the answer) than the Prediction."
+                  if not trace.is_deep else "The model's final output after its last layer.",
                   delta=None if trace.answer is None else ("correct" if trace.prediction() == trace.answer else
                                                           f"answer is {trace.answer!r}"),
                   delta_color="normal" if trace.prediction() == trace.answer else "inverse")
@@ -52,6 +57,11 @@ def model_column(col, trace, model, who: str) -> None:
         else:
             c3.metric("Layers", trace.n_layers)
         trained = ui.trained_of(trace, model)
+        if not trace.is_deep:
+            coda = "the coda and " if (trace.metadata.get("config") or {}).get("n_coda", 1) else ""
+            st.caption(f"**Prediction** is the final output, through {coda}the output head after all "
+                       f"{trace.n_iterations} iterations; the curves and the lens read the block's own state after "
+                       "each layer call" + (", before the coda." if coda else "."))
         ui.show_figure(figures.answer_figure(trace, trained=trained, big=big), key=f"answer_{who}",
                        data=figures.answer_data(trace))
         ui.show_figure(figures.lens_heatmap(trace, big=big), key=f"lens_{who}", data=figures.lens_data(trace))
