@@ -275,8 +275,12 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
             out["z"] = pts[..., dims[2]]
         return out
 
-    hover = ("token %{customdata[0]}, iteration %{customdata[1]}, layer %{customdata[2]}<extra></extra>" if not deep
-             else "token %{customdata[0]}, layer %{customdata[2]}<extra></extra>")
+    hover = ("token %{customdata[0]} '%{text}', iteration %{customdata[1]}, layer %{customdata[2]}<extra></extra>"
+             if not deep else "token %{customdata[0]} '%{text}', layer %{customdata[2]}<extra></extra>")
+    labels = np.asarray(list(trace.token_labels) + [""], dtype=object)  # index -1 (path breaks): no label
+
+    def chars(cd):  # the token character of each point, for the hover
+        return labels[np.asarray(cd)[:, 0].astype(int)]
     fig = go.Figure()
     if color_by == "token":
         for n, k in enumerate(sel):
@@ -286,7 +290,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
             fig.add_trace(Scatter(**xyz(pts), mode="lines+markers", name=f"{positions[k]} {trace.token_labels[positions[k]]}",
                                   line=dict(color=PALETTE[n % len(PALETTE)], width=2 if not is3d else 3),
                                   marker=dict(size=size, color=PALETTE[n % len(PALETTE)]),
-                                  customdata=cd, hovertemplate=hover))
+                                  customdata=cd, text=chars(cd), hovertemplate=hover))
     else:
         chunks, vals, cds = [], [], []
         for k in sel:
@@ -302,7 +306,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
                               line=dict(color="rgba(120,120,120,0.35)", width=1 if not is3d else 2),
                               marker=dict(size=size, color=v, colorscale=SEQUENTIAL if color_by == "iteration" else "Turbo",
                                           colorbar=dict(title=color_by, len=0.7), showscale=True),
-                              customdata=cd, hovertemplate=hover))
+                              customdata=cd, text=chars(cd), hovertemplate=hover))
 
     pos_sel = np.array([positions[k] for k in sel])
 
@@ -318,7 +322,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
         fig.add_trace(Scatter(**xyz(pts), mode="markers", name=name,
                               marker=dict(size=size * (1.7 if not is3d else 1.5), symbol=symbol, color=color, opacity=0.85,
                                           line=dict(width=2, color=color)),
-                              customdata=cd, hovertemplate=f"{name}<br>" + hover))
+                              customdata=cd, text=chars(cd), hovertemplate=f"{name}<br>" + hover))
 
     endpoint("first layer" if deep else "first iteration", False, "circle-open", "black")
     endpoint("last layer" if deep else "last iteration", True, "diamond", "#d62728")
@@ -330,18 +334,19 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
                            np.repeat(np.arange(L), len(sel))], -1)
             return Scatter(**xyz(pts), mode="markers", name="current iteration",
                            marker=dict(size=size * 2, color="orange", line=dict(width=1, color="black")),
-                           customdata=cd, hovertemplate="current<br>" + hover)
+                           customdata=cd, text=chars(cd), hovertemplate="current<br>" + hover)
         fig.add_trace(at(0))
         idx = len(fig.data) - 1
         fig.frames = [go.Frame(data=[at(t)], traces=[idx], name=str(t + 1)) for t in range(I)]
         fig.update_layout(
-            updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.08, xanchor="left", yanchor="top",
+            margin=dict(b=150),  # the buttons and the slider sit below the x-axis title, not on it
+            updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.2, xanchor="left", yanchor="top",
                               buttons=[dict(label="▶ play", method="animate",
                                             args=[None, dict(frame=dict(duration=250, redraw=is3d), fromcurrent=True,
                                                              transition=dict(duration=0))]),
                                        dict(label="❚❚ pause", method="animate",
                                             args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])],
-            sliders=[dict(active=0, x=0.15, len=0.85, y=-0.04, currentvalue=dict(prefix="iteration "),
+            sliders=[dict(active=0, x=0.15, len=0.85, y=-0.16, currentvalue=dict(prefix="iteration "),
                           steps=[dict(method="animate", label=str(t + 1),
                                       args=[[str(t + 1)], dict(mode="immediate", frame=dict(duration=0, redraw=is3d),
                                                                transition=dict(duration=0))]) for t in range(I)])])
@@ -399,7 +404,7 @@ def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
         fig.update_yaxes(type="log", exponentformat="power")
-    return theme(fig, big, title or "Step size per token (‖s_t − s_{t−1}‖ / ‖s_t‖)")
+    return theme(fig, big, title or "Step size per token (change ÷ size of the state)")
 
 
 def distance_data(dist, trace) -> pd.DataFrame:
@@ -788,7 +793,7 @@ def stage_profile_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None 
         for (it, g), color in zip(groups, colors):
             fig.add_trace(go.Scatter(x=g["relative_depth"], y=g[col].astype(float), mode="lines+markers",
                                      name=f"iteration {it}", legendgroup=f"it{it}",
-                                     showlegend=n == 0 and it in (groups[0][0], groups[-1][0]),
+                                     showlegend=n == 0,  # every drawn iteration is named in the legend
                                      line=dict(color=color, width=1.8), marker=dict(size=5 if not big else 8),
                                      hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: %{{y:.3f}}<extra></extra>"),
                           row=r, col=c)
@@ -867,6 +872,9 @@ def answer_rank_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None = 
                                  hovertemplate="deep, layer %{customdata}: rank+1 = %{y}<extra></extra>"))
     fig.update_xaxes(title="realized depth (layer calls)" if x_by == "depth" else "relative depth (% of the model's depth)")
     fig.update_yaxes(title="answer rank + 1 (1 = top)", type="log" if log_y else "linear")
+    if log_y:  # plotly's log ticks abbreviate 20 as "2"; write every tick in full
+        ticks = [v for v in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)]
+        fig.update_yaxes(tickvals=ticks, ticktext=[str(v) for v in ticks])
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
     return theme(fig, big, title or "The answer's rank through depth (logit lens)")
 
@@ -891,7 +899,7 @@ def early_exit_kl_figure(kl, threshold: float | None = HUGINN_EXIT_KL, log_y: bo
         fig.add_hline(y=threshold, line_dash="dot", line_color="grey",
                       annotation_text=f"Huginn exits below {threshold:g}")
     fig.update_xaxes(title="iteration")
-    fig.update_yaxes(title="KL(p_{t−1} ‖ p_t), nats", type="log" if log_y else "linear",
+    fig.update_yaxes(title="change of the prediction since the last iteration (KL, nats)", type="log" if log_y else "linear",
                      exponentformat="power" if log_y else None)
     return theme(fig, big, title or "Early-exit signal: how much the prediction still changes",
                  height=340 if not big else 460)
@@ -941,7 +949,7 @@ def lab_step_figure(steps, layer: int | None = None, color_by: str | None = None
                                  line=dict(color=LOOPED_COLOR, width=2.2),
                                  hovertemplate="iteration %{x}: median %{y:.2e}<extra></extra>"))
     fig.update_xaxes(title="iteration")
-    fig.update_yaxes(title="relative step ‖s_t − s_{t−1}‖ / ‖s_t‖", type="log" if log_y else "linear",
+    fig.update_yaxes(title="relative step (change ÷ size of the state)", type="log" if log_y else "linear",
                      exponentformat="power" if log_y else None)
     return theme(fig, big, title or "Step size per iteration (median over tokens)")
 
@@ -964,7 +972,8 @@ def fixed_point_cosine_figure(cos, title: str | None = None, big: bool = False) 
     c = np.asarray(cos, dtype=float)
     L = c.shape[0]
     finite = c[np.isfinite(c)]
-    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    # the colour range fits the values (they often sit in 0.8–1), so that differences are visible
+    lo = min(float(finite.min()), 0.999) if finite.size else 0.0
     names = [f"L{l}" for l in range(L)]
     fig = go.Figure(go.Heatmap(z=c, x=names, y=names, colorscale=SEQUENTIAL, zmin=lo, zmax=1.0,
                                colorbar=dict(title="cos"), texttemplate="%{z:.2f}" if L <= 16 else None,

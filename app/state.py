@@ -893,7 +893,13 @@ def jacobian(model: LoadedModel, trace: Trace):
 
 # ---------------------------------------------------------------- page furniture
 def page_intro(text: str, paper_note: str | None = None) -> None:
-    """Two sentences on what the page shows and how to read it, then what the paper found."""
-    st.markdown(text)
-    if paper_note:
-        st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
+    """Two sentences on what the page shows and how to read it, then what the paper found. In
+    presentation mode they sit in a collapsed "About this page" box, so that the charts are on
+    the first screen."""
+    settings = st.session_state.get("_settings")
+    where = st.expander("About this page", icon=":material/info:") if settings is not None and settings.embed \
+        else st.container()
+    with where:
+        st.markdown(text)
+        if paper_note:
+            st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")

@@ -40,8 +40,11 @@ with c1:
     max_lines = state.view_int("Iterations drawn (at most)", "stages_lines", 1, min(I, 32), min(I, 17),
                                help="First, last and evenly spaced iterations between them; one line each.")
 with c2:
-    st.caption(f"The looped block has {t.n_layers} layers, so each iteration's line has {t.n_layers} points "
-               "(relative depth within the block).")
+    st.caption(f"How to read it: the looped block has {t.n_layers} layers, so each iteration's line has "
+               f"{t.n_layers} points, at {', '.join(f'{100 * (l + 1) / t.n_layers:.0f}%' for l in range(t.n_layers))} "
+               "of the block; the black deep curve has one point per deep layer across its whole depth. If each "
+               "pass of the loop repeats the deep model's stages, every coloured line rises and falls like the "
+               "black one at the same relative depths; the legend names every drawn iteration.")
 try:
     looped = state.measure(stages.stage_profiles, t)
 except ValueError as exc:
