@@ -598,6 +598,10 @@ def apply_embed_style(embed: bool, embedded: bool = False) -> None:
     """Presentation mode (``?embed=true``, ``?present=true`` or the sidebar toggle): larger type and
     no sidebar. The way back: an "Exit presentation" button at the top of the page (toggle and
     ?present=true), or, for ?embed=true, a note to remove it from the URL."""
+    # metric labels and values wrap instead of being cut off ("Answer stable fr…") in narrow columns
+    st.html("<style>[data-testid='stMetricLabel'], [data-testid='stMetricLabel'] div, "
+            "[data-testid='stMetricLabel'] p { white-space: normal !important; overflow: visible !important; "
+            "text-overflow: clip !important; }</style>")
     if not embed:
         return
     css = """

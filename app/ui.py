@@ -150,8 +150,8 @@ def model_card(model, big: bool = False) -> None:
     st.markdown(f"**{model.name}** — `{cfg.describe()}`")
     c1, c2, c3 = st.columns(3)
     n_params = card.get("parameters", model.model.num_parameters())
-    metric(c1, "Parameters", compact_number(n_params) if big else f"{n_params:,}", big=big,
-           help=f"{n_params:,} parameters" if big else None)
+    metric(c1, "Parameters", compact_number(n_params), big=big,  # "1.87 M" fits a narrow column; exact in the tooltip
+           help=f"{n_params:,} parameters")
     ti = card.get("trained_iterations")
     if cfg.is_deep:
         c2.metric("Layers", cfg.n_block)

@@ -60,6 +60,11 @@ def assert_clean(at):
     assert not at.exception, texts(at.exception)
 
 
+def css_of(at) -> str:
+    """Every st.html block of the page (the app's style sheets), joined."""
+    return "\n".join(h.proto.body for h in at.get("html"))
+
+
 @pytest.fixture(scope="module")
 def app():
     """One app session, default settings, shared by the page tests (traces computed once)."""
@@ -349,7 +354,7 @@ def test_presentation_mode_metrics_fit_at_the_larger_font():
     assert params and all(v.endswith((" k", " M")) for v in params), params
     tips = [m.proto.help for m in at.metric if m.label == "At fixed point"]
     assert tips and tips[0].startswith("Tokens at a fixed point.")
-    assert "white-space: normal" in at.get("html")[0].proto.body  # a label that is still too long wraps
+    assert "white-space: normal" in css_of(at)  # a label that is still too long wraps
 
 
 def test_uploaded_trace_replaces_computed_one(tmp_path):
@@ -566,11 +571,11 @@ def test_first_run_shows_progress_of_the_long_fixed_point_run(monkeypatch):
 def test_presentation_mode_hides_the_sidebar_and_has_a_way_back():
     at = new_app()
     at.run()
-    assert not at.get("html") and not [b for b in at.button if b.key == "exit_present"]
+    assert "stSidebar" not in css_of(at) and not [b for b in at.button if b.key == "exit_present"]
     at.toggle(key="w_present").set_value(True)
     at.run()
     assert_clean(at)
-    css = at.get("html")[0].proto.body
+    css = css_of(at)
     assert '[data-testid="stSidebar"]' in css and "display: none" in css and "font-size" in css
     exit_button = at.button(key="exit_present")
     assert exit_button.label == "Exit presentation"
@@ -579,11 +584,11 @@ def test_presentation_mode_hides_the_sidebar_and_has_a_way_back():
     at.run()
     assert_clean(at)
     assert not at.session_state["w_present"] and not at.session_state["_settings"].embed
-    assert not at.get("html") and "present" not in at.query_params
+    assert "stSidebar" not in css_of(at) and "present" not in at.query_params
     # ?present=true opens the same way, with the same way back
     at = new_app({"present": "true"})
     at.run()
-    assert '[data-testid="stSidebar"]' in at.get("html")[0].proto.body
+    assert '[data-testid="stSidebar"]' in css_of(at)
     assert at.button(key="exit_present").label == "Exit presentation"
 
 
@@ -769,6 +774,13 @@ def test_pickers_list_models_where_they_fit_and_switching_task_switches_prompt_a
     s = at.session_state["_settings"]
     assert (s.looped, s.deep) == ("chain-looped", "chain-deep")
     assert "is a deep model, not a looped one" in texts(at.warning)
+
+
+def test_metric_labels_wrap_and_parameter_counts_fit_outside_presentation_mode(app):
+    at = app.switch_page("app_pages/overview.py").run()
+    assert "white-space: normal" in css_of(at) and "stMetricLabel" in css_of(at)
+    params = [m for m in at.metric if m.label == "Parameters"]
+    assert params and all(str(m.value).endswith((" k", " M")) and "," in m.proto.help for m in params)
 
 
 def test_overview_says_prediction_is_the_final_output_and_the_lens_reads_the_block(app):
