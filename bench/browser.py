@@ -114,7 +114,7 @@ def measure_page(page, base: str, name: str, seed: int, timeout_ms: int = 180_00
     """One Run on one page: script, drawn and browser-only seconds, and the charts' payload."""
     url = f"{base}/" if name == "overview" else f"{base}/{name}"
     page.goto(url, wait_until="domcontentloaded")
-    page.wait_for_selector('[data-testid="stSidebar"]', timeout=60_000)
+    page.wait_for_selector('[data-testid="stSidebar"]', state="attached", timeout=timeout_ms)
     page.evaluate(WAIT_DRAWN_JS, [300, timeout_ms])
     seed_box = page.get_by_label("Seed", exact=True)
     seed_box.fill(str(seed))

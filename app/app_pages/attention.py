@@ -94,6 +94,25 @@ with right:
         ui.show_figure(figures.attention_grid_figure(deep, rows=drows, head=dhead, big=big), key="attention_deep_grid",
                        data=figures.attention_grid_data(deep, rows=drows, head=dhead))
 
+with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.session_state.get("attention_zoom"))):
+    z1, z2, z3 = st.columns(3)
+    with z1:
+        zoom = state.view_bool("Show one map large", "attention_zoom", False,
+                               help="One attention map of the looped block at full width, to read it on a projector.")
+    with z2:
+        zoom_it = state.view_int("Iteration", "attention_zoom_it", 1, I, I, widget="number")
+    with z3:
+        zoom_head = state.view_option("Head", "attention_zoom_head", ["mean"] + list(range(H)), "mean",
+                                      widget="selectbox",
+                                      format_func=lambda v: "mean over heads" if v == "mean" else f"head {v}")
+    if zoom:
+        zh = None if zoom_head == "mean" else int(zoom_head)
+        big_fig = figures.attention_grid_figure(t, layer=layer, rows=[zoom_it - 1], head=zh, big=big, width=1400,
+                                                title=f"Layer {layer}, iteration {zoom_it}, "
+                                                      + ("mean over heads" if zh is None else f"head {zh}"))
+        ui.show_figure(big_fig, key="attention_zoom_map",
+                       data=figures.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh))
+
 st.subheader("Distance between every (iteration, layer) attention map")
 m1, m2 = st.columns([3, 2])
 with m1:
