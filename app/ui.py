@@ -141,6 +141,12 @@ def trace_card(trace, file_name: str | None = None, big: bool = False) -> None:
                f"prompt `{trace.prompt}`")
 
 
+def _describe_trained(ti) -> str:
+    from app.report import describe_trained
+
+    return describe_trained(ti)
+
+
 def model_card(model, big: bool = False) -> None:
     """The facts a user needs about a checkpoint: architecture, size, training, held-out numbers.
     ``big`` (presentation mode): short labels and the parameter count as "1.87 M"."""
@@ -160,7 +166,8 @@ def model_card(model, big: bool = False) -> None:
         if isinstance(ti, dict) and {"mean", "min", "max"} <= set(ti):
             shown = f"{ti['mean']} ({ti['min']}–{ti['max']})"
         metric(c2, "Trained iterations", shown, short="Trained iters", big=big,
-               help=f"card.json trained_iterations: {ti}" if ti is not None else None)
+               help=f"Trained with {_describe_trained(ti)} iterations (the model card; shown as mean (range))"
+               if ti is not None else None)
     acc = card.get("accuracy_by_hops") or {}
     if acc:
         lo, hi = card.get("trained_hops") or (min(map(int, acc)), max(map(int, acc)))
