@@ -49,7 +49,7 @@ ARRAYS = {
 # metadata entries with a known meaning -> the types they may have (None is always allowed)
 _META_TYPES = {"model_name": str, "checkpoint_sha256": str, "architecture": str, "tokenizer_chars": str,
                "config": Mapping, "seed": numbers.Integral, "iterations": numbers.Integral,
-               "trained_iterations": numbers.Integral, "trained_high": numbers.Integral, "is_deep": bool,
+               "trained_iterations": numbers.Integral, "trained_low": numbers.Integral, "trained_high": numbers.Integral, "is_deep": bool,
                "fixed_point_iterations": numbers.Integral, "answer_hops": numbers.Integral}
 # config entry -> the array axis it must equal
 _CONFIG_AXES = {"n_block": "layer", "d_model": "d_model", "n_heads": "head", "n_prelude": "prelude_layer",
@@ -156,8 +156,8 @@ class Trace:
 
     prompt, token_labels (one readable label per token), answer (a string or None) and
     metadata (JSON-able: model name, checkpoint sha256, config, tokenizer chars, seed,
-    iterations, trained_iterations (the trained schedule's mean), trained_high (its largest
-    count), is_deep, fixed_point_iterations, answer_hops), deep-copied
+    iterations, trained_iterations (the trained schedule's mean), trained_low / trained_high (its
+    range), is_deep, fixed_point_iterations, answer_hops), deep-copied
     in as a read-only ``FrozenDict`` (nested dicts too; lists become tuples).
     Shapes are checked across arrays (token, layer, head, vocab, top-k, prelude and coda axes)
     and against ``metadata["config"]`` when present: ValueError when they disagree.
@@ -303,15 +303,19 @@ class Trace:
         truncated, pickled objects, bad or missing metadata, missing or misshapen arrays)."""
         try:
             z = np.load(source, allow_pickle=False)
-        except Exception as exc:  # zip, header or pickle errors all mean the same to a user
-            raise TraceFormatError(f"not a loopscope trace file (.npz): {exc}") from None
+        except Exception:  # zip, header or pickle errors all mean the same to a user; numpy's own
+            # message would name the wrong cause (random bytes read as "pickled data") and suggest
+            # loading the file unsafely, so it is not repeated
+            raise TraceFormatError("not a loopscope trace file: it is not a NumPy .npz archive") from None
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise TraceFormatError("not a loopscope trace file: a single .npy array, not an .npz archive")
         try:
             with z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
-            raise TraceFormatError(f"trace file is damaged or holds objects: {exc}") from None
+            why = ("it holds Python objects, which loopscope never loads" if "pickle" in str(exc)
+                   else f"the archive is damaged ({exc})")
+            raise TraceFormatError(f"not a loopscope trace file: {why}") from None
         if "metadata" not in data:
             raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
         raw = data.pop("metadata")

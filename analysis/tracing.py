@@ -243,7 +243,7 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
 
     config = model.cfg.to_dict() if isinstance(model, LoopedTransformer) else spec.config_dict()
     meta.update(config=config, architecture=spec.describe(), tokenizer_chars=vocabulary, seed=int(seed),
-                iterations=r, trained_iterations=spec.schedule.mean, trained_high=spec.schedule.high,
+                iterations=r, trained_iterations=spec.schedule.mean, trained_low=spec.schedule.low, trained_high=spec.schedule.high,
                 is_deep=spec.is_deep, fixed_point_iterations=n_fixed,
                 answer_hops=expected.hops if expected is not None else None)
     meta.update(metadata or {})

@@ -43,10 +43,16 @@ def require_looped(s, attention_for: str | None = None):
 
 
 def page_intro(text: str, paper_note: str | None = None) -> None:
-    """Two sentences on what the page shows and how to read it, then what the paper found."""
-    st.markdown(text)
-    if paper_note:
-        st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
+    """Two sentences on what the page shows and how to read it, then what the paper found. In
+    presentation mode they sit in a collapsed "About this page" box, so that the charts are on
+    the first screen."""
+    settings = st.session_state.get("_settings")
+    where = st.expander("About this page", icon=":material/info:") if settings is not None and settings.embed \
+        else st.container()
+    with where:
+        st.markdown(text)
+        if paper_note:
+            st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
 
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
@@ -79,14 +85,37 @@ def metric(where, label: str, value, short: str | None = None, big: bool = False
     where.metric(label, value, help=help, **kwargs)
 
 
-def model_label(trace, model) -> str:
-    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata."""
+def model_label(trace, model, session=None) -> str:
+    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata with
+    "· uploaded trace" after it; with ``session``, each side's prompt is named when the two sides
+    show different prompts."""
     if model is not None:
-        return f"{model.name} {model.config.describe()}"
-    if trace is not None:
+        label = f"{model.name} {model.spec.describe()}"
+    elif trace is not None:
         m = trace.metadata
-        return f"{m.get('model_name', 'uploaded trace')} {m.get('architecture', '')}".strip()
-    return "—"
+        label = f"{m.get('model_name', 'unknown model')} {m.get('architecture', '')}".strip()
+        if m.get("upload_sha256"):
+            label += " · uploaded trace"
+    else:
+        return "—"
+    if session is not None and trace is not None and prompts_differ(session):
+        label += f" · prompt '{trace.prompt}'"
+    return label
+
+
+def prompts_differ(session) -> bool:
+    """Whether the looped and the deep side show different prompts."""
+    return session.looped is not None and session.deep is not None and session.looped.prompt != session.deep.prompt
+
+
+def trained_of(trace, model) -> int | None:
+    """The largest trained iteration count of the model behind a trace (its spec, or an uploaded
+    trace's metadata), or None for a deep one."""
+    if model is not None:
+        return None if model.spec.is_deep else model.spec.schedule.high
+    if trace is None or trace.is_deep:
+        return None
+    return summary.trained_schedule(trace).high
 
 
 def why_missing(session, who: str) -> str:
@@ -102,15 +131,49 @@ def why_missing(session, who: str) -> str:
 
 
 def prompt_banner(session) -> None:
-    """The prompt as the models read it, with its known answer, in one line."""
+    """The prompt as the models read it, with its known answer, in one line; when the two sides
+    show different prompts (an uploaded trace beside a model that cannot read its prompt), a
+    loud note naming each side's prompt instead."""
+    if prompts_differ(session):
+        lines = []
+        for who, t in (("Looped", session.looped), ("Deep", session.deep)):
+            src = f"uploaded trace {session.uploaded[who.lower()]}" if who.lower() in session.uploaded else "computed"
+            ans = f", known answer {t.answer!r}" if t.answer is not None else ""
+            lines.append(f"- **{who}** ({src}): prompt `{t.prompt}`{ans}")
+        st.error("**The two sides show different prompts**, so they are not comparable position by position:\n"
+                 + "\n".join(lines), icon=":material/compare_arrows:")
+        return
     t = session.looped or session.deep
     if t is None:
         return
     answer = f" → known answer **{t.answer}**" if t.answer is not None else " (free text: no known answer)"
     hops = t.metadata.get("answer_hops")
     its = "" if t.is_deep else f", {t.n_iterations} iterations"
+    src = "".join(f" · {who} side: **uploaded trace** `{name}`" for who, name in session.uploaded.items())
     st.markdown(f"Prompt `{t.prompt}`{answer}" + (f" ({hops} hops)" if hops else "") + its
-                + f", seed {t.metadata.get('seed', '—')}.")
+                + f", seed {t.metadata.get('seed', '—')}." + src)
+
+
+def trace_card(trace, file_name: str | None = None, big: bool = False) -> None:
+    """The model facts an uploaded trace carries in its metadata (name, architecture, weights
+    hash, configuration, trained iterations), labelled as an uploaded trace: the weights are not
+    loaded, so there are no held-out numbers."""
+    m = trace.metadata
+    cfg = m.get("config") or {}
+    st.markdown(f"**{m.get('model_name', 'unknown model')}** — `{m.get('architecture', '')}` · "
+                f":orange-badge[uploaded trace{' ' + file_name if file_name else ''}]")
+    c1, c2, c3 = st.columns(3)
+    if trace.is_deep:
+        c1.metric("Layers", trace.n_layers)
+    else:
+        metric(c1, "Iterations run", trace.n_iterations, short="Iterations", big=big)
+        metric(c2, "Trained iterations", summary.trained_schedule(trace).words(), short="Trained iters", big=big)
+    c3.metric("Seed", m.get("seed", "—"))
+    st.caption(f"From the trace file's metadata (the weights are not loaded): d_model {cfg.get('d_model', '?')}, "
+               f"{cfg.get('n_heads', '?')} heads, norm {cfg.get('norm_layout', '?')}, injection "
+               f"{cfg.get('injection', '?')}, initial state {cfg.get('initial_state', '?')}, context "
+               f"{cfg.get('context_length', '?')} · weights sha256 {m.get('checkpoint_sha256', 'unknown')} · "
+               f"prompt `{trace.prompt}`")
 
 
 def model_card(model, big: bool = False) -> None:
@@ -122,14 +185,13 @@ def model_card(model, big: bool = False) -> None:
     st.markdown(f"**{facts.name}** — `{facts.architecture}`")
     c1, c2, c3 = st.columns(3)
     n_params = facts.parameters
-    metric(c1, "Parameters", compact_number(n_params) if big else f"{n_params:,}", big=big,
-           help=f"{n_params:,} parameters" if big else None)
+    metric(c1, "Parameters", compact_number(n_params), big=big,  # "1.87 M" fits a narrow column; exact in the tooltip
+           help=f"{n_params:,} parameters")
     if facts.kind == "deep":
         c2.metric("Layers", model.spec.n_block)
     else:
         metric(c2, "Trained iterations", facts.trained_label, short="Trained iters", big=big,
-               help=f"card.json trained_iterations: {model.card.get('trained_iterations')}"
-               if model.card.get("trained_iterations") is not None else None)
+               help=f"Trained with {facts.trained.words()} iterations (the model card; shown as mean (range))")
     if facts.accuracy_by_hops:
         lo, hi = facts.trained_hops
         metric(c3, f"Accuracy, {lo}–{hi} hops", f"{facts.accuracy_trained_hops:.0%}",
@@ -230,7 +292,8 @@ def trace_downloads(trace, label: str, key: str, container=None) -> None:
     row.download_button(f"{label} metrics (CSV)", data=lambda: export.metrics_csv_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.csv"), mime="text/csv",
                         key=f"{key}__metrics_csv", on_click="ignore", icon=":material/download:",
-                        help="One row per token x iteration x layer (analysis.measures.tables.state_metrics_table)")
+                        help="One row per token x iteration x layer; iterations, layers, depth and tokens count from 0 "
+                        "(the column vocabulary of analysis.measures.tables); lens_top1 is the lens's top character")
     row.download_button(f"{label} metrics (Parquet)", data=lambda: export.metrics_parquet_bytes(trace),
                         file_name=export.trace_file_name(trace, "metrics.parquet"),
                         mime="application/vnd.apache.parquet", key=f"{key}__metrics_parquet", on_click="ignore",

@@ -32,7 +32,10 @@ PAGES = [
 
 embed = frame.embed_requested()
 embedded = bool(st.context.is_embedded)
-st.set_page_config(page_title="loopscope", page_icon=":material/all_inclusive:", layout="wide",
+# a local PNG: a material-icon or emoji favicon is fetched from a remote font/emoji host by the
+# browser, and the app must work offline
+FAVICON = ROOT / "assets" / "favicon.png"
+st.set_page_config(page_title="loopscope", page_icon=str(FAVICON) if FAVICON.is_file() else None, layout="wide",
                    initial_sidebar_state="collapsed" if embed else "auto")
 
 pages = [st.Page(str(PAGES_DIR / f), title=title, icon=icon, url_path=Path(f).stem, default=(i == 0))

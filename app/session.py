@@ -11,6 +11,7 @@ traces live in the caches of ``app.caching``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -160,6 +161,30 @@ def _step(progress: _Progress, key: str, done_key: str, fn):
         done.add(done_key)  # a failing step is reported in the page's errors, not again as progress
 
 
+def _read_upload(up, errors: list[str]) -> Trace | None:
+    """The uploaded file's Trace, or None with a readable message in ``errors``."""
+    try:
+        data = up.getvalue()
+        return caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
+    except TraceFormatError as exc:
+        errors.append(f"Uploaded file {up.name} could not be opened: {exc}. The app keeps showing the "
+                      "computed traces; remove the file or upload a trace saved by loopscope.")
+    except Exception as exc:  # whatever else a malformed file throws: a message, never a broken page
+        errors.append(f"Uploaded file {up.name} could not be opened: it is not a readable loopscope trace "
+                      f"({type(exc).__name__}: {exc}). The app keeps showing the computed traces; remove the "
+                      "file or upload a trace saved by loopscope.")
+    return None
+
+
+def fits(model: LoadedModel, prompt: str) -> bool:
+    """Whether every character of ``prompt`` is in the model's vocabulary."""
+    try:
+        model.tokenizer.encode(prompt)
+        return bool(prompt)
+    except ValueError:
+        return False
+
+
 def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int,
                who: str, errors: list[str], progress: _Progress) -> Trace | None:
     """The model's trace (and, for fp > 0, continued to ``fp`` iterations for s*); problems -> errors."""
@@ -191,14 +216,26 @@ def current(show_messages: bool = True) -> Session:
     warns: list[str] = list(ss.get("_url_notes") or [])
     looped_model = deep_model = looped = deep = None
 
-    if settings.looped:
+    # An uploaded trace replaces one side and is credited to its own model (its metadata): the
+    # sidebar's model for that side is neither loaded nor run, so no page shows its card or hash.
+    uploaded, up_trace = {}, None
+    up = ss.get("upload")
+    if up is not None:
+        up_trace = _read_upload(up, errors)
+    if up_trace is not None:
+        up_trace = dataclasses.replace(up_trace, metadata=dict(up_trace.metadata, upload_name=up.name))
+    up_side = None if up_trace is None else ("deep" if up_trace.is_deep else "looped")
+
+    if up_side == "looped":
+        pass
+    elif settings.looped:
         looped_model, err = load_model(settings.looped)
         if err:
             errors.append(f"Looped model: {err}")
     else:
         errors.append("No looped model is selected (no sample checkpoints found in "
                       f"{registry.sample_dir()}); pick a local folder in the sidebar.")
-    if settings.deep:
+    if settings.deep and up_side != "deep":
         deep_model, err = load_model(settings.deep)
         if err:
             errors.append(f"Deep model: {err}")
@@ -209,9 +246,20 @@ def current(show_messages: bool = True) -> Session:
         errors.append(f"Iterations must be between 1 and {MAX_ITERATIONS}, got {iterations}; using {clamped}.")
         iterations = clamped
     prompt = settings.prompt or ""
-    if not prompt:
+    # beside an uploaded trace, the computed side reads the trace's prompt when its vocabulary has
+    # every character of it, so that both sides show the same prompt
+    if up_trace is not None:
+        other = deep_model if up_side == "looped" else looped_model
+        if other is not None:
+            if fits(other, up_trace.prompt):
+                prompt = up_trace.prompt
+            elif prompt != up_trace.prompt:
+                warns.append(f"The {'deep' if up_side == 'looped' else 'looped'} model ({other.name}) cannot read the "
+                             f"uploaded trace's prompt {up_trace.prompt!r} (characters outside its vocabulary), so it "
+                             f"runs the sidebar's prompt {prompt!r}: the two sides show different prompts.")
+    if not prompt and (looped_model is not None or deep_model is not None):
         errors.append("The prompt is empty: type a prompt or pick an example in the sidebar, then press Run.")
-    else:
+    elif prompt:
         if looped_model is not None:
             trained = looped_model.spec.schedule.high
             if iterations > trained:
@@ -235,25 +283,18 @@ def current(show_messages: bool = True) -> Session:
         progress.close(failed=(looped_model is not None and looped is None)
                        or (deep_model is not None and deep is None))
 
-    uploaded = {}
-    up = ss.get("upload")
-    if up is not None:
-        try:
-            data = up.getvalue()
-            t = caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
-            if t.is_deep:
-                deep, uploaded["deep"] = t, up.name
-            else:
-                looped, uploaded["looped"] = t, up.name
-            warns.append(f"Showing the uploaded trace {up.name} as the {'deep' if t.is_deep else 'looped'} trace "
-                         f"(prompt {t.prompt!r}, {t.n_iterations} iterations); remove the file to go back.")
-        except TraceFormatError as exc:
-            errors.append(f"Uploaded file {up.name} could not be opened: {exc}. The app keeps showing the "
-                          "computed traces; remove the file or upload a trace saved by loopscope.")
-        except Exception as exc:  # whatever else a malformed file throws: a message, never a broken page
-            errors.append(f"Uploaded file {up.name} could not be opened: it is not a readable loopscope trace "
-                          f"({type(exc).__name__}: {exc}). The app keeps showing the computed traces; remove the "
-                          "file or upload a trace saved by loopscope.")
+    if up_trace is not None:
+        m = up_trace.metadata
+        if up_side == "deep":
+            deep = up_trace
+        else:
+            looped = up_trace
+        uploaded[up_side] = up.name
+        its = "" if up_trace.is_deep else f", {up_trace.n_iterations} iterations"
+        warns.append(f"Showing the uploaded trace {up.name} as the {up_side} trace: model "
+                     f"{m.get('model_name', 'unknown')} (weights sha256 {m.get('checkpoint_sha256', 'unknown')}), "
+                     f"prompt {up_trace.prompt!r}{its}, seed {m.get('seed', 'unknown')}. The sidebar's {up_side} "
+                     "model is not used while the file is open; remove the file to go back.")
 
     for name, t in (("looped", looped), ("deep", deep)):
         if t is not None and t.has_nonfinite:

@@ -12,9 +12,9 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.models import registry
-from analysis.tasks import expected_answer, make_chain
+from analysis.tasks import expected_answer, make_chain, solve_chain
 from app import caching
-from app.session import LOCAL, MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings, default_models, load_model
+from app.session import LOCAL, MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings, default_models, fits, load_model
 from app.url_state import _settings_from_url, _url_params, _write_url
 
 
@@ -75,12 +75,15 @@ def _widget_settings() -> dict:
             return str(Path(raw).expanduser().absolute()) if raw else ""
         return choice or ""
 
-    return {"looped": model_value("looped"), "deep": model_value("deep"), "prompt": ss.get("w_prompt", ""),
+    # a trailing newline (Enter pressed at the end of the text area) is not part of the prompt
+    prompt = str(ss.get("w_prompt", "") or "").rstrip("\r\n")
+    return {"looped": model_value("looped"), "deep": model_value("deep"), "prompt": prompt,
             "iterations": int(ss.get("w_iterations", 16)), "seed": int(ss.get("w_seed", 0)),
             "hops": int(ss.get("w_hops", 3))}
 
 def _apply() -> None:
     st.session_state["applied"] = _widget_settings()
+    st.session_state["w_prompt"] = st.session_state["applied"]["prompt"]
     st.session_state["_url_notes"] = []
 
 def _fill_example() -> None:
@@ -90,6 +93,39 @@ def _fill_example() -> None:
             st.session_state["w_prompt"] = e["prompt"]
             if isinstance(e.get("hops"), int) and 1 <= e["hops"] <= MAX_HOPS:
                 st.session_state["w_hops"] = e["hops"]
+
+def _task_of(name: str) -> str | None:
+    model, _ = load_model(name) if name and name not in (LOCAL, NONE) else (None, None)
+    return model.task.get("name", "chain") if model is not None else None
+
+
+def _looped_changed() -> None:
+    """A looped model of another task (chain -> text): switch to that task's first example and to
+    a deep model of the same task and vocabulary (none when there is none)."""
+    ss = st.session_state
+    model, _ = load_model(ss.get("w_looped")) if ss.get("w_looped") not in (LOCAL, NONE) else (None, None)
+    if model is None:
+        return
+    task = model.task.get("name", "chain")
+    prompt = str(ss.get("w_prompt") or "")
+    prompt_task = "chain" if solve_chain(prompt) else "text"
+    switched = prompt_task != task or not fits(model, prompt)
+    if switched:
+        ex = next((e for e in caching.examples() if e.get("task") == task), None)
+        if ex is not None:
+            ss["w_prompt"], ss["w_example"] = ex["prompt"], ex["title"]
+            if isinstance(ex.get("hops"), int) and 1 <= ex["hops"] <= MAX_HOPS:
+                ss["w_hops"] = ex["hops"]
+    deep = ss.get("w_deep")
+    if deep != LOCAL:
+        dm, _ = load_model(deep) if deep != NONE else (None, None)
+        wrong = dm is None or dm.task.get("name", "chain") != task or dm.tokenizer.chars != model.tokenizer.chars
+        if (deep != NONE and wrong) or (deep == NONE and switched):
+            found = registry.sample_checkpoints()
+            matching = [n for n, p in found.items() if registry.declared_kind(p) == "deep" and _task_of(n) == task
+                        and load_model(n)[0].tokenizer.chars == model.tokenizer.chars]
+            ss["w_deep"] = matching[0] if matching else NONE
+
 
 def _new_chain() -> None:
     ss = st.session_state
@@ -111,17 +147,22 @@ def sidebar() -> Settings:
     embed = embed_requested()
     sb = st.sidebar
     sb.markdown("### Models")
-    opts = list(found) + [LOCAL]
+    # each picker lists the models that fit it: looped models on the left, deep (one pass) on the right
+    kind = {n: registry.declared_kind(p) for n, p in found.items()}
+    opts = [n for n in found if kind[n] != "deep"] + [LOCAL]
     if ss.get("w_looped") not in opts:
         ss["w_looped"] = opts[0]
-    sb.selectbox("Looped model", opts, key="w_looped",
-                 help=f"Sample checkpoints in {registry.sample_dir()}, or a checkpoint folder on this machine.")
+    sb.selectbox("Looped model", opts, key="w_looped", on_change=_looped_changed,
+                 help="The looped (weight-tied) sample checkpoints, or a checkpoint folder on this machine. "
+                      "Switching to a model of another task also switches the example prompt and the deep model.")
     if ss["w_looped"] == LOCAL:
         sb.text_input("Looped model folder", key="w_looped_path", placeholder="/path/to/checkpoint")
-    dopts = list(found) + [LOCAL, NONE]
+    dopts = [n for n in found if kind[n] == "deep"] + [LOCAL, NONE]
     if ss.get("w_deep") not in dopts:
         ss["w_deep"] = NONE
-    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep")
+    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep",
+                 help="The deep (one pass through distinct layers) sample checkpoints, a checkpoint folder, or none. "
+                      "A looped checkpoint chosen here runs once at its own configured iteration count.")
     if ss["w_deep"] == LOCAL:
         sb.text_input("Deep model folder", key="w_deep_path", placeholder="/path/to/checkpoint")
 
@@ -186,6 +227,10 @@ def apply_embed_style(embed: bool, embedded: bool = False) -> None:
     """Presentation mode (``?embed=true``, ``?present=true`` or the sidebar toggle): larger type and
     no sidebar. The way back: an "Exit presentation" button at the top of the page (toggle and
     ?present=true), or, for ?embed=true, a note to remove it from the URL."""
+    # metric labels and values wrap instead of being cut off ("Answer stable fr…") in narrow columns
+    st.html("<style>[data-testid='stMetricLabel'], [data-testid='stMetricLabel'] div, "
+            "[data-testid='stMetricLabel'] p { white-space: normal !important; overflow: visible !important; "
+            "text-overflow: clip !important; }</style>")
     if not embed:
         return
     css = """

@@ -7,9 +7,9 @@ options other pages wrote; ``prune_url`` (after it) drops ones this page no long
 """
 from __future__ import annotations
 
-import os
-
 import streamlit as st
+
+from analysis.models import registry
 
 from app.session import MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings
 
@@ -33,18 +33,25 @@ def parse_int(raw, lo: int, hi: int) -> int | None:
 def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict, list[str]]:
     """Validated settings from URL parameters; invalid values fall back with a note."""
     out, notes = dict(defaults), []
+    kinds = {"looped": [n for n, p in found.items() if registry.declared_kind(p) != "deep"],
+             "deep": [n for n, p in found.items() if registry.declared_kind(p) == "deep"]}
     for key in ("looped", "deep"):
         if key in params:
             raw = str(params[key] or "")
-            if raw in found or (key == "deep" and raw in ("", "none", NONE)):
+            # only the configured models: a URL never names a folder on the server (a shared server
+            # must not load, or say whether it has, whatever path a visitor types)
+            if raw in kinds[key] or (key == "deep" and raw in ("", "none", NONE)):
                 out[key] = "" if raw in ("none", NONE) else raw
-            elif raw and os.path.isabs(os.path.expanduser(raw)):
-                out[key] = os.path.expanduser(raw)
+            elif raw in found:
+                notes.append(f"URL value {key}={raw!r} is a {'deep' if key == 'looped' else 'looped'} model, not a "
+                             f"{key} one ({', '.join(kinds[key]) or 'none found'}); using {defaults[key] or 'none'!r}.")
             else:
-                notes.append(f"URL value {key}={raw!r} is not a sample checkpoint ({', '.join(found) or 'none found'}) "
-                             f"or an absolute folder path; using {defaults[key] or 'none'!r}.")
+                shown = raw if len(raw) <= 40 and "/" not in raw and "\\" not in raw else "(a path)"
+                notes.append(f"URL value {key}={shown!r} is not one of the models this app offers "
+                             f"({', '.join(kinds[key]) or 'none found'}); using {defaults[key] or 'none'!r}. "
+                             "A local checkpoint folder can be chosen in the sidebar.")
     if "prompt" in params:
-        out["prompt"] = str(params["prompt"] or "")
+        out["prompt"] = str(params["prompt"] or "").rstrip("\r\n")
     for key, lo, hi in (("iterations", 1, MAX_ITERATIONS), ("seed", 0, MAX_SEED), ("hops", 1, MAX_HOPS)):
         if key in params:
             v = parse_int(params[key], lo, hi)
@@ -160,9 +167,18 @@ def view_int(label: str, key: str, lo: int, hi: int, default: int, *, widget: st
             st.warning(f"URL value {key}={raw!r} is not a whole number from {lo} to {hi}; using {default}.")
             v = default
         st.session_state[key] = v
-    if key in st.session_state and not (isinstance(st.session_state[key], int) and lo <= st.session_state[key] <= hi):
-        st.session_state[key] = default
-    kw = {} if key in st.session_state else {"value": default}
+    ss = st.session_state
+    if key in ss:
+        # Streamlit forgets a keyed slider's value when its range changes (a new widget id) and
+        # falls back to the range's start; set the value explicitly before drawing the widget: the
+        # default when the user kept the old default (it follows the range), else the user's
+        # choice clamped to the new range.
+        prev = ss[key]
+        if not isinstance(prev, int) or prev == ss.get(f"_view_default_{key}"):
+            prev = default
+        ss[key] = min(max(prev, lo), hi)
+    ss[f"_view_default_{key}"] = default
+    kw = {} if key in ss else {"value": default}
     if lo == hi:
         value = lo
         container.caption(f"{label}: {lo}")

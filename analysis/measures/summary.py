@@ -63,8 +63,9 @@ def trained_schedule(trace) -> TrainedSchedule:
     md = trace.metadata
     mean = int(md.get("trained_iterations") or trace.n_iterations)
     high = int(md.get("trained_high") or mean)
-    return TrainedSchedule(mean=mean, low=min(mean, high), high=max(mean, high),
-                           distribution="fixed" if high == mean else "sampled")
+    low = int(md.get("trained_low") or mean)
+    return TrainedSchedule(mean=mean, low=min(low, mean), high=max(mean, high),
+                           distribution="fixed" if low == high == mean else "sampled")
 
 
 def is_extrapolating(iterations: int, schedule: TrainedSchedule) -> bool:

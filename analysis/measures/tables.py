@@ -10,7 +10,9 @@ depth_fraction  percent of the whole realized depth, ``(depth + 1) / (I * L) * 1
 answer_prob     the answer token's logit-lens probability at the last position
 answer_rank     its rank there (0 = top)
 
-``state_metrics_table`` (one row per token × iteration × layer, the CLI's ``metrics`` CSV) and
+``state_metrics_table`` (one row per token × iteration × layer, the CLI's ``metrics`` CSV; the one
+exception to 0-based: its iteration and depth count from 1, as every figure's axis and figure CSV
+does, so that an exported row and the point drawn for it carry the same numbers) and
 ``depth_columns`` (the index columns of an [I, L] grid, used by every per-(iteration, layer) table).
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ._numeric import norm as _norm
 from .dynamics import cosine_steps, distance_to_fixed_point, step_sizes
 
 COLUMNS = ("token", "token_label", "iteration", "layer", "depth", "relative_depth", "norm", "step_size",
-           "cosine_step", "distance_to_fixed_point", "lens_top1", "lens_top1_prob", "answer_prob", "answer_rank")
+           "cosine_step", "distance_to_fixed_point", "lens_top1", "lens_top1_id", "lens_top1_prob", "answer_prob",
+           "answer_rank")
 
 
 def _til(x: np.ndarray) -> np.ndarray:
@@ -46,10 +49,14 @@ def state_metrics_table(trace) -> pd.DataFrame:
     """One row per (token, iteration, layer) of the block, ordered token-major (each token's rows
     in realized-depth order). Columns:
 
-    token (int), token_label (str), iteration, layer (ints, from 0), depth (``t*L + l``),
-    relative_depth (``(layer+1)/L*100``, see the module docstring), norm (``||s||``), step_size (``||s_t - s_{t-1}||/||s_t||``, NaN at t = 0),
+    token (int, from 0), token_label (str), iteration (from 1, as on every figure's axis and in
+    the figure CSVs; for a deep trace always 1), layer (from 0, as "layer 0" on the figures),
+    depth (realized depth from 1: ``(iteration - 1)*L + layer + 1``, as the figure CSVs),
+    relative_depth (percent within the block, ``(layer+1)/L*100``; over the whole depth for a
+    deep trace), norm (``||s||``), step_size (``||s_t - s_{t-1}||/||s_t||``, NaN at t = 0),
     cosine_step (``1 - cos``, NaN at t = 0), distance_to_fixed_point (``||s_t - s*||``; NaN if the
-    trace has no fixed point), lens_top1 (the logit lens's top token, decoded), lens_top1_prob,
+    trace has no fixed point), lens_top1 (the logit lens's top token as its character),
+    lens_top1_id (the same token's id in the vocabulary), lens_top1_prob,
     answer_prob and answer_rank (set on the last token's rows only; NaN elsewhere or without an
     answer). Vectorised: I*L*T rows.
     """
@@ -83,15 +90,16 @@ def state_metrics_table(trace) -> pd.DataFrame:
     return pd.DataFrame({
         "token": tok.astype(np.int64),
         "token_label": labels[tok].astype(str),
-        "iteration": it.astype(np.int64),
+        "iteration": (it + 1).astype(np.int64),
         "layer": layer.astype(np.int64),
-        "depth": (it * L + layer).astype(np.int64),
+        "depth": (it * L + layer + 1).astype(np.int64),
         "relative_depth": (layer + 1) / L * 100.0,
         "norm": _til(_norm(states)),
         "step_size": _til(step_sizes(states)),
         "cosine_step": _til(cosine_steps(states)),
         "distance_to_fixed_point": dist,
         "lens_top1": lens_top1.astype(str),
+        "lens_top1_id": top_ids,
         "lens_top1_prob": _til(trace.lens_top_probs[..., 0]).astype(np.float64),
         "answer_prob": answer_prob,
         "answer_rank": answer_rank,

@@ -58,8 +58,12 @@ class TrainedSchedule:
         return cls.fixed(mean)
 
     def describe(self) -> str:
-        """"6" for a fixed count, "6 (2–18)" for a sampled one."""
+        """"6" for a fixed count, "6 (2–18)" for a sampled one (mean (range), as model cards show it)."""
         return str(self.mean) if self.low == self.high else f"{self.mean} ({self.low}–{self.high})"
+
+    def words(self) -> str:
+        """"6 (fixed)" or "2–18 (mean 6)", as the report and an uploaded trace's card say it."""
+        return f"{self.mean} (fixed)" if self.low == self.high else f"{self.low}–{self.high} (mean {self.mean})"
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class _Report:
         self.figures.append((div_id, fig, source))
         body = pio.to_html(fig, full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=div_id,
                            config=PLOTLY_CONFIG, validate=False, auto_play=False)
-        return f'<figure class="plot" data-source="{_esc(source)}">{body}<figcaption>{_esc(source)}</figcaption></figure>'
+        return f'<figure class="plot">{body}</figure>'
 
     def set(self, key: str, value):
         """Store ``value`` under a dotted key in the numbers JSON and return its HTML."""
@@ -120,20 +120,34 @@ class _Report:
         return _num(key, value)
 
 
-def _card_dict(facts) -> dict:
-    return {"name": facts.name, "architecture": facts.architecture, "parameters": facts.parameters,
-            "sha256": facts.sha256, "trained_iterations": facts.trained_label, "path": facts.path,
-            "accuracy_by_hops": facts.accuracy_by_hops, "training_steps": facts.training_steps}
+def describe_accuracy(acc) -> str:
+    """{"1": 1.0, "2": 0.98} -> "1 hop 100%, 2 hops 98%" (held-out accuracy by hop count)."""
+    if not isinstance(acc, dict) or not acc:
+        return "n/a"
+    items = sorted(acc.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
+    return ", ".join(f"{h} hop{'s' if str(h) != '1' else ''} {float(v):.0%}" for h, v in items
+                     if isinstance(v, (int, float)))
+
+
+def _card_dict(facts, trace: Trace | None, loaded: bool) -> dict:
+    md = trace.metadata if trace is not None else {}
+    uploaded = not loaded and md.get("upload_sha256")
+    path = facts.path if not uploaded else (f"uploaded trace file {md.get('upload_name', '')} (weights not loaded; "
+                                            "facts from its metadata)")
+    return {"name": facts.name + (" (uploaded trace)" if uploaded else ""), "architecture": facts.architecture,
+            "parameters": facts.parameters, "sha256": facts.sha256,
+            "trained_iterations": None if facts.kind == "deep" or facts.trained is None else facts.trained.words(),
+            "path": path, "accuracy_by_hops": facts.accuracy_by_hops, "training_steps": facts.training_steps}
 
 
 def _cards_section(rep: _Report, looped_model, deep_model, looped, deep) -> str:
     rows = []
     cols = [("looped", looped_model, looped)] + ([("deep", deep_model, deep)] if deep is not None or deep_model else [])
-    cards = {k: _card_dict(summary.model_facts(m, t)) for k, m, t in cols}
+    cards = {k: _card_dict(summary.model_facts(m, t), t, m is not None) for k, m, t in cols}
     rep.numbers["models"] = cards
     fields = [("name", "Name"), ("architecture", "Architecture (p, k⊗r, c)"), ("parameters", "Parameters"),
               ("sha256", "Weights file hash (sha256, first 16 hex)"),
-              ("trained_iterations", "Trained iterations: mean (range)"),
+              ("trained_iterations", "Trained iterations"),
               ("training_steps", "Training steps"), ("accuracy_by_hops", "Held-out accuracy by hops"),
               ("path", "Loaded from")]
     head = "".join(f"<th>{_esc(k)} model</th>" for k in cards)
@@ -143,8 +157,10 @@ def _cards_section(rep: _Report, looped_model, deep_model, looped, deep) -> str:
             v = c.get(f)
             if f == "parameters" and v is not None:
                 cells.append(f'<td>{_num(f"models.{k}.parameters", int(v))}</td>')
+            elif f == "accuracy_by_hops":
+                cells.append(f"<td>{_esc(describe_accuracy(v))}</td>")
             elif isinstance(v, dict):
-                cells.append(f"<td><code>{_esc(json.dumps(v, sort_keys=True))}</code></td>")
+                cells.append(f"<td>{_esc(', '.join(f'{a}: {b}' for a, b in v.items()))}</td>")
             else:
                 cells.append(f'<td class="mono">{_esc("n/a" if v is None else v)}</td>')
         rows.append(f"<tr><th>{_esc(label)}</th>{''.join(cells)}</tr>")
@@ -313,7 +329,11 @@ def _cka_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
 
 
 def _settings_section(rep: _Report, settings: dict, versions: dict, date: str) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(json.dumps(v, default=str))}</td></tr>"
+    def words(v):
+        if isinstance(v, dict):
+            return ", ".join(f"{a}: {b}" for a, b in v.items())
+        return "n/a" if v is None else str(v)
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(words(v))}</td></tr>"
                    for k, v in sorted(settings.items()))
     vrows = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(v)}</td></tr>" for k, v in versions.items())
     return (f"<section id='settings'><h2>Settings and software</h2><table class='card'><tbody>{rows}</tbody></table>"
@@ -346,8 +366,8 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
               f"model. Generated {_esc(date)}.</p><h2>Prompt</h2><p class='prompt'><code>{_esc(looped.prompt)}</code></p>"
               f"<p>Expected answer: <code>{_esc(looped.answer if looped.answer is not None else 'unknown')}</code>"
               + (f", {looped.metadata.get('answer_hops')} hop(s)" if looped.metadata.get("answer_hops") else "")
-              + f". Looped model run for {looped.n_iterations} iterations (trained: "
-              f"{_esc(summary.trained_schedule(looped).describe())}), seed {_esc(looped.metadata.get('seed'))}.</p>")
+              + f". Looped model run for {looped.n_iterations} iterations (trained with "
+              f"{_esc(summary.trained_schedule(looped).words())} iterations), seed {_esc(looped.metadata.get('seed'))}.</p>")
     body = [header,
             _cards_section(rep, looped_model, deep_model, looped, deep),
             _answer_section(rep, looped, deep),

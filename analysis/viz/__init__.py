@@ -2,7 +2,7 @@
 ``convergence``, ``attention``, ``stages``, ``correspondence``) and the shared ``theme``. Builders
 are pure: ``(data, options, template=) -> plotly.graph_objects.Figure``; no Streamlit. Each
 view's ``*_data`` function returns the tidy frame its figure draws (what the CSV exports)."""
-from .answer import accuracy_data, accuracy_figure, answer_figure, lens_data, lens_heatmap
+from .answer import accuracy_data, accuracy_figure, answer_data, answer_figure, lens_data, lens_heatmap
 from .attention import (GRID_PAD_X, GRID_PAD_Y, attention_distance_data, attention_distance_figure, attention_floorplan_figure,
                         attention_grid_data, attention_grid_figure, attention_grid_height)
 from .convergence import (class_figure, contraction_data, contraction_figure, distance_data,

@@ -49,6 +49,18 @@ def lens_heatmap(trace, token: int = -1, title: str | None = None, template: str
     return theme(fig, template, title or f"Logit lens at the last position ('{pos}'): top-1 and its probability",
                  height=300 if big else 250)
 
+def answer_data(trace) -> pd.DataFrame:
+    """The answer figure's CSV: answer probability and rank at the last position, one row per
+    (iteration, layer), numbered as drawn (iteration and depth from 1, like the metrics CSV)."""
+    if trace.answer_prob is None:
+        return pd.DataFrame(columns=["iteration", "layer", "depth", "answer_prob", "answer_rank"])
+    I, L = trace.answer_prob.shape
+    t, l = np.meshgrid(np.arange(I), np.arange(L), indexing="ij")
+    return pd.DataFrame({"iteration": (t + 1).ravel(), "layer": l.ravel(), "depth": (t * L + l + 1).ravel(),
+                         "answer_prob": trace.answer_prob.ravel().astype(float),
+                         "answer_rank": trace.answer_rank.ravel()})
+
+
 def answer_figure(trace, trained: int | None = None, log_y: bool = False, title: str | None = None,
                   template: str = "normal") -> go.Figure:
     """The answer's lens probability at the last position: per iteration, one line per block

@@ -61,7 +61,7 @@ def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
         fig.update_yaxes(type="log", exponentformat="power")
-    return theme(fig, template, title or "Step size per token (‖s_t − s_{t−1}‖ / ‖s_t‖)")
+    return theme(fig, template, title or "Step size per token (change ÷ size of the state)")
 
 def distance_data(dist, trace) -> pd.DataFrame:
     return _per_layer_frame(dist, trace, "distance", "iteration")
@@ -229,7 +229,7 @@ def lab_step_figure(steps, layer: int | None = None, color_by: str | None = None
                                  line=dict(color=LOOPED_COLOR, width=2.2),
                                  hovertemplate="iteration %{x}: median %{y:.2e}<extra></extra>"))
     fig.update_xaxes(title="iteration")
-    fig.update_yaxes(title="relative step ‖s_t − s_{t−1}‖ / ‖s_t‖", type="log" if log_y else "linear",
+    fig.update_yaxes(title="relative step (change ÷ size of the state)", type="log" if log_y else "linear",
                      exponentformat="power" if log_y else None)
     return theme(fig, template, title or "Step size per iteration (median over tokens)")
 
@@ -241,7 +241,8 @@ def fixed_point_cosine_figure(cos, title: str | None = None, template: str = "no
     c = np.asarray(cos, dtype=float)
     L = c.shape[0]
     finite = c[np.isfinite(c)]
-    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    # the colour range fits the values (they often sit in 0.8–1), so that differences are visible
+    lo = min(float(finite.min()), 0.999) if finite.size else 0.0
     names = [f"L{l}" for l in range(L)]
     fig = go.Figure(go.Heatmap(z=c, x=names, y=names, colorscale=SEQUENTIAL, zmin=lo, zmax=1.0,
                                colorbar=dict(title="cos"), texttemplate="%{z:.2f}" if L <= 16 else None,

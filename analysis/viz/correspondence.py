@@ -75,6 +75,9 @@ def answer_rank_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None = 
                                  hovertemplate="deep, layer %{customdata}: rank+1 = %{y}<extra></extra>"))
     fig.update_xaxes(title="realized depth (layer calls)" if x_by == "depth" else "relative depth (% of the model's depth)")
     fig.update_yaxes(title="answer rank + 1 (1 = top)", type="log" if log_y else "linear")
+    if log_y:  # plotly's log ticks abbreviate 20 as "2"; write every tick in full
+        ticks = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+        fig.update_yaxes(tickvals=ticks, ticktext=[str(v) for v in ticks])
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
     return theme(fig, template, title or "The answer's rank through depth (logit lens)")
 
@@ -100,7 +103,7 @@ def early_exit_kl_figure(kl, threshold: float | None = EXIT_KL_THRESHOLD, log_y:
         fig.add_hline(y=threshold, line_dash="dot", line_color="grey",
                       annotation_text=f"Huginn exits below {threshold:g}")
     fig.update_xaxes(title="iteration")
-    fig.update_yaxes(title="KL(p_{t−1} ‖ p_t), nats", type="log" if log_y else "linear",
+    fig.update_yaxes(title="change of the prediction since the last iteration (KL, nats)", type="log" if log_y else "linear",
                      exponentformat="power" if log_y else None)
     return theme(fig, template, title or "Early-exit signal: how much the prediction still changes",
                  height=340 if not big else 460)

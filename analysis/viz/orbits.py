@@ -65,8 +65,12 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
             out["z"] = pts[..., dims[2]]
         return out
 
-    hover = ("token %{customdata[0]}, iteration %{customdata[1]}, layer %{customdata[2]}<extra></extra>" if not deep
-             else "token %{customdata[0]}, layer %{customdata[2]}<extra></extra>")
+    hover = ("token %{customdata[0]} '%{text}', iteration %{customdata[1]}, layer %{customdata[2]}<extra></extra>"
+             if not deep else "token %{customdata[0]} '%{text}', layer %{customdata[2]}<extra></extra>")
+    labels = np.asarray(list(trace.token_labels) + [""], dtype=object)  # index -1 (path breaks): no label
+
+    def chars(cd):  # the token character of each point, for the hover
+        return labels[np.asarray(cd)[:, 0].astype(int)]
     fig = go.Figure()
     if color_by == "token":
         for n, k in enumerate(sel):
@@ -76,7 +80,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
             fig.add_trace(Scatter(**xyz(pts), mode="lines+markers", name=f"{positions[k]} {trace.token_labels[positions[k]]}",
                                   line=dict(color=PALETTE[n % len(PALETTE)], width=2 if not is3d else 3),
                                   marker=dict(size=size, color=PALETTE[n % len(PALETTE)]),
-                                  customdata=cd, hovertemplate=hover))
+                                  customdata=cd, text=chars(cd), hovertemplate=hover))
     else:
         chunks, vals, cds = [], [], []
         for k in sel:
@@ -92,7 +96,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
                               line=dict(color="rgba(120,120,120,0.35)", width=1 if not is3d else 2),
                               marker=dict(size=size, color=v, colorscale=SEQUENTIAL if color_by == "iteration" else "Turbo",
                                           colorbar=dict(title=color_by, len=0.7), showscale=True),
-                              customdata=cd, hovertemplate=hover))
+                              customdata=cd, text=chars(cd), hovertemplate=hover))
 
     pos_sel = np.array([positions[k] for k in sel])
 
@@ -108,7 +112,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
         fig.add_trace(Scatter(**xyz(pts), mode="markers", name=name,
                               marker=dict(size=size * (1.7 if not is3d else 1.5), symbol=symbol, color=color, opacity=0.85,
                                           line=dict(width=2, color=color)),
-                              customdata=cd, hovertemplate=f"{name}<br>" + hover))
+                              customdata=cd, text=chars(cd), hovertemplate=f"{name}<br>" + hover))
 
     endpoint("first layer" if deep else "first iteration", False, "circle-open", "black")
     endpoint("last layer" if deep else "last iteration", True, "diamond", "#d62728")
@@ -120,18 +124,19 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
                            np.repeat(np.arange(L), len(sel))], -1)
             return Scatter(**xyz(pts), mode="markers", name="current iteration",
                            marker=dict(size=size * 2, color="orange", line=dict(width=1, color="black")),
-                           customdata=cd, hovertemplate="current<br>" + hover)
+                           customdata=cd, text=chars(cd), hovertemplate="current<br>" + hover)
         fig.add_trace(at(0))
         idx = len(fig.data) - 1
         fig.frames = [go.Frame(data=[at(t)], traces=[idx], name=str(t + 1)) for t in range(I)]
         fig.update_layout(
-            updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.08, xanchor="left", yanchor="top",
+            margin=dict(b=150),  # the buttons and the slider sit below the x-axis title, not on it
+            updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.2, xanchor="left", yanchor="top",
                               buttons=[dict(label="▶ play", method="animate",
                                             args=[None, dict(frame=dict(duration=250, redraw=is3d), fromcurrent=True,
                                                              transition=dict(duration=0))]),
                                        dict(label="❚❚ pause", method="animate",
                                             args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])],
-            sliders=[dict(active=0, x=0.15, len=0.85, y=-0.04, currentvalue=dict(prefix="iteration "),
+            sliders=[dict(active=0, x=0.15, len=0.85, y=-0.16, currentvalue=dict(prefix="iteration "),
                           steps=[dict(method="animate", label=str(t + 1),
                                       args=[[str(t + 1)], dict(mode="immediate", frame=dict(duration=0, redraw=is3d),
                                                                transition=dict(duration=0))]) for t in range(I)])])

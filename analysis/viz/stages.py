@@ -48,7 +48,7 @@ def stage_profile_figure(looped: pd.DataFrame | None, deep: pd.DataFrame | None 
         for (it, g), color in zip(groups, colors):
             fig.add_trace(go.Scatter(x=g["relative_depth"], y=g[col].astype(float), mode="lines+markers",
                                      name=f"iteration {it}", legendgroup=f"it{it}",
-                                     showlegend=n == 0 and it in (groups[0][0], groups[-1][0]),
+                                     showlegend=n == 0,  # every drawn iteration is named in the legend
                                      line=dict(color=color, width=1.8), marker=dict(size=5 if not big else 8),
                                      hovertemplate=f"iteration {it}, depth %{{x:.0f}}%: %{{y:.3f}}<extra></extra>"),
                           row=r, col=c)

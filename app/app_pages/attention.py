@@ -67,13 +67,13 @@ def grid_head(n_heads: int):
 
 left, right = st.columns(2, gap="large")
 with left:
-    st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
+    st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
     rows = viz.pick_iterations(I, n_rows)
     st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}.")
     ui.show_figure(viz.attention_grid_figure(t, layer=layer, rows=rows, head=grid_head(H), template=tpl),
                    key="attention_grid", data=viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H)))
 with right:
-    st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
+    st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
     if s.deep is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
     elif deep is None:
@@ -85,6 +85,25 @@ with right:
         dhead = grid_head(deep.attention.shape[2])
         ui.show_figure(viz.attention_grid_figure(deep, rows=drows, head=dhead, template=tpl), key="attention_deep_grid",
                        data=viz.attention_grid_data(deep, rows=drows, head=dhead))
+
+with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.session_state.get("attention_zoom"))):
+    z1, z2, z3 = st.columns(3)
+    with z1:
+        zoom = url_state.view_bool("Show one map large", "attention_zoom", False,
+                               help="One attention map of the looped block at full width, to read it on a projector.")
+    with z2:
+        zoom_it = url_state.view_int("Iteration", "attention_zoom_it", 1, I, I, widget="number")
+    with z3:
+        zoom_head = url_state.view_option("Head", "attention_zoom_head", ["mean"] + list(range(H)), "mean",
+                                      widget="selectbox",
+                                      format_func=lambda v: "mean over heads" if v == "mean" else f"head {v}")
+    if zoom:
+        zh = None if zoom_head == "mean" else int(zoom_head)
+        big_fig = viz.attention_grid_figure(t, layer=layer, rows=[zoom_it - 1], head=zh, template=tpl, width=1400,
+                                                title=f"Layer {layer}, iteration {zoom_it}, "
+                                                      + ("mean over heads" if zh is None else f"head {zh}"))
+        ui.show_figure(big_fig, key="attention_zoom_map",
+                       data=viz.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh))
 
 st.subheader("Distance between every (iteration, layer) attention map")
 m1, m2 = st.columns([3, 2])
@@ -108,11 +127,11 @@ if matrix is not None:
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
         ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",
-                  short="Same layer", big=big, help="Mean distance between the maps of one block layer in different iterations.")
+                  short="Same layer", template=tpl, help="Mean distance between the maps of one block layer in different iterations.")
         st.metric("Across layers", "—" if not np.isfinite(cross) else f"{cross:.3g}",
                   help="Mean distance between maps of different block layers (any iterations).")
         if np.isfinite(same) and np.isfinite(cross) and same > 0:
-            ui.metric(st, "Ratio across / same", f"{cross / same:.3g}×", short="Across / same", big=big)
+            ui.metric(st, "Ratio across / same", f"{cross / same:.3g}×", short="Across / same", template=tpl)
         if I < 2:
             st.caption("Run at least 2 iterations to compare a layer with itself.")
         elif np.isfinite(same) and np.isfinite(cross):
@@ -123,7 +142,7 @@ if matrix is not None:
             dsc = session.measure(attention_page_same_cross, deep, metric=metric, head=None)
             dc = dsc.get("cross_layer", np.nan)
             ui.metric(st, "Deep model: between its layers", "—" if not np.isfinite(dc) else f"{dc:.3g}",
-                      short="Deep, across layers", big=big, help="The deep model runs each layer once; its layers' maps compared with each other "
+                      short="Deep, across layers", template=tpl, help="The deep model runs each layer once; its layers' maps compared with each other "
                            "(mean over heads).")
 
 st.subheader("Floorplan: all the maps at a glance")

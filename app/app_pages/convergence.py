@@ -56,7 +56,7 @@ else:
 
     left, right = st.columns([3, 2], gap="large")
     with left:
-        st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
+        st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
         steps = session.measure(ui.steps, t)
         ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl,
                                                 floor=rate.floor),
@@ -64,7 +64,7 @@ else:
         st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
                    "steps below it are rounding noise, not motion.")
     with right:
-        st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
+        st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
         if s.deep is None:
             st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
         else:

@@ -54,8 +54,8 @@ else:
                 st.markdown("**Best-matching deep layer, last iteration**")
                 for layer, d in enumerate(best):
                     st.markdown(f"- block layer {layer} → deep layer {d} (CKA {last[layer, d]:.2f})")
-            st.caption(f"Looped {ui.model_label(t, s.looped_model)} against deep "
-                       f"{ui.model_label(s.deep, s.deep_model)}, over the prompt's {t.n_tokens} tokens.")
+            st.caption(f"Looped {ui.model_label(t, s.looped_model, s)} against deep "
+                       f"{ui.model_label(s.deep, s.deep_model, s)}, over the prompt's {t.n_tokens} tokens.")
 
 st.subheader("The answer's rank through depth")
 c1, c2 = st.columns(2)

@@ -123,14 +123,14 @@ def draw(tr, key: str, title: str, color: str, frame_by=None, upto_=None, captio
 
 left, right = st.columns(2, gap="large")
 with left:
-    st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
+    st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
     if t is None:
         st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")
     else:
         draw(t, "orbit_looped", f"{PROJ[proj]}: {t.n_iterations} iterations × {t.n_layers} layers", color_by,
              frame_by="iteration" if animate else None, upto_=upto)
 with right:
-    st.subheader(f"Deep: {ui.model_label(d, s.deep_model)}")
+    st.subheader(f"Deep: {ui.model_label(d, s.deep_model, s)}")
     if d is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
     else:

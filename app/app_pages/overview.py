@@ -5,7 +5,6 @@ import streamlit as st
 
 from analysis import viz
 from analysis.measures import summary
-from analysis.measures.correspondence import answer_through_depth
 from app import components as ui
 from app import session, url_state
 
@@ -25,7 +24,7 @@ left, right = st.columns(2, gap="large")
 
 def model_column(col, trace, model, who: str) -> None:
     with col:
-        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model)}")
+        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model, s)}")
         if trace is None:
             st.info(f"No {who} trace: {ui.why_missing(s, who)}")
             return
@@ -39,6 +38,11 @@ def model_column(col, trace, model, who: str) -> None:
         c1, c2, c3 = st.columns(3)
         target = trace.answer if trace.answer is not None else trace.prediction()
         c1.metric("Prediction", repr(trace.prediction()),
+                  help="The model's final output: the last iteration's state read through the coda and the "
+                       "output head. The logit lens below reads the block's state after each layer call "
+                       "directly, before the coda, so at early iterations it can show another character (and "
+                       "a low probability for the answer) than the Prediction."
+                  if not trace.is_deep else "The model's final output after its last layer.",
                   delta=None if trace.answer is None else ("correct" if trace.prediction() == trace.answer else
                                                           f"answer is {trace.answer!r}"),
                   delta_color="normal" if trace.prediction() == trace.answer else "inverse")
@@ -55,9 +59,14 @@ def model_column(col, trace, model, who: str) -> None:
                            + classes.attrs.get("description", ""))
         else:
             c3.metric("Layers", trace.n_layers)
-        trained = model.spec.schedule.high if model else None
+        trained = ui.trained_of(trace, model)
+        if not trace.is_deep:
+            coda = "the coda and " if (trace.metadata.get("config") or {}).get("n_coda", 1) else ""
+            st.caption(f"**Prediction** is the final output, through {coda}the output head after all "
+                       f"{trace.n_iterations} iterations; the curves and the lens read the block's own state after "
+                       "each layer call" + (", before the coda." if coda else "."))
         ui.show_figure(viz.answer_figure(trace, trained=trained, template=tpl), key=f"answer_{who}",
-                       data=None if trace.answer_prob is None else answer_through_depth(trace))
+                       data=viz.answer_data(trace))
         ui.show_figure(viz.lens_heatmap(trace, template=tpl), key=f"lens_{who}", data=viz.lens_data(trace))
         if counts is not None:
             st.caption("Trajectory classes (Convergence page for details): "
@@ -71,11 +80,12 @@ st.divider()
 st.subheader("Model cards")
 cards = {m.name: m.card for m in (s.looped_model, s.deep_model) if m is not None}
 cc = st.columns(2, gap="large")
-for col, m in zip(cc, (s.looped_model, s.deep_model)):
+for col, m, t, who in zip(cc, (s.looped_model, s.deep_model), (s.looped, s.deep), ("looped", "deep")):
     with col:
-        if m is None:
-            continue
-        ui.model_card(m, template=tpl)
+        if m is not None:
+            ui.model_card(m, template=tpl)
+        elif t is not None and who in s.uploaded:  # an uploaded trace: its own model, from its metadata
+            ui.trace_card(t, s.uploaded[who], template=tpl)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")

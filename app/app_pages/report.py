@@ -44,8 +44,21 @@ def _report_key() -> str:
 
 
 def _settings() -> dict:
+    """The run's settings as the report states them: what the traces were computed with. An
+    uploaded trace's own model, prompt, iterations and seed (its metadata) replace the sidebar's."""
     s = dataclasses.asdict(run.settings)
+    s.pop("embed", None)
+    s["prompt"] = looped.prompt
     s["fixed_point_iterations"] = looped.metadata.get("fixed_point_iterations")
+    for who, t in (("looped", looped), ("deep", deep)):
+        if who in run.uploaded and t is not None:
+            m = t.metadata
+            s[who] = f"{m.get('model_name', 'unknown')} (uploaded trace {run.uploaded[who]})"
+            if who == "looped":
+                s["iterations"] = t.n_iterations
+                s["seed"] = m.get("seed")
+    if deep is not None and deep.prompt != looped.prompt:
+        s["deep_prompt"] = deep.prompt
     if run.uploaded:
         s["uploaded_traces"] = dict(run.uploaded)
     return s

@@ -35,8 +35,11 @@ with c3:
                                       "over queries: its strongest key wherever it sits, or key 0 only (the "
                                       "literature's usual BOS sink). The table below has both columns.")
 with c2:
-    st.caption(f"The looped block has {t.n_layers} layers, so each iteration's line has {t.n_layers} points "
-               "(relative depth within the block).")
+    st.caption(f"How to read it: the looped block has {t.n_layers} layers, so each iteration's line has "
+               f"{t.n_layers} points, at {', '.join(f'{100 * (l + 1) / t.n_layers:.0f}%' for l in range(t.n_layers))} "
+               "of the block; the black deep curve has one point per deep layer across its whole depth. If each "
+               "pass of the loop repeats the deep model's stages, every coloured line rises and falls like the "
+               "black one at the same relative depths; the legend names every drawn iteration.")
 try:
     looped = session.measure(stages.stage_profiles, t)
 except ValueError as exc:
@@ -53,8 +56,8 @@ else:
     except ValueError as exc:
         st.warning(f"Could not compute the deep model's stage profiles: {exc}")
 
-label = f"looped {ui.model_label(t, s.looped_model)}" + (
-    f" over deep {ui.model_label(s.deep, s.deep_model)}" if deep is not None else "")
+label = f"looped {ui.model_label(t, s.looped_model, s)}" + (
+    f" over deep {ui.model_label(s.deep, s.deep_model, s)}" if deep is not None else "")
 st.subheader(label)
 ui.show_figure(viz.stage_profile_figure(looped, deep, max_lines=max_lines, template=tpl, sink_key=sink_key),
                key="stages_profiles",

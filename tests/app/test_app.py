@@ -18,6 +18,11 @@ from tests.helpers.apptest import MAIN, TIMEOUT, assert_clean, charts, decode, n
 pytestmark = pytest.mark.usefixtures("real_samples")  # the shipped checkpoints (conftest.py)
 
 
+def css_of(at) -> str:
+    """Every st.html block of the page (the app's style sheets), joined."""
+    return "\n".join(h.proto.body for h in at.get("html"))
+
+
 @pytest.fixture(scope="module")
 def app():
     """One app session, default settings, shared by the page tests (traces computed once)."""
@@ -175,20 +180,45 @@ def test_out_of_vocabulary_character():
     assert "'B'" in msg and "position 4" in msg
 
 
+def test_trailing_newline_is_stripped_not_rejected():
+    at = run_with_prompt("a=7;b=a;?b=\n")
+    assert not at.error, texts(at.error)
+    assert at.session_state["_settings"].prompt == "a=7;b=a;?b="
+    assert at.text_area(key="w_prompt").value == "a=7;b=a;?b="
+    assert at.session_state["_run_session"].looped.answer == "7"
+
+
 def test_unreadable_checkpoint_folder(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     (broken / "model.safetensors").write_bytes(b"garbage")
-    at = new_app({"looped": str(broken)})
+    at = new_app()
     at.run()
+    at.selectbox(key="w_looped").set_value("local folder…").run()
+    at.text_input(key="w_looped_path").set_value(str(broken))
+    at.button(key="run").click().run()
     assert_clean(at)
     assert "not valid JSON" in texts(at.error)
-    at = new_app({"looped": str(tmp_path / "missing")})
-    at.run()
+    at.text_input(key="w_looped_path").set_value(str(tmp_path / "missing"))
+    at.button(key="run").click().run()
     assert_clean(at)
     assert "is not a folder" in texts(at.error)
     assert "answer_deep" in charts(at)  # the deep model still works
+
+
+@pytest.mark.parametrize("value", ["/root/.ssh", "/", "../sample_checkpoints/chain-looped", "~"])
+def test_url_models_only_from_the_configured_folders(value, tmp_path):
+    """A URL cannot load a server folder, and its note says nothing about the server's files."""
+    at = new_app({"looped": value, "deep": value})
+    at.run()
+    assert_clean(at)
+    s = at.session_state["_settings"]
+    assert (s.looped, s.deep) == ("chain-looped", "chain-deep")
+    notes = texts(at.warning)
+    assert "is not one of the models this app offers" in notes
+    assert "missing" not in notes and "not a folder" not in notes and value not in notes.replace("'~'", "")
+    assert not at.error
 
 
 def test_foreign_checkpoint_folder(tmp_path):
@@ -292,7 +322,7 @@ def test_presentation_mode_metrics_fit_at_the_larger_font():
     assert params and all(v.endswith((" k", " M")) for v in params), params
     tips = [m.proto.help for m in at.metric if m.label == "At fixed point"]
     assert tips and tips[0].startswith("Tokens at a fixed point.")
-    assert "white-space: normal" in at.get("html")[0].proto.body  # a label that is still too long wraps
+    assert "white-space: normal" in css_of(at)  # a label that is still too long wraps
 
 
 def test_uploaded_trace_replaces_computed_one(tmp_path):
@@ -511,11 +541,11 @@ def test_first_run_shows_progress_of_the_long_fixed_point_run(monkeypatch):
 def test_presentation_mode_hides_the_sidebar_and_has_a_way_back():
     at = new_app()
     at.run()
-    assert not at.get("html") and not [b for b in at.button if b.key == "exit_present"]
+    assert "stSidebar" not in css_of(at) and not [b for b in at.button if b.key == "exit_present"]
     at.toggle(key="w_present").set_value(True)
     at.run()
     assert_clean(at)
-    css = at.get("html")[0].proto.body
+    css = css_of(at)
     assert '[data-testid="stSidebar"]' in css and "display: none" in css and "font-size" in css
     exit_button = at.button(key="exit_present")
     assert exit_button.label == "Exit presentation"
@@ -524,11 +554,11 @@ def test_presentation_mode_hides_the_sidebar_and_has_a_way_back():
     at.run()
     assert_clean(at)
     assert not at.session_state["w_present"] and not at.session_state["_settings"].embed
-    assert not at.get("html") and "present" not in at.query_params
+    assert "stSidebar" not in css_of(at) and "present" not in at.query_params
     # ?present=true opens the same way, with the same way back
     at = new_app({"present": "true"})
     at.run()
-    assert '[data-testid="stSidebar"]' in at.get("html")[0].proto.body
+    assert '[data-testid="stSidebar"]' in css_of(at)
     assert at.button(key="exit_present").label == "Exit presentation"
 
 
@@ -581,3 +611,152 @@ def test_every_page_opens_with_title_and_teaching_before_any_message(page):
         assert types[2] == "info" and "What the paper found" in str(order[2].value)
     if page != "lab":  # the lab needs no trace, so it does not repeat the sidebar's messages
         assert "prompt is empty" in texts(at.error) and "iterations='abc'" in texts(at.warning)
+
+
+# ---------------------------------------------------------------- view controls across an Iterations change
+@pytest.mark.parametrize("page,key", [("orbits", "o_upto"), ("stages", "stages_lines"),
+                                      ("attention", "attention_rows")])
+def test_iteration_controls_keep_the_choice_when_iterations_change(page, key):
+    """A slider bounded by the iteration count keeps the user's value (clamped), or follows the
+    full range when the user left it at its default; it never drops to 1 (Streamlit's fallback
+    when a keyed slider's range changes)."""
+    at = new_app({"iterations": "4"})
+    at.run()
+    at.switch_page(f"app_pages/{page}.py").run()
+    assert_clean(at)
+    assert at.slider(key=key).value == 4  # the default: all 4 iterations
+    at.number_input(key="w_iterations").set_value(8)
+    at.button(key="run").click().run()
+    assert_clean(at)
+    default = {"o_upto": 8, "stages_lines": 8, "attention_rows": 6}[key]
+    assert at.slider(key=key).value == default and at.query_params[key] == str(default)
+    at.slider(key=key).set_value(3).run()
+    at.number_input(key="w_iterations").set_value(5)
+    at.button(key="run").click().run()
+    assert_clean(at)
+    assert at.slider(key=key).value == 3 and at.query_params[key] == "3"
+    at.number_input(key="w_iterations").set_value(2)
+    at.button(key="run").click().run()
+    assert at.slider(key=key).value == 2  # clamped to the new range
+
+
+# ---------------------------------------------------------------- an uploaded trace's provenance
+def _all_text(at) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "subheader", "metric", "warning", "error", "info"):
+        for e in at.get(kind):
+            parts.append(str(getattr(e, "value", "")) + " " + str(getattr(e, "label", "")))
+    return "\n".join(parts)
+
+
+def test_uploaded_trace_is_credited_to_its_own_model(tmp_path):
+    """A chain-contrast trace uploaded while the sidebar holds chain-looped and another prompt:
+    every page names chain-contrast (labelled as an uploaded trace) and its hash, never the
+    sidebar model's; the deep side reads the trace's prompt; the report's model table and
+    settings describe the trace."""
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+    from analysis.report import report_numbers
+    from app.session import resolve
+
+    contrast, looped = load_checkpoint(resolve("chain-contrast")), load_checkpoint(resolve("chain-looped"))
+    prompt = "y=1;f=g;o=7;q=o;s=q;g=2;?s="
+    t = trace(contrast, prompt, iterations=5, seed=3, fixed_point_iterations=0)
+    at = new_app({"looped": "chain-looped", "prompt": "k=4;m=k;p=m;?p=", "iterations": "4"})
+    at.run()
+    upload(at, "contrast.npz", t.save(tmp_path / "contrast.npz").read_bytes())
+    s = at.session_state["_run_session"]
+    assert s.looped_model is None and s.looped.metadata["model_name"] == "chain-contrast"
+    assert s.deep.prompt == prompt  # the deep side re-ran on the trace's prompt
+    text = _all_text(at)
+    assert "Looped: chain-contrast (1, 2⊗r, 1) · uploaded trace" in [h.value for h in at.subheader]
+    assert contrast.sha256 in text and looped.sha256 not in text and "different prompts" not in text
+    for page in ("orbits", "stages", "attention"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert_clean(at)
+        text = _all_text(at)
+        assert "chain-contrast" in text and "uploaded trace" in text and "chain-looped" not in text, page
+    at.switch_page("app_pages/report.py").run()
+    at.button(key="report_build").click().run()
+    assert_clean(at)
+    html_text = at.session_state["_report_built"]["html"].decode()
+    nums = report_numbers(html_text)
+    card = nums["models"]["looped"]
+    assert card["name"].startswith("chain-contrast") and card["sha256"] == contrast.sha256
+    assert "uploaded trace file contrast.npz" in card["path"]
+    assert looped.sha256 not in html_text and "chain-looped" not in html_text
+    assert ">5<" in html_text.split("<th>iterations</th>")[1][:40]
+    assert ">3<" in html_text.split("<th>seed</th>")[1][:40]
+    assert prompt in html_text.split("<th>prompt</th>")[1][:80]
+
+
+def test_uploaded_trace_beside_a_model_that_cannot_read_its_prompt_names_each_sides_prompt(tmp_path):
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+    from app.session import resolve
+
+    text_model = load_checkpoint(resolve("text-looped"))
+    t = trace(text_model, "The for statement is", iterations=3, seed=0, fixed_point_iterations=0)
+    at = new_app({"iterations": "3"})
+    at.run()
+    upload(at, "text.npz", t.save(tmp_path / "text.npz").read_bytes())
+    s = at.session_state["_run_session"]
+    assert s.looped.prompt == "The for statement is" and s.deep.prompt != s.looped.prompt
+    err = texts(at.error)
+    assert "The two sides show different prompts" in err and "The for statement is" in err and s.deep.prompt in err
+    assert f"prompt '{s.deep.prompt}'" in [h.value for h in at.subheader][1]
+
+
+def test_random_bytes_upload_is_not_a_trace_and_no_unsafe_loading_is_suggested():
+    at = new_app()
+    at.run()
+    upload(at, "random.npz", np.random.default_rng(0).bytes(4096))
+    msg = texts(at.error)
+    assert "Uploaded file random.npz could not be opened" in msg and "not a loopscope trace" in msg
+    assert "pickle" not in msg.lower()
+
+
+def test_pickers_list_models_where_they_fit_and_switching_task_switches_prompt_and_partner():
+    at = new_app()
+    at.run()
+    looped_opts, deep_opts = at.selectbox(key="w_looped").options, at.selectbox(key="w_deep").options
+    assert "chain-looped" in looped_opts and "text-looped" in looped_opts and "chain-deep" not in looped_opts
+    assert "chain-deep" in deep_opts and "chain-looped" not in deep_opts and "text-looped" not in deep_opts
+    at.selectbox(key="w_looped").set_value("text-looped").run()
+    prompt = at.text_area(key="w_prompt").value
+    from app.caching import examples
+
+    text_examples = [e for e in examples() if e["task"] == "text"]
+    assert prompt == text_examples[0]["prompt"] and at.selectbox(key="w_example").value == text_examples[0]["title"]
+    assert at.selectbox(key="w_deep").value == "(none)"  # no deep text model ships
+    at.button(key="run").click().run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    assert "no known answer" in texts(at.markdown)
+    at.selectbox(key="w_looped").set_value("chain-looped").run()
+    assert at.selectbox(key="w_deep").value == "chain-deep"
+    from analysis.tasks import solve_chain
+
+    assert solve_chain(at.text_area(key="w_prompt").value)
+    # a URL that puts a model in the wrong picker falls back with a note
+    at = new_app({"looped": "chain-deep", "deep": "chain-looped"})
+    at.run()
+    s = at.session_state["_settings"]
+    assert (s.looped, s.deep) == ("chain-looped", "chain-deep")
+    assert "is a deep model, not a looped one" in texts(at.warning)
+
+
+def test_metric_labels_wrap_and_parameter_counts_fit_outside_presentation_mode(app):
+    at = app.switch_page("app_pages/overview.py").run()
+    assert "white-space: normal" in css_of(at) and "stMetricLabel" in css_of(at)
+    params = [m for m in at.metric if m.label == "Parameters"]
+    assert params and all(str(m.value).endswith((" k", " M")) and "," in m.proto.help for m in params)
+
+
+def test_overview_says_prediction_is_the_final_output_and_the_lens_reads_the_block(app):
+    at = app.switch_page("app_pages/overview.py").run()
+    caps = texts(at.caption)
+    assert "**Prediction** is the final output, through the coda and the output head" in caps
+    assert "before the coda" in caps
+    tip = [m.proto.help for m in at.metric if m.label == "Prediction"][0]
+    assert "logit lens" in tip and "final output" in tip

@@ -331,3 +331,19 @@ def test_report_page_builds_the_report(app):
         assert model.sha256 in html_text and name in html_text
     assert html_text.count("* plotly.js v") == 1
     assert {"report_looped__npz", "report_deep__npz", "report_looped__metrics_csv"} <= set(downloads)
+
+
+def test_attention_page_enlarges_one_map(app):
+    at = app.switch_page("app_pages/attention.py").run()
+    at.checkbox(key="attention_zoom").check().run()
+    at.number_input(key="attention_zoom_it").set_value(2).run()
+    assert_clean(at)
+    figs = charts(at)
+    I, L, H, T, DL = sizes(at)
+    z = np.asarray(decode(figs["attention_zoom_map"]["data"][0]["z"]), dtype=float)
+    assert z.shape == (T, T)  # one map, mean over heads, at full width
+    s = at.session_state["_run_session"]
+    want = s.looped.attention[1, 0].mean(axis=0)
+    np.testing.assert_allclose(np.nan_to_num(z), np.tril(want), atol=1e-5)
+    assert figs["attention_zoom_map"]["layout"]["height"] >= 600
+    assert at.query_params["attention_zoom"] == "true"

@@ -144,3 +144,80 @@ def test_every_page_renders_in_chromium(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def _start_server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "streamlit.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=_sample_env(), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{base}/_stcore/health", timeout=1)
+            return server, log, base
+        except OSError:
+            time.sleep(0.5)
+    _stop_server(server, log)
+    raise AssertionError("streamlit did not start: " + (tmp_path / "streamlit.log").read_text()[-2000:])
+
+
+def _stop_server(server, log):
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+def test_offline_favicon_upload_provenance_and_iteration_change_in_chromium(tmp_path):
+    """In a real browser: no request leaves the machine (the favicon is local); an uploaded
+    trace of another model is named as such; Orbits' "Show paths up to iteration" follows an
+    Iterations change instead of dropping to 1."""
+    from urllib.parse import urlparse
+
+    from playwright.sync_api import sync_playwright
+
+    from analysis.checkpoint import load_checkpoint
+    from analysis.trace import trace
+
+    contrast = load_checkpoint(ROOT / "sample_checkpoints" / "chain-contrast")
+    saved = trace(contrast, "y=1;f=g;o=7;q=o;s=q;g=2;?s=", iterations=5, seed=3,
+                  fixed_point_iterations=0).save(tmp_path / "contrast.npz")
+    server, log, base = _start_server(tmp_path)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            hosts = set()
+            page.on("request", lambda r: hosts.add(urlparse(r.url).hostname or r.url.split(":")[0]))
+            page.goto(f"{base}/orbits?iterations=4", wait_until="domcontentloaded")
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            _wait_idle(page)
+            icon = page.locator("link[rel*='icon']").first.get_attribute("href") or ""
+            assert not icon.startswith("http") or urlparse(icon).hostname == "127.0.0.1", icon
+            slider = page.locator('[data-testid="stSlider"]', has_text="Show paths up to iteration").locator('input[type="range"]')
+            assert (slider.get_attribute("value"), slider.get_attribute("max")) == ("4", "4")
+            box = page.get_by_label("Iterations", exact=True)
+            box.fill("8")
+            box.press("Enter")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.wait_for_timeout(500)
+            _wait_idle(page)
+            assert (slider.get_attribute("value"), slider.get_attribute("max")) == ("8", "8") and "o_upto=8" in page.url, page.url
+            page.goto(f"{base}/", wait_until="domcontentloaded")
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            _wait_idle(page)
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(saved))
+            page.get_by_text("chain-contrast (1, 2⊗r, 1) · uploaded trace").first.wait_for(timeout=90_000)
+            _wait_idle(page)
+            main = page.locator('[data-testid="stMain"]').inner_text()
+            assert "Looped: chain-looped" not in main and contrast.sha256 in main
+            page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+            browser.close()
+        assert hosts <= {"127.0.0.1"}, f"requests left the machine: {sorted(hosts)}"
+    finally:
+        _stop_server(server, log)

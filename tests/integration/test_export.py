@@ -151,6 +151,20 @@ def test_metrics_csv_and_parquet_rows(small_trace):
     np.testing.assert_allclose(csv[num].to_numpy(float), table[num].to_numpy(float), rtol=1e-6, equal_nan=True)
 
 
+def test_metrics_csv_counts_iterations_like_the_figure_csvs(small_trace):
+    """The metrics table and a figure's CSV (answer_data) name the same (iteration, layer, depth)
+    with the same answer probability; lens_top1 is the character, lens_top1_id its id."""
+    from analysis.viz import answer_data
+
+    table = export.metrics_table(small_trace)
+    last = table[table.token == small_trace.n_tokens - 1].sort_values(["iteration", "layer"])
+    fig = answer_data(small_trace).sort_values(["iteration", "layer"])
+    assert last[["iteration", "layer", "depth"]].to_numpy().tolist() == fig[["iteration", "layer", "depth"]].to_numpy().tolist()
+    np.testing.assert_allclose(last["answer_prob"].to_numpy(float), fig["answer_prob"].to_numpy(float), rtol=1e-6)
+    vocab = small_trace.vocabulary
+    assert all(vocab[i] == c for i, c in zip(table["lens_top1_id"], table["lens_top1"]))
+
+
 # ----------------------------------------------------------------------------- the app's export row
 def _download_keys(at) -> set:
     return {el.proto.id.rsplit("-", 1)[-1] for el in at.get("download_button")}

@@ -398,9 +398,7 @@ def test_answer_figure_holds_the_answer_probability(traces, with_fixed_point):
     assert free.answer is None
     fig = F.answer_figure(free)
     assert len(fig.data) == 0 and "no known answer" in fig.layout.annotations[0].text
-    assert len(correspondence.answer_through_depth(t)) == I * L  # the table behind the figure (its CSV)
-    with pytest.raises(ValueError):
-        correspondence.answer_through_depth(free)
+    assert len(F.answer_data(t)) == I * L and F.answer_data(free).empty
 
 
 def test_answer_probability_matches_the_lens_top_k(traces):
@@ -594,3 +592,29 @@ def test_convergence_figures_with_nan(with_fixed_point):
     z = z_of(fig)
     assert np.isnan(z[2, -1]) and np.isfinite(z[0, 0])  # token 2's last iteration is a gap
     fig.to_json()
+
+
+def test_readability_ticks_hover_colour_range_and_words(traces):
+    """Answer-rank log ticks written in full (20, not "2"); Orbits' hover names the token's
+    character; the cosine heatmap's colours span the values; axis titles in words."""
+    from analysis.correspondence import answer_through_depth
+    from analysis.projections import project_across_tokens
+
+    t, d = traces
+    fig = F.answer_rank_figure(answer_through_depth(t), answer_through_depth(d))
+    assert list(fig.layout.yaxis.ticktext[:6]) == ["1", "2", "5", "10", "20", "50"]
+    assert list(fig.layout.yaxis.tickvals[:6]) == [1, 2, 5, 10, 20, 50]
+    coords, _ = project_across_tokens(t, n_components=3)
+    orbit = F.orbit_figure(coords, t, frame_by="iteration")
+    assert "'%{text}'" in orbit.data[0].hovertemplate
+    cd, text = np.asarray(orbit.data[0].customdata), list(orbit.data[0].text)
+    assert all(tx == (t.token_labels[int(k)] if k >= 0 else "") for k, tx in zip(cd[:, 0], text))
+    assert orbit.layout.updatemenus[0].y < -0.15  # the play button sits below the x-axis title
+    c = np.array([[1.0, 0.8], [0.8, 1.0]])
+    heat = F.fixed_point_cosine_figure(c)
+    assert (heat.data[0].zmin, heat.data[0].zmax) == (pytest.approx(0.8), 1.0)
+    from analysis.dynamics import step_sizes
+
+    for fig in (F.step_size_figure(step_sizes(t.states), t),):
+        for text in (fig.layout.title.text or "", *(ax.title.text or "" for ax in (fig.layout.yaxis,))):
+            assert "‖" not in text and "_{" not in text, text

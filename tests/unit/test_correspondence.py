@@ -93,20 +93,23 @@ def test_state_metrics_table(looped):
     df = state_metrics_table(looped)
     I, L, T, _ = looped.states.shape
     assert len(df) == I * L * T
+    assert sorted(df["iteration"].unique()) == list(range(1, I + 1))  # 1-based, as on the figures
     assert list(df.columns) == ["token", "token_label", "iteration", "layer", "depth", "relative_depth", "norm",
-                                "step_size", "cosine_step", "distance_to_fixed_point", "lens_top1", "lens_top1_prob",
+                                "step_size", "cosine_step", "distance_to_fixed_point", "lens_top1", "lens_top1_id",
+                                "lens_top1_prob",
                                 "answer_prob", "answer_rank"]
     steps, cos = step_sizes(looped.states), cosine_steps(looped.states)
     for _, row in df.sample(25, random_state=0).iterrows():
-        k, t, l = int(row.token), int(row.iteration), int(row.layer)
+        k, t, l = int(row.token), int(row.iteration) - 1, int(row.layer)  # iterations count from 1
         s = looped.states[t, l, k].astype(float)
-        assert row.token_label == PROMPT[k] and row.depth == t * L + l
+        assert row.token_label == PROMPT[k] and row.depth == t * L + l + 1
         assert row.relative_depth == pytest.approx((l + 1) / L * 100)
         assert row.norm == pytest.approx(np.linalg.norm(s), rel=1e-6)
         assert (np.isnan(row.step_size) and t == 0) or row.step_size == pytest.approx(steps[t, l, k])
         assert (np.isnan(row.cosine_step) and t == 0) or row.cosine_step == pytest.approx(cos[t, l, k])
         assert row.distance_to_fixed_point == pytest.approx(np.linalg.norm(s - looped.fixed_point[l, k]), rel=1e-5)
         assert row.lens_top1 == CHAIN_CHARS[looped.lens_top_ids[t, l, k, 0]]
+        assert row.lens_top1_id == looped.lens_top_ids[t, l, k, 0]
         assert row.lens_top1_prob == pytest.approx(looped.lens_top_probs[t, l, k, 0])
         if k == T - 1:
             assert row.answer_prob == pytest.approx(looped.answer_prob[t, l]) and row.answer_rank == looped.answer_rank[t, l]
@@ -117,7 +120,7 @@ def test_state_metrics_table(looped):
     bare = dataclasses.replace(looped, fixed_point=None, answer_rank=None, answer_prob=None, states=states)
     df2 = state_metrics_table(bare)
     assert df2["distance_to_fixed_point"].isna().all() and df2["answer_prob"].isna().all()
-    assert df2[(df2.token == 2) & (df2.iteration == 3) & (df2.layer == 1)]["norm"].isna().all()
+    assert df2[(df2.token == 2) & (df2.iteration == 4) & (df2.layer == 1)]["norm"].isna().all()
 
 
 def test_state_metrics_table_large_trace():
@@ -134,8 +137,8 @@ def test_state_metrics_table_large_trace():
                 fixed_point=rng.normal(size=(L, T, D)).astype(np.float32))
     df = state_metrics_table(big)  # timing belongs in bench/, not here
     assert len(df) == I * L * T
-    first = df.iloc[I * L * 5 + 7 * L + 1]                 # token 5, iteration 7, layer 1
-    assert (first.token, first.iteration, first.layer) == (5, 7, 1)
+    first = df.iloc[I * L * 5 + 7 * L + 1]                 # token 5, states[7] (iteration 8), layer 1
+    assert (first.token, first.iteration, first.layer) == (5, 8, 1)
     assert first.norm == pytest.approx(np.linalg.norm(big.states[7, 1, 5].astype(float)), rel=1e-6)
     assert first.distance_to_fixed_point == pytest.approx(
         np.linalg.norm(big.states[7, 1, 5].astype(float) - big.fixed_point[1, 5]), rel=1e-5)
