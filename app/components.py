@@ -74,11 +74,12 @@ def compact_number(n) -> str:
     return f"{x:.3g}" if x != int(x) else f"{int(x)}"
 
 
-def metric(where, label: str, value, short: str | None = None, big: bool = False, help: str | None = None,
+def metric(where, label: str, value, short: str | None = None, template: str = "normal", help: str | None = None,
            **kwargs) -> None:
-    """``where.metric`` (a column, or ``st``) that stays readable in presentation mode: with ``big``
+    """``where.metric`` (a column, or ``st``) that stays readable in presentation mode: with template "presentation"
     the ``short`` label is shown (the full label moves into the tooltip), so that it fits its column
     at the larger font."""
+    big = template == "presentation"
     if big and short and short != label:
         help = f"{label}. {help}" if help else label
         label = short
@@ -154,7 +155,7 @@ def prompt_banner(session) -> None:
                 + f", seed {t.metadata.get('seed', '—')}." + src)
 
 
-def trace_card(trace, file_name: str | None = None, big: bool = False) -> None:
+def trace_card(trace, file_name: str | None = None, template: str = "normal") -> None:
     """The model facts an uploaded trace carries in its metadata (name, architecture, weights
     hash, configuration, trained iterations), labelled as an uploaded trace: the weights are not
     loaded, so there are no held-out numbers."""
@@ -166,8 +167,8 @@ def trace_card(trace, file_name: str | None = None, big: bool = False) -> None:
     if trace.is_deep:
         c1.metric("Layers", trace.n_layers)
     else:
-        metric(c1, "Iterations run", trace.n_iterations, short="Iterations", big=big)
-        metric(c2, "Trained iterations", summary.trained_schedule(trace).words(), short="Trained iters", big=big)
+        metric(c1, "Iterations run", trace.n_iterations, short="Iterations", template=template)
+        metric(c2, "Trained iterations", summary.trained_schedule(trace).words(), short="Trained iters", template=template)
     c3.metric("Seed", m.get("seed", "—"))
     st.caption(f"From the trace file's metadata (the weights are not loaded): d_model {cfg.get('d_model', '?')}, "
                f"{cfg.get('n_heads', '?')} heads, norm {cfg.get('norm_layout', '?')}, injection "
@@ -176,30 +177,30 @@ def trace_card(trace, file_name: str | None = None, big: bool = False) -> None:
                f"prompt `{trace.prompt}`")
 
 
-def model_card(model, big: bool = False) -> None:
+def model_card(model, template: str = "normal") -> None:
     """The facts a user needs about a checkpoint (``analysis.measures.summary.model_facts``):
-    architecture, size, training, held-out numbers. ``big`` (presentation mode): short labels and
+    architecture, size, training, held-out numbers. Template "presentation": short labels and
     the parameter count as "1.87 M"."""
     facts = summary.model_facts(model)
     cfg = model.config
     st.markdown(f"**{facts.name}** — `{facts.architecture}`")
     c1, c2, c3 = st.columns(3)
     n_params = facts.parameters
-    metric(c1, "Parameters", compact_number(n_params), big=big,  # "1.87 M" fits a narrow column; exact in the tooltip
+    metric(c1, "Parameters", compact_number(n_params), template=template,  # "1.87 M" fits a narrow column; exact in the tooltip
            help=f"{n_params:,} parameters")
     if facts.kind == "deep":
         c2.metric("Layers", model.spec.n_block)
     else:
-        metric(c2, "Trained iterations", facts.trained_label, short="Trained iters", big=big,
+        metric(c2, "Trained iterations", facts.trained_label, short="Trained iters", template=template,
                help=f"Trained with {facts.trained.words()} iterations (the model card; shown as mean (range))")
     if facts.accuracy_by_hops:
         lo, hi = facts.trained_hops
         metric(c3, f"Accuracy, {lo}–{hi} hops", f"{facts.accuracy_trained_hops:.0%}",
-               short=f"Acc. {lo}–{hi} hops", big=big,
+               short=f"Acc. {lo}–{hi} hops", template=template,
                help=f"held-out accuracy averaged over the trained hops {lo}–{hi} (card.json); "
                     "the bar chart below has each hop count beside the best shortcut")
     elif facts.heldout_bits_per_char is not None:
-        metric(c3, "Held-out bits/char", f"{facts.heldout_bits_per_char:.2f}", short="Bits/char", big=big)
+        metric(c3, "Held-out bits/char", f"{facts.heldout_bits_per_char:.2f}", short="Bits/char", template=template)
     st.caption(f"d_model {cfg.d_model}, {cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, "
                f"initial state {cfg.initial_state}, context {cfg.context_length} · weights sha256 {model.sha256}")
 

@@ -37,7 +37,6 @@ s, tpl = ui.page(
     "(layer, iteration)² distance matrix; the block's stages repeat once per pass. Stripes alone do not prove "
     "reasoning: even a poorly trained model freezes its attention.",
 )
-big = tpl == "presentation"
 t = ui.require_looped(s, attention_for="the maps and their distances")
 
 I, L, H = t.attention.shape[:3]

@@ -19,7 +19,6 @@ s, tpl = ui.page(
     "a few rare tokens never settle but orbit (periodic) or slide (drift in one direction) — about "
     "0.02% of tokens for Huginn on GSM8K.",
 )
-big = tpl == "presentation"
 t = s.looped
 if t is None:
     st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")

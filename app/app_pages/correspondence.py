@@ -28,7 +28,6 @@ s, tpl = ui.page(
     "Looped models' passes line up with stages of a deep model (the block's layers follow the deep model's "
     "profile once per iteration); Huginn stops iterating when this KL falls below 5e-4.",
 )
-big = tpl == "presentation"
 t = ui.require_looped(s)
 
 st.subheader("Linear CKA: looped states vs deep layers")

@@ -40,7 +40,6 @@ s, tpl = ui.page(
     "distinct per-layer fixed points even at random init, Ouro's layout does not; without injection only "
     "pre-norm converges, and it collapses to one point for all layers.", show_messages=False, banner=False
 )
-big = tpl == "presentation"
 ss = st.session_state
 
 with st.form("lab_form"):
@@ -120,7 +119,7 @@ m2.metric("Final step", f"{v['final_step']:.1e}" if np.isfinite(v["final_step"])
 m3.metric("Collapsed?", "yes" if v["collapsed"] else "no",
           help="All layers' final states on one direction (min cosine > 0.999).")
 ui.metric(m4, "Min cosine between layers", f"{v['spread']:.4f}" if np.isfinite(v["spread"]) else "—",
-          short="Min layer cosine", big=big,
+          short="Min layer cosine", template=tpl,
           help=f"Norm growth over the run: {v['norm_growth']:.3g}×" if np.isfinite(v["norm_growth"]) else None)
 if not v.get("finite", True):
     st.warning("The run produced NaN or infinite states; the plots show them as gaps.")

@@ -19,7 +19,6 @@ s, tpl = ui.page(
     "k distinct fixed points, one per layer (unless they collapse into one). Huginn's latent orbits: most "
     "tokens converge, a few circle (orbits) or drift (sliders).",
 )
-big = tpl == "presentation"
 
 PROJ = {"pca": "PCA across tokens", "token": "PCA of one token", "umap": "UMAP (neighbourhoods)"}
 c1, c2, c3, c4 = st.columns([3, 1.3, 2, 2])

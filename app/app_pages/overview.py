@@ -18,7 +18,6 @@ s, tpl = ui.page(
     "stops changing after a few iterations; iterating past the trained count stays stable for some "
     "models and drifts for others.",
 )
-big = tpl == "presentation"
 left, right = st.columns(2, gap="large")
 
 

@@ -19,7 +19,6 @@ s, tpl = ui.page(
     "Stages repeat per pass: the profiles within the block follow the deep model's profile over its whole "
     "depth, once per iteration (after the first few iterations the lines lie on top of each other).",
 )
-big = tpl == "presentation"
 t = ui.require_looped(s, attention_for="the stage profiles")
 
 I = t.n_iterations
