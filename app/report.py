@@ -66,6 +66,20 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
+# characters that the HTML parser acts on inside a <script> ("</script>", "<!--<script>" ...) or
+# that end a JavaScript line, written as JSON escapes (the JSON means the same)
+_SCRIPT_SWAP = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(value) -> str:
+    """``value`` as JSON that is safe inside an HTML ``<script>`` element whatever its strings hold:
+    ``<``, ``>``, ``&``, U+2028 and U+2029 are written as ``\\uXXXX`` escapes."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    for ch, esc in _SCRIPT_SWAP.items():
+        text = text.replace(ch, esc)
+    return text
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -246,9 +260,9 @@ def _model_card(m: LoadedModel | None, tr: Trace | None) -> dict:
     if params is None and m is not None:
         params = m.model.num_parameters()
     if params is None and md.get("config"):
-        try:  # an uploaded trace without weights: count from its config
-            from analysis.model import LoopConfig, LoopedTransformer
-            params = LoopedTransformer(LoopConfig.from_dict(md["config"])).num_parameters()
+        try:  # an uploaded trace without weights: count from its config (no model is built)
+            from analysis.checkpoint import count_parameters
+            params = count_parameters(dict(md["config"]))
         except Exception:
             params = None
     arch = (m.config.describe() if m is not None else md.get("architecture")) or card.get("architecture")
@@ -555,7 +569,7 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
             _settings_section(rep, settings, versions, date)]
     rep.numbers["figures"] = [{"id": i, "source": s} for i, _, s in rep.figures]
     rep.numbers["notes"] = rep.notes
-    numbers_json = json.dumps(rep.numbers, sort_keys=True, default=str).replace("</", "<\\/")
+    numbers_json = script_json(rep.numbers)
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>loopscope report: {_esc(looped.prompt[:60])}</title>"
             f"<style>{CSS}</style>"
@@ -568,7 +582,7 @@ def report_numbers(html_text: str) -> dict:
     """The numbers JSON embedded in a report (what the report shows, machine-readable)."""
     import re
     m = re.search(r"<script type='application/json' id='%s'>(.*?)</script>" % NUMBERS_ID, html_text, re.S)
-    return json.loads(m.group(1).replace("<\\/", "</")) if m else {}
+    return json.loads(m.group(1)) if m else {}
 
 
 # --------------------------------------------------------------------------- command line

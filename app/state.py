@@ -723,6 +723,7 @@ def current(show_messages: bool = True) -> Session:
     uploaded = {}
     up = ss.get("upload")
     if up is not None:
+        from app.ui import md_code, md_text
         try:
             data = up.getvalue()
             t = _cached_upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
@@ -730,15 +731,16 @@ def current(show_messages: bool = True) -> Session:
                 deep, uploaded["deep"] = t, up.name
             else:
                 looped, uploaded["looped"] = t, up.name
-            warns.append(f"Showing the uploaded trace {up.name} as the {'deep' if t.is_deep else 'looped'} trace "
-                         f"(prompt {t.prompt!r}, {t.n_iterations} iterations); remove the file to go back.")
+            # the file's name and prompt are data: shown literally (md_code / md_text), long ones cut
+            warns.append(f"Showing the uploaded trace {md_text(up.name)} as the {'deep' if t.is_deep else 'looped'} "
+                         f"trace (prompt {md_code(t.prompt)}, {t.n_iterations} iterations); remove the file to go back.")
         except TraceFormatError as exc:
-            errors.append(f"Uploaded file {up.name} could not be opened: {exc}. The app keeps showing the "
-                          "computed traces; remove the file or upload a trace saved by loopscope.")
+            errors.append(f"Uploaded file {md_text(up.name)} could not be opened: {md_text(exc, 1000)}. The app keeps "
+                          "showing the computed traces; remove the file or upload a trace saved by loopscope.")
         except Exception as exc:  # whatever else a malformed file throws: a message, never a broken page
-            errors.append(f"Uploaded file {up.name} could not be opened: it is not a readable loopscope trace "
-                          f"({type(exc).__name__}: {exc}). The app keeps showing the computed traces; remove the "
-                          "file or upload a trace saved by loopscope.")
+            errors.append(f"Uploaded file {md_text(up.name)} could not be opened: it is not a readable loopscope "
+                          f"trace ({type(exc).__name__}: {md_text(exc, 1000)}). The app keeps showing the computed "
+                          "traces; remove the file or upload a trace saved by loopscope.")
 
     for name, t in (("looped", looped), ("deep", deep)):
         if t is not None and t.has_nonfinite:

@@ -2,9 +2,40 @@
 export controls (PNG, SVG, CSV of the data behind it) are added in one place."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+
+MAX_SHOWN_CHARS = 300  # data text (prompts, names) longer than this is cut on the page, with a note
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>!|~$:#])")
+
+
+def _cut(text, limit: int | None) -> str:
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        return text[:limit] + f"… (first {limit:,} of {len(text):,} characters shown)"
+    return text
+
+
+def md_text(text, limit: int | None = MAX_SHOWN_CHARS) -> str:
+    """``text`` from data (a prompt, a name, an error about a file) for st.markdown and friends:
+    every markdown / HTML / directive character backslash-escaped, so it shows literally (no code
+    span, link, image or colour can start), line breaks as spaces, cut to ``limit`` characters."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(_cut(text, limit).splitlines()))
+
+
+def md_code(text, limit: int | None = MAX_SHOWN_CHARS) -> str:
+    """``text`` from data as an inline code span that no backtick inside can close (CommonMark:
+    the fence is longer than any run of backticks in it), cut to ``limit`` characters with a
+    note after the span."""
+    full = str(text)
+    shown = " ".join((full[:limit] if limit is not None else full).splitlines())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", shown)), default=0) + 1)
+    pad = " " if shown.startswith("`") or shown.endswith("`") or not shown.strip() else ""
+    note = f" (first {limit:,} of {len(full):,} characters shown)" if limit is not None and len(full) > limit else ""
+    return f"{fence}{pad}{shown}{pad}{fence}{note}"
 
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
@@ -41,12 +72,13 @@ def metric(where, label: str, value, short: str | None = None, big: bool = False
 
 # ---------------------------------------------------------------- page helpers (app/state.py owns the data)
 def model_label(trace, model) -> str:
-    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata."""
+    """"chain-looped (1, 2⊗r, 1)" from a model, or from an uploaded trace's metadata, as markdown
+    that shows the names literally (``md_text``)."""
     if model is not None:
-        return f"{model.name} {model.config.describe()}"
-    if trace is not None:
+        return f"{md_text(model.name)} {model.config.describe()}"
+    if trace is not None:  # names from an uploaded file: escaped, shown as text
         m = trace.metadata
-        return f"{m.get('model_name', 'uploaded trace')} {m.get('architecture', '')}".strip()
+        return md_text(f"{m.get('model_name', 'uploaded trace')} {m.get('architecture', '')}".strip())
     return "—"
 
 
@@ -67,11 +99,12 @@ def prompt_banner(session) -> None:
     t = session.looped or session.deep
     if t is None:
         return
-    answer = f" → known answer **{t.answer}**" if t.answer is not None else " (free text: no known answer)"
+    # prompt, answer and seed come from data (an uploaded trace): shown literally, never as markdown
+    answer = f" → known answer {md_code(t.answer)}" if t.answer is not None else " (free text: no known answer)"
     hops = t.metadata.get("answer_hops")
     its = "" if t.is_deep else f", {t.n_iterations} iterations"
-    st.markdown(f"Prompt `{t.prompt}`{answer}" + (f" ({hops} hops)" if hops else "") + its
-                + f", seed {t.metadata.get('seed', '—')}.")
+    st.markdown(f"Prompt {md_code(t.prompt)}{answer}" + (f" ({int(hops)} hops)" if hops else "") + its
+                + f", seed {md_text(t.metadata.get('seed', '—'))}.")
 
 
 def model_card(model, big: bool = False) -> None:
@@ -80,7 +113,9 @@ def model_card(model, big: bool = False) -> None:
     from app.state import trained_iterations
 
     card, cfg = model.card or {}, model.config
-    st.markdown(f"**{model.name}** — `{cfg.describe()}`")
+    st.markdown(f"**{_md_text(model.name)}** — `{cfg.describe()}`")
+    if card.get("warning"):
+        st.caption(f"card.json: {card['warning']}")
     c1, c2, c3 = st.columns(3)
     n_params = card.get("parameters", model.model.num_parameters())
     metric(c1, "Parameters", compact_number(n_params) if big else f"{n_params:,}", big=big,

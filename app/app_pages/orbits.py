@@ -49,7 +49,7 @@ with o1:
         token = state.view_int("Token position", "o_token", 0, n - 1, n - 1, widget="number",
                                help="0 is the first character; the default is the last position, where the "
                                     "answer is predicted.")
-        st.caption(f"token {token}: '{ref.token_labels[token]}'")
+        st.caption(f"token {token}: {ui.md_code(ref.token_labels[token])}")
     elif proj == "pca":
         center = state.view_bool("Centre each path on its own mean", "o_center", False,
                                  help="Overlaps the paths so their shapes (cycles, spirals) can be compared.")
