@@ -160,12 +160,11 @@ def read_safetensors_header(path) -> dict:
 
 
 def _check_weights_header(weights: Path, config: LoopConfig) -> None:
-    """Compare the safetensors header (names, shapes, dtypes) with the model ``config`` describes,
-    using a model built on the meta device (no memory for weights); CheckpointError if they differ."""
+    """Compare the safetensors header (names, shapes, dtypes) with the model ``config`` describes
+    (``expected_weight_shapes``, nothing allocated); CheckpointError if they differ."""
     header = read_safetensors_header(weights)
     header.pop("__metadata__", None)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in LoopedTransformer(config).state_dict().items()}
+    expected = expected_weight_shapes(config)
     n_params = sum(math.prod(s) for s in expected.values())
     if n_params > MAX_PARAMETERS:
         raise CheckpointError(f"{weights}: its config describes {n_params:,} parameters; loopscope loads at most "
@@ -186,17 +185,40 @@ def _check_weights_header(weights: Path, config: LoopConfig) -> None:
                               "silently: convert the checkpoint to float32 first")
 
 
+def expected_weight_shapes(config: LoopConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in ``LoopedTransformer(config).state_dict()``, worked out
+    from the config alone (no model is built, nothing is allocated)."""
+    D, V, M = config.d_model, config.vocab_size, config.d_mlp
+    shapes = {"embed.tok.weight": (V, D), "embed.pos.weight": (config.context_length, D)}
+    untied = [o for o in config.shift_offsets if o not in config.tied_shift_offsets]
+    shapes.update({f"embed.shift.{i}.weight": (V + 1, D) for i in range(len(untied))})
+    norms = ("n1", "n3") if config.norm_layout == "pre" else ("n1", "n3", "n2", "n4")
+    for part, n in (("prelude", config.n_prelude), ("block", config.n_block), ("coda", config.n_coda)):
+        for l in range(n):
+            p = f"{part}.{l}."
+            shapes.update({p + f"{norm}.weight": (D,) for norm in norms})
+            shapes.update({p + "attn.qkv.weight": (3 * D, D), p + "attn.proj.weight": (D, D),
+                           p + "mlp.up.weight": (M, D), p + "mlp.down.weight": (D, M)})
+    if config.injection != "none":
+        shapes["input_norm.weight"] = (D,)
+    if config.injection == "adapter":
+        shapes["adapter.weight"] = (D, 2 * D)
+    if config.norm_layout == "ouro":
+        shapes["pass_norm.weight"] = (D,)
+    shapes.update({"final_norm.weight": (D,), "unembed.weight": (V, D)})
+    return shapes
+
+
 def count_parameters(config: LoopConfig | dict) -> int:
-    """Parameters of the model a config describes, counted on the meta device (no weights
-    allocated); a dict is checked against ``CONFIG_LIMITS`` first (CheckpointError)."""
+    """Parameters of the model a config describes, counted from ``expected_weight_shapes`` (no
+    model is built); a dict is checked against ``CONFIG_LIMITS`` first (CheckpointError)."""
     if isinstance(config, dict):
         _check_model_config(config, "config")
         try:
             config = LoopConfig.from_dict(config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"config: {exc}") from None
-    with torch.device("meta"):
-        return LoopedTransformer(config).num_parameters()
+    return sum(math.prod(s) for s in expected_weight_shapes(config).values())
 
 
 def load_checkpoint(folder) -> LoadedModel:

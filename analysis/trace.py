@@ -30,6 +30,7 @@ TRACE_FORMAT = "loopscope-trace"
 TRACE_VERSION = 1
 LENS_TOP_K = 5
 FIXED_POINT_ITERATIONS = 128  # s* comes from max(this, iterations) iterations unless told otherwise
+MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED] (torch's generator wraps others around)
 
 # What ``Trace.load`` accepts, checked on every member's .npy header before any member is read
 # (so a small file that declares huge arrays costs nothing). Sized by what ``trace()`` writes and
@@ -520,9 +521,17 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
     and the logit lens are always captured. Default None: everything. ``attention=False``
     drops the three attention fields whatever ``names`` says.
     metadata: extra entries merged over the computed metadata (JSON-able).
-    Raises ValueError (TokenizerError included) for an empty or overlong prompt, unknown
-    characters, iterations out of range.
+    seed: an integer in [0, MAX_SEED] (a bool, a float or a negative seed raises ValueError).
+    lens_top_k: an integer >= 1 (capped at the vocabulary).
+    Raises TypeError for a prompt that is not a string; ValueError (TokenizerError included) for
+    an empty or overlong prompt, unknown characters, iterations, seed or lens_top_k out of range.
     """
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be a string, got {type(prompt).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
+    if isinstance(lens_top_k, bool) or not isinstance(lens_top_k, numbers.Integral) or lens_top_k < 1:
+        raise ValueError(f"lens_top_k must be an integer >= 1, got {lens_top_k!r}")
     meta: dict = {}
     if isinstance(model, LoadedModel):
         tokenizer = model.tokenizer

@@ -444,15 +444,20 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     if looped.attention is None:
         return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
     from analysis import attention as att
-    matrix = np.asarray(att.attention_distance_matrix(looped.attention, metric="frobenius"), dtype=float)
-    labels = att.depth_labels(looped.n_iterations, looped.n_layers)
+    its = att.matrix_iterations(looped.n_iterations)  # a long trace: an evenly spaced subset
+    matrix = np.asarray(att.attention_distance_matrix(looped.attention[its], metric="frobenius"), dtype=float)
+    labels = [f"t{t}·L{l}" for t in its for l in range(looped.n_layers)]
     svc = att.same_vs_cross_layer(matrix, looped.n_layers)
+    rep.numbers.setdefault("looped", {})["attention_matrix_iterations"] = len(its)
+    if len(its) < looped.n_iterations:
+        parts.append(f"<p>Showing {len(its)} of {looped.n_iterations:,} iterations: the matrix and its means are "
+                     f"computed on {len(its)} evenly spaced iterations (first and last included).</p>")
     same, cross = svc["same_layer"], svc["cross_layer"]
     parts.append(f"<p>Mean distance between maps of the same layer in different iterations: "
                  f"{rep.set('looped.same_layer_distance', _f(same))}; between different layers: "
                  f"{rep.set('looped.cross_layer_distance', _f(cross))} "
                  f"(Frobenius distance of head-averaged maps, <code>analysis.attention.same_vs_cross_layer</code>).</p>")
-    fig, src = _try_builder(("attention_distance_figure",), matrix, looped)
+    fig, src = _try_builder(("attention_distance_figure",), matrix, looped, iterations=its)
     if fig is None:
         fig, src = _own_heatmap(matrix, labels, labels, "Attention distance between (iteration, layer) calls",
                                 "distance", "(iteration, layer)", "(iteration, layer)"), \
@@ -592,6 +597,9 @@ def report_for_checkpoints(looped_dir, deep_dir, prompt: str, iterations: int | 
     """Load checkpoints, trace ``prompt`` with both (seeded) and build the report."""
     from analysis.checkpoint import load_checkpoint
     from analysis.trace import trace
+    fp = fixed_point_iterations
+    if isinstance(fp, bool) or not isinstance(fp, int) or fp < 0:  # as trace() says it
+        raise ValueError(f"fixed_point_iterations must be an integer >= 0 (0: skip), got {fp!r}")
     lm = load_checkpoint(looped_dir)
     dm = load_checkpoint(deep_dir) if deep_dir else None
     # explicit fixed-point run lengths (0 = none): a deep model runs once and has no s*
@@ -633,7 +641,9 @@ def add_parser(subparsers):
     p.add_argument("--fixed-point-iterations", type=int, default=DEFAULT_FIXED_POINT_ITERATIONS,
                    help=f"iterations for the approximate fixed point s* (default {DEFAULT_FIXED_POINT_ITERATIONS})")
     p.add_argument("--answer", default=None, help="expected next token (found automatically for chain prompts)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for reproducible numbers)")
+    from analysis.cli import positive_int
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1, for reproducible numbers)")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.set_defaults(func=_run, handler=_run)
     return p

@@ -128,3 +128,189 @@ def test_format_version_must_be_the_integer_one(tmp_path):
         with pytest.raises(TraceFormatError, match="version"):
             Trace.load(tmp_path / "v.npz")
     assert Trace.load(good.save(tmp_path / "g.npz")).n_iterations == 2
+
+
+# ---------------------------------------------------------------- checkpoints
+from analysis import checkpoint as ckpt  # noqa: E402
+from analysis.checkpoint import CheckpointError, count_parameters, load_checkpoint, save_checkpoint  # noqa: E402
+from analysis.model import LoopConfig, LoopedTransformer  # noqa: E402
+from analysis.tasks import CHAIN_CHARS  # noqa: E402
+from analysis.tokenizer import CharTokenizer  # noqa: E402
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A real-format checkpoint of a small random model (d_model 16, 2 heads)."""
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHAIN_CHARS)
+    model = LoopedTransformer(LoopConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, d_mlp=32,
+                                         context_length=32))
+    return save_checkpoint(tmp_path / "ck", model, tok, task={"name": "chain"}, card={"parameters": 1})
+
+
+def _edit_config(folder, **model):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"].update(model)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def real_builds(monkeypatch):
+    """Counts the models built (LoopedTransformer instances created) during a test."""
+    built = []
+    real = LoopedTransformer.__init__
+
+    def init(self, cfg):
+        built.append(cfg)
+        real(self, cfg)
+
+    monkeypatch.setattr(LoopedTransformer, "__init__", init)
+    return built
+
+
+def test_config_is_checked_against_the_weights_header_before_a_model_is_built(folder, real_builds):
+    _edit_config(folder, d_model=1024, n_heads=4)
+    with pytest.raises(CheckpointError, match=r"wrong shapes.*adapter.weight: stored \[16, 32\], config needs \[1024, 2048\]"):
+        load_checkpoint(folder)
+    _edit_config(folder, d_model=4096, d_mlp=16384)
+    with pytest.raises(CheckpointError, match="describes .* parameters; loopscope loads at most"):
+        load_checkpoint(folder)
+    _edit_config(folder, d_model=16, n_heads=2, d_mlp=32, n_block=65)  # past the limit: refused by value
+    with pytest.raises(CheckpointError, match="n_block = 65 is outside"):
+        load_checkpoint(folder)
+    assert real_builds == []  # no model was built for either
+    _edit_config(folder, n_block=2)
+    assert load_checkpoint(folder).model.num_parameters() > 0 and len(real_builds) == 1
+
+
+@pytest.mark.parametrize("layout, injection, shifts", [("pre", "adapter", ([1, 2], [1])), ("huginn", "add", ([], [])),
+                                                       ("ouro", "none", ([1, 3], []))])
+def test_parameters_are_counted_from_a_config_without_building_the_model(real_builds, layout, injection, shifts):
+    cfg = LoopConfig(vocab_size=39, d_model=24, n_heads=2, d_mlp=40, n_prelude=1, n_block=3, n_coda=2,
+                     shift_offsets=shifts[0], tied_shift_offsets=shifts[1], norm_layout=layout, injection=injection)
+    n = count_parameters(cfg.to_dict())
+    assert real_builds == []
+    model = LoopedTransformer(cfg)  # an actual model: its state_dict is what the header must match
+    assert n == sum(p.numel() for p in model.parameters())
+    assert ckpt.expected_weight_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    assert count_parameters(dict(cfg.to_dict(), d_model=4096, d_mlp=16384)) > 400_000_000
+    assert time.perf_counter() - t0 < 1 and len(real_builds) == 1
+    with pytest.raises(CheckpointError):
+        count_parameters(dict(cfg.to_dict(), n_heads=0))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_heads": 0}, "n_heads = 0 is outside"),           # was ZeroDivisionError
+    ({"n_heads": -1}, "n_heads = -1 is outside"),         # loaded, then failed in trace()
+    ({"d_model": 16.0}, "d_model must be an integer"),    # was TypeError
+    ({"initial_std": float("nan")}, "initial_std must be a finite number"),  # loaded
+    ({"shift_offsets": "12"}, "shift_offsets"),
+    ({"norm_layout": ["pre"]}, "norm_layout must be a string"),
+])
+def test_bad_config_values_are_refused_at_load(folder, change, message):
+    _edit_config(folder, **change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(folder)
+
+
+def test_every_failure_of_a_broken_folder_is_a_checkpoint_error(folder):
+    cfg = (folder / "config.json").read_text()
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # was RecursionError
+    with pytest.raises(CheckpointError):
+        load_checkpoint(folder)
+    raw = json.loads(cfg)
+    for model in ("big", None, [1, 2]):  # were AttributeError / TypeError
+        (folder / "config.json").write_text(json.dumps(dict(raw, model=model)))
+        with pytest.raises(CheckpointError):
+            load_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps(dict(raw, version=True)))
+    with pytest.raises(CheckpointError, match="version"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text(cfg)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + weights[8:])  # header length lie
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+    assert load_checkpoint(folder).config.d_model == 16
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.int32, "I32"), (torch.float16, "F16"), (torch.float64, "F64")])
+def test_weights_of_another_dtype_are_refused_naming_it(folder, dtype, stored):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(str(path)).items()}, str(path))
+    with pytest.raises(CheckpointError, match=f"stores {stored} weights.*float32"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("card, warning", [
+    ([1, 2, 3], "JSON list, not an object"),
+    ({"parameters": "many", "trained_iterations": 4}, "parameters"),
+    ({"accuracy_by_hops": {"one": "high"}}, "accuracy_by_hops"),
+])
+def test_card_of_unexpected_types_is_reduced_with_a_warning(folder, card, warning):
+    (folder / "card.json").write_text(json.dumps(card))
+    loaded = load_checkpoint(folder)
+    assert warning in loaded.card["warning"]
+    assert "parameters" not in loaded.card and "accuracy_by_hops" not in loaded.card
+
+
+# ---------------------------------------------------------------- trace() arguments
+def test_trace_arguments_are_validated(tiny_model, chain_tokenizer):
+    run = lambda **kw: trace(tiny_model, kw.pop("prompt", "a=1;?a="), iterations=2, tokenizer=chain_tokenizer,
+                             fixed_point_iterations=0, **kw)
+    for seed in (-1, 2**63, 2**64 - 1, 1.5, 3.0, True, "1"):
+        with pytest.raises(ValueError, match="seed must be an integer from 0"):
+            run(seed=seed)
+    assert run(seed=2**63 - 1).metadata["seed"] == 2**63 - 1
+    assert run(seed=np.int64(7)).metadata["seed"] == 7
+    for k in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="lens_top_k must be an integer >= 1"):
+            run(lens_top_k=k)
+    for prompt in (b"a=1;?a=", ["a", "="]):
+        with pytest.raises(TypeError, match="prompt must be a string"):
+            run(prompt=prompt)
+
+
+def test_report_rejects_a_negative_fixed_point_run_like_trace(folder, tmp_path):
+    from analysis.cli import main
+
+    out = tmp_path / "r.html"
+    assert main(["report", "--looped", str(folder), "--prompt", "a=1;?a=", "--iterations", "2",
+                 "--fixed-point-iterations", "-1", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["trace", "--model", str(folder), "--prompt", "a=1;?a=", "--iterations", "2",
+                 "--fixed-point-iterations", "-1", "--out", str(tmp_path / "t.npz")]) == 2
+
+
+def test_trace_cli_uses_one_thread_unless_told(folder, tmp_path):
+    from analysis.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["trace", "--model", str(folder), "--prompt", "a=1;?a=", "--iterations", "2",
+                     "--fixed-point-iterations", "0", "--out", str(tmp_path / "t.npz")]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["trace", "--model", str(folder), "--prompt", "a=1;?a=", "--iterations", "2", "--threads", "2",
+                     "--fixed-point-iterations", "0", "--out", str(tmp_path / "t2.npz")]) == 0
+        assert torch.get_num_threads() == 2
+        np.testing.assert_allclose(Trace.load(tmp_path / "t.npz").states, Trace.load(tmp_path / "t2.npz").states,
+                                   rtol=1e-4, atol=1e-6)  # float rounding differs with the thread count
+        with pytest.raises(SystemExit):
+            main(["trace", "--model", str(folder), "--prompt", "x", "--threads", "0", "--out", str(tmp_path / "x.npz")])
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- server settings
+def test_streamlit_config_hides_tracebacks_and_developer_menu():
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
+    assert cfg["client"]["showErrorDetails"] == "none"   # generic message only; details go to the log
+    assert cfg["client"]["toolbarMode"] == "viewer"      # no rerun / clear cache / deploy items
