@@ -37,6 +37,7 @@ except Exception:
 st.set_page_config(page_title="loopscope", page_icon=":material/all_inclusive:", layout="wide",
                    initial_sidebar_state="collapsed" if embed else "auto")
 
+state.warm_umap_in_background()  # once per server process, in a background thread
 pages = [st.Page(str(PAGES_DIR / f), title=title, icon=icon, url_path=Path(f).stem, default=(i == 0))
          for i, (f, title, icon) in enumerate(PAGES) if (PAGES_DIR / f).is_file()]
 pg = st.navigation(pages, position="top" if embed else "sidebar")

@@ -160,6 +160,27 @@ def _configure_torch() -> int:
     return n
 
 
+@st.cache_resource(show_spinner=False)
+def warm_umap_in_background() -> bool:
+    """Once per server process (the first page run after ``streamlit run``): compile UMAP's code,
+    or load it from numba's on-disk cache, in a background thread, so that no viewer's first UMAP
+    view pays for it. $LOOPSCOPE_WARM_UMAP=0 turns it off (the tests do). True when started."""
+    if os.environ.get("LOOPSCOPE_WARM_UMAP", "1").strip() in ("0", "false", "no"):
+        return False
+    import threading
+
+    from analysis import projections
+
+    def warm():
+        try:
+            projections.warm_umap()
+        except Exception:  # the Orbits page compiles on first use instead (and reports a failure there)
+            pass
+
+    threading.Thread(target=warm, name="loopscope-warm-umap", daemon=True).start()
+    return True
+
+
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")
 def _load_model(path: str, mtime: float) -> LoadedModel:
     _configure_torch()

@@ -113,7 +113,7 @@ def model_card(model, big: bool = False) -> None:
     from app.state import trained_iterations
 
     card, cfg = model.card or {}, model.config
-    st.markdown(f"**{_md_text(model.name)}** — `{cfg.describe()}`")
+    st.markdown(f"**{md_text(model.name)}** — `{cfg.describe()}`")
     if card.get("warning"):
         st.caption(f"card.json: {card['warning']}")
     c1, c2, c3 = st.columns(3)
@@ -188,8 +188,23 @@ def contraction(trace):
     return contraction_rate(trace.states)
 
 
+MAX_UMAP_STATES = 2048  # states one UMAP view fits (~3-5 s of CPU); longer traces: a subset of iterations
+
+
+def umap_iterations(trace) -> list[int]:
+    """The iterations (0-based) whose block states a UMAP view fits: all of them when the trace has
+    at most MAX_UMAP_STATES states, else evenly spaced ones (first and last included) holding at
+    most that many (at least two iterations). UMAP's cost grows faster than its number of points."""
+    from analysis.attention import matrix_iterations
+
+    per_iteration = trace.n_layers * trace.n_tokens
+    return matrix_iterations(trace.n_iterations, max(2, MAX_UMAP_STATES // max(per_iteration, 1)))
+
+
 def umap_coords(trace, n_components: int = 2, seed: int = 0):
-    """UMAP of all the trace's block states pooled, seeded: [I, L, T, C] (NaN rows for non-finite states)."""
+    """UMAP of the trace's block states at ``umap_iterations(trace)`` pooled, seeded:
+    [len(iterations), L, T, C] (NaN rows for non-finite states)."""
     from analysis.projections import UMAPProjection
 
-    return UMAPProjection(n_components=n_components, seed=seed).fit_transform(trace.states)
+    its = umap_iterations(trace)
+    return UMAPProjection(n_components=n_components, seed=seed).fit_transform(trace.states[its])

@@ -2,12 +2,14 @@
 error quickly and without large allocations; nothing hostile reaches a page or a report as code."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
 import time
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,8 +311,151 @@ def test_trace_cli_uses_one_thread_unless_told(folder, tmp_path):
 # ---------------------------------------------------------------- server settings
 def test_streamlit_config_hides_tracebacks_and_developer_menu():
     import tomllib
-    from pathlib import Path
 
     cfg = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
     assert cfg["client"]["showErrorDetails"] == "none"   # generic message only; details go to the log
     assert cfg["client"]["toolbarMode"] == "viewer"      # no rerun / clear cache / deploy items
+
+
+# ---------------------------------------------------------------- the app
+HOSTILE_PROMPT = "a`b ![x](http://host/leak.png) <img src=x> :red[y] $z$ " + "q" * 2000
+
+
+def _render(markdown: str) -> str:
+    """CommonMark HTML of a markdown string (Streamlit's renderer follows CommonMark too)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").render(markdown)
+
+
+def test_data_text_renders_literally_in_markdown():
+    from app.ui import md_code, md_text
+
+    for text in (HOSTILE_PROMPT, "``", "`x`", "a\nb", "[a](javascript:x)", "<!--<script>x"):
+        for md in (md_code(text), md_text(text)):
+            html = _render(f"Prompt {md}.")
+            assert "<img" not in html and "<a " not in html and "<script" not in html and "<em" not in html, html
+    html = _render(md_code(HOSTILE_PROMPT))
+    assert html.count("<code>") == 1 and "first 300 of 2,055 characters shown" in html
+
+
+def _bad_card_folder(tmp_path, sample_dir):
+    import shutil
+
+    folder = tmp_path / "weird-card"
+    shutil.copytree(sample_dir / "chain-looped", folder)
+    (folder / "card.json").write_text(json.dumps(["not", "a", "card"]))
+    return folder
+
+
+def test_app_shows_hostile_uploads_and_cards_as_text_with_bounded_views(tmp_path, sample_dir, real_samples,
+                                                                      monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from analysis import projections
+    from app import state
+
+    warmed = []
+    monkeypatch.setenv("LOOPSCOPE_WARM_UMAP", "1")
+    monkeypatch.setattr(projections, "warm_umap", lambda *a, **k: warmed.append(1))
+    state.warm_umap_in_background.clear()
+    main = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+    at = AppTest.from_file(main, default_timeout=180)
+    at.query_params.update(looped=str(_bad_card_folder(tmp_path, sample_dir)), deep="none", iterations="2")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "card.json is a JSON list, not an object" in "\n".join(c.value for c in at.caption)  # no traceback
+    deadline = time.time() + 10
+    while not warmed and time.time() < deadline:
+        time.sleep(0.05)
+    assert warmed == [1]  # UMAP was warmed once, in the background, when the server started
+
+    hostile = dataclasses.replace(_long_trace(300), prompt=HOSTILE_PROMPT,
+                                  metadata={"tokenizer_chars": "abcde", "model_name": "![m](http://host/m.png)"})
+    data = hostile.save(tmp_path / "hostile.npz").read_bytes()
+    at.file_uploader(key="upload").set_value(("x_`y`.npz", data, "application/octet-stream"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = "\n".join(m.value for m in [*at.markdown, *at.warning, *at.subheader, *at.caption])
+    assert HOSTILE_PROMPT not in shown and "first 300 of 2,055 characters shown" in shown
+    for text in shown.split("\n"):
+        html = _render(text)
+        assert "<img" not in html and "<a " not in html, text
+    at.switch_page("app_pages/attention.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Showing 64 of 300 iterations" in "\n".join(c.value for c in at.caption)
+
+    big = _long_trace(16_384).save(tmp_path / "long.npz").read_bytes()
+    at.file_uploader(key="upload").set_value(("long.npz", big, "application/octet-stream"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "16,384 along its iteration axis" in "\n".join(e.value for e in at.error)
+
+
+def test_bounded_umap_and_matrix_views_label_the_real_iterations():
+    from analysis.attention import matrix_iterations
+    from app import figures, ui
+
+    its = matrix_iterations(300)
+    assert len(its) == 64 and its[0] == 0 and its[-1] == 299 and its == sorted(set(its))
+    assert matrix_iterations(10) == list(range(10))
+    tr = _long_trace(1000)  # 1 layer x 3 tokens: 3,000 states
+    u = ui.umap_iterations(tr)
+    assert len(u) * 3 <= ui.MAX_UMAP_STATES < (len(u) + 1) * 3 + 3 and u[0] == 0 and u[-1] == 999
+    coords = np.random.default_rng(0).normal(size=(len(u), 1, 3, 2))
+    fig = figures.orbit_figure(coords, tr, iterations=u)
+    shown = {int(row[1]) for d in fig.data for row in np.asarray(d.customdata)}
+    assert shown == {i + 1 for i in u}  # hover says the real iteration numbers, 1-based
+    df = figures.orbit_data(coords, tr, iterations=u)
+    assert sorted(set(df["iteration"])) == [i + 1 for i in u]
+    m = np.zeros((64, 64))
+    fig = figures.attention_distance_figure(m, _long_trace(300), iterations=its)
+    assert fig.data[0].x[-1] == "it300·L0" and "64 of 300 iterations" in fig.layout.title.text
+
+
+# ---------------------------------------------------------------- the HTML report in a browser
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_report_with_hostile_strings_renders_its_figures_in_chromium(sample_dir, tmp_path):
+    """The issue's blank report: a prompt '<!--<script>x' made Chromium's HTML parser swallow the
+    rest of the page. Hostile prompt, model names, card fields and settings; every figure draws."""
+    import os
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    from app.report import build_report, report_numbers
+
+    hostile = "<!--<script>x</script>`"
+    model = load_checkpoint(sample_dir / "text-looped")
+    model = dataclasses.replace(model, name="</script><!--<script>`name`",
+                                card=dict(model.card, architecture="<!--<script>", training_steps=3,
+                                          accuracy_by_hops={"1": 0.5}))
+    tr = trace(model, "<!--<script>x</script>", iterations=4, fixed_point_iterations=8)
+    html = build_report(model, None, tr, None, {"prompt": tr.prompt, "note": hostile}, date=hostile)
+    numbers = report_numbers(html)
+    assert numbers["prompt"] == "<!--<script>x</script>" and numbers["models"]["looped"]["name"] == model.name
+    n_figures = len(numbers["figures"])
+    assert n_figures >= 4
+    path = tmp_path / "hostile.html"
+    path.write_text(html, encoding="utf-8")
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.as_uri(), wait_until="load")
+            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_figures}",
+                                   timeout=60_000)
+            assert page.locator(".js-plotly-plot").count() == n_figures
+            body = page.inner_text("body")
+            assert "<!--<script>x</script>" in body and "`name`" in body  # shown as text
+            parsed = page.evaluate("JSON.parse(document.getElementById('loopscope-numbers').textContent)")
+            assert parsed["prompt"] == "<!--<script>x</script>"  # the browser reads the same numbers
+        finally:
+            browser.close()
+    assert errors == [], errors

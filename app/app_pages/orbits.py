@@ -75,7 +75,8 @@ def _warm_umap() -> bool:
 
 
 def coords_of(trace):
-    """(coords, axis label, PCA or None) for the chosen projection of one trace; None when the
+    """(coords, axis label, PCA or None, iterations or None) for the chosen projection of one
+    trace (iterations: the subset a bounded UMAP was fitted on); None when the
     projection cannot be fitted (a st.warning says why, and the figure is skipped)."""
     try:
         return _coords_of(trace)
@@ -91,11 +92,11 @@ def coords_of(trace):
 def _coords_of(trace):
     if proj == "pca":
         coords, pca = state.measure(project_across_tokens, trace, n_components=6, center_per_trajectory=center)
-        return coords, "PC", pca
+        return coords, "PC", pca, None
     if proj == "token":
         k = min(token if token is not None else trace.n_tokens - 1, trace.n_tokens - 1)
         coords, pca = state.measure(project_token, trace, token=k, n_components=3)
-        return coords, "PC", pca
+        return coords, "PC", pca, None
     with st.status("UMAP: fitting a seeded neighbourhood embedding…", expanded=False) as status:
         try:
             _warm_umap()
@@ -105,7 +106,13 @@ def _coords_of(trace):
             status.update(label="UMAP could not be fitted", state="error")
             raise
         status.update(label="UMAP ready", state="complete")
-    return coords, "UMAP", None
+    its = ui.umap_iterations(trace)
+    if len(its) < trace.n_iterations:
+        per = trace.n_layers * trace.n_tokens
+        st.caption(f"Showing {len(its)} of {trace.n_iterations:,} iterations: UMAP is fitted on "
+                   f"{len(its) * per:,} of the {trace.n_iterations * per:,} states (evenly spaced iterations, first "
+                   f"and last included), since its cost grows faster than the number of states.")
+    return coords, "UMAP", None, its
 
 
 def explained(pca) -> str:
@@ -122,21 +129,24 @@ with left:
     if t is None:
         st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")
     elif (got := coords_of(t)) is not None:
-        coords, label, pca = got
+        coords, label, pca, its = got
         k = min(token, t.n_tokens - 1) if token is not None else None
+        shown = f"{len(its)} of {t.n_iterations} iterations" if its is not None and len(its) < t.n_iterations \
+            else f"{t.n_iterations} iterations"
         fig = figures.orbit_figure(coords, t, dims=dims, color_by=color_by,
                                    frame_by="iteration" if animate else None, token=k, upto=upto,
-                                   axis_label=label, big=big,
-                                   title=f"{PROJ[proj]}: {t.n_iterations} iterations × {t.n_layers} layers"
+                                   axis_label=label, big=big, iterations=its,
+                                   title=f"{PROJ[proj]}: {shown} × {t.n_layers} layers"
                                          + (f", token {k} '{t.token_labels[k]}'" if k is not None else ""))
-        ui.show_figure(fig, key="orbit_looped", data=figures.orbit_data(coords, t, token=k, axis_label=label))
+        ui.show_figure(fig, key="orbit_looped",
+                       data=figures.orbit_data(coords, t, token=k, axis_label=label, iterations=its))
         st.caption(explained(pca))
 with right:
     st.subheader(f"Deep: {ui.model_label(d, s.deep_model)}")
     if d is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
     elif (got := coords_of(d)) is not None:
-        coords, label, pca = got
+        coords, label, pca, _ = got  # a deep trace has one iteration: never subsampled
         k = min(token, d.n_tokens - 1) if token is not None else None
         fig = figures.orbit_figure(coords, d, dims=dims, color_by="token" if color_by == "token" else "layer",
                                    token=k, axis_label=label, big=big,
