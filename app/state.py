@@ -74,6 +74,14 @@ class Session:
     uploaded: dict = field(default_factory=dict)  # "looped"/"deep" -> file name, for uploaded traces
 
 
+def _md(text) -> str:
+    """Text that comes from data or the URL (paths, names, error messages quoting them), escaped so
+    that st.error / st.warning show it literally (``app.ui.md_text``, at most 1000 characters)."""
+    from app.ui import md_text
+
+    return md_text(text, 1000)
+
+
 # ---------------------------------------------------------------- checkpoints and examples
 def sample_dir() -> Path:
     """Where the sample checkpoints are: $LOOPSCOPE_SAMPLE_DIR, else analysis.checkpoint.SAMPLE_DIR."""
@@ -234,7 +242,7 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
             elif raw and os.path.isabs(os.path.expanduser(raw)):
                 out[key] = os.path.expanduser(raw)
             else:
-                notes.append(f"URL value {key}={raw!r} is not a sample checkpoint ({', '.join(found) or 'none found'}) "
+                notes.append(f"URL value {key}={_md(repr(raw))} is not a sample checkpoint ({', '.join(found) or 'none found'}) "
                              f"or an absolute folder path; using {defaults[key] or 'none'!r}.")
     if "prompt" in params:
         out["prompt"] = str(params["prompt"] or "")
@@ -242,7 +250,7 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
         if key in params:
             v = _parse_int(params[key], lo, hi)
             if v is None:
-                notes.append(f"URL value {key}={params[key]!r} is not a whole number from {lo} to {hi}; "
+                notes.append(f"URL value {key}={_md(repr(params[key]))} is not a whole number from {lo} to {hi}; "
                              f"using {defaults[key]}.")
             else:
                 out[key] = v
@@ -679,9 +687,9 @@ def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: in
             t = dataclasses.replace(t, fixed_point=fixed, metadata=dict(t.metadata, fixed_point_iterations=fp))
         return t
     except ValueError as exc:  # TokenizerError, empty/overlong prompt, iterations
-        errors.append(f"{who.capitalize()} model ({model.name}): {exc}")
+        errors.append(f"{who.capitalize()} model ({_md(model.name)}): {_md(exc)}")
     except Exception as exc:  # a model that fails to run must not take the page down
-        errors.append(f"{who.capitalize()} model ({model.name}) failed to run: {type(exc).__name__}: {exc}")
+        errors.append(f"{who.capitalize()} model ({_md(model.name)}) failed to run: {type(exc).__name__}: {_md(exc)}")
     return None
 
 
@@ -700,14 +708,14 @@ def current(show_messages: bool = True) -> Session:
     if settings.looped:
         looped_model, err = load_model(settings.looped)
         if err:
-            errors.append(f"Looped model: {err}")
+            errors.append(f"Looped model: {_md(err)}")
     else:
         errors.append("No looped model is selected (no sample checkpoints found in "
                       f"{sample_dir()}); pick a local folder in the sidebar.")
     if settings.deep:
         deep_model, err = load_model(settings.deep)
         if err:
-            errors.append(f"Deep model: {err}")
+            errors.append(f"Deep model: {_md(err)}")
 
     iterations = settings.iterations
     if not 1 <= iterations <= MAX_ITERATIONS:

@@ -348,10 +348,19 @@ def _bad_card_folder(tmp_path, sample_dir):
     return folder
 
 
-def test_app_shows_hostile_uploads_and_cards_as_text_with_bounded_views(tmp_path, sample_dir, real_samples,
-                                                                      monkeypatch):
+def _app(**query):
     from streamlit.testing.v1 import AppTest
 
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "main.py"), default_timeout=240)
+    at.query_params.update(deep="none", iterations="1", **query)  # the least model work
+    return at
+
+
+def _clean(at):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_app_overview_shows_a_broken_card_as_a_note_and_warms_umap(tmp_path, sample_dir, real_samples, monkeypatch):
     from analysis import projections
     from app import state
 
@@ -359,36 +368,38 @@ def test_app_shows_hostile_uploads_and_cards_as_text_with_bounded_views(tmp_path
     monkeypatch.setenv("LOOPSCOPE_WARM_UMAP", "1")
     monkeypatch.setattr(projections, "warm_umap", lambda *a, **k: warmed.append(1))
     state.warm_umap_in_background.clear()
-    main = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
-    at = AppTest.from_file(main, default_timeout=180)
-    at.query_params.update(looped=str(_bad_card_folder(tmp_path, sample_dir)), deep="none", iterations="2")
+    at = _app(looped=str(_bad_card_folder(tmp_path, sample_dir)))
     at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert "card.json is a JSON list, not an object" in "\n".join(c.value for c in at.caption)  # no traceback
+    _clean(at)  # was a raw traceback
+    assert "card.json is a JSON list, not an object" in "\n".join(c.value for c in at.caption)
     deadline = time.time() + 10
     while not warmed and time.time() < deadline:
         time.sleep(0.05)
-    assert warmed == [1]  # UMAP was warmed once, in the background, when the server started
+    at.run()
+    assert warmed == [1]  # UMAP warmed once per process, in the background, from the first page run
 
-    hostile = dataclasses.replace(_long_trace(300), prompt=HOSTILE_PROMPT,
+
+def test_app_shows_hostile_uploads_as_text_and_bounds_their_views(tmp_path, real_samples):
+    at = _app()
+    at.run()
+    hostile = dataclasses.replace(_long_trace(80), prompt=HOSTILE_PROMPT,
                                   metadata={"tokenizer_chars": "abcde", "model_name": "![m](http://host/m.png)"})
     data = hostile.save(tmp_path / "hostile.npz").read_bytes()
     at.file_uploader(key="upload").set_value(("x_`y`.npz", data, "application/octet-stream"))
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    shown = "\n".join(m.value for m in [*at.markdown, *at.warning, *at.subheader, *at.caption])
-    assert HOSTILE_PROMPT not in shown and "first 300 of 2,055 characters shown" in shown
-    for text in shown.split("\n"):
+    at.switch_page("app_pages/attention.py").run()
+    _clean(at)
+    shown = [m.value for m in [*at.markdown, *at.warning, *at.subheader, *at.caption]]
+    assert not any(HOSTILE_PROMPT in text for text in shown)
+    assert any("first 300 of 2,055 characters shown" in text for text in shown)
+    for text in shown:
         html = _render(text)
         assert "<img" not in html and "<a " not in html, text
-    at.switch_page("app_pages/attention.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert "Showing 64 of 300 iterations" in "\n".join(c.value for c in at.caption)
+    assert "Showing 64 of 80 iterations" in "\n".join(c.value for c in at.caption)
 
     big = _long_trace(16_384).save(tmp_path / "long.npz").read_bytes()
     at.file_uploader(key="upload").set_value(("long.npz", big, "application/octet-stream"))
     at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    _clean(at)
     assert "16,384 along its iteration axis" in "\n".join(e.value for e in at.error)
 
 
@@ -411,6 +422,8 @@ def test_bounded_umap_and_matrix_views_label_the_real_iterations():
     m = np.zeros((64, 64))
     fig = figures.attention_distance_figure(m, _long_trace(300), iterations=its)
     assert fig.data[0].x[-1] == "it300·L0" and "64 of 300 iterations" in fig.layout.title.text
+    assert list(figures.attention_distance_data(m, _long_trace(300), iterations=its)["iteration_a"][::64]) == \
+        [i + 1 for i in its]
 
 
 # ---------------------------------------------------------------- the HTML report in a browser
