@@ -262,7 +262,7 @@ def _model_card(m: LoadedModel | None, tr: Trace | None) -> dict:
     if params is None and md.get("config"):
         try:  # an uploaded trace without weights: count from its config (no model is built)
             from analysis.checkpoint import count_parameters
-            params = count_parameters(dict(md["config"]))
+            params = count_parameters(json.loads(json.dumps(md["config"])))  # tuples back to lists
         except Exception:
             params = None
     arch = (m.config.describe() if m is not None else md.get("architecture")) or card.get("architecture")
