@@ -1,7 +1,7 @@
 """Command line: ``python -m analysis <subcommand> ...``.
 
     python -m analysis trace --model DIR --prompt TEXT --iterations N [--seed S]
-                             [--fixed-point-iterations M] [--no-attention] --out FILE.npz
+                             [--fixed-point-iterations M] [--no-attention] [--threads N] --out FILE.npz
     python -m analysis metrics FILE.npz --out FILE.csv
     python -m analysis report --looped DIR [--deep DIR] --prompt TEXT [--iterations N] --out FILE.html
 
@@ -39,6 +39,9 @@ def _cmd_trace(args) -> int:
     from .models.registry import load
     from .tracing import trace
 
+    import torch
+
+    torch.set_num_threads(args.threads)  # deliberate: 1 by default (these models are small)
     loaded = load(args.model)
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -65,8 +68,22 @@ def add_trace_parser(subparsers) -> None:
                         "none for a deep model)")
     p.add_argument("--answer", default=None, help="expected next token (default: solved for chain prompts)")
     p.add_argument("--no-attention", action="store_true", help="do not capture attention maps")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                   help="torch CPU threads (default 1: small models run fastest on one, and a busy "
+                        "machine does not slow them down; more threads change results only by float rounding)")
     p.add_argument("--out", required=True, metavar="FILE.npz")
     p.set_defaults(func=_cmd_trace)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
 
 
 # ---------------------------------------------------------------- metrics

@@ -20,9 +20,26 @@ from pathlib import Path
 import numpy as np
 
 from . import names
+from .models.base import MAX_ITERATIONS
 
 TRACE_FORMAT = "loopscope-trace"
 TRACE_VERSION = 1
+
+# What ``Trace.load`` accepts, checked on every member's .npy header before any member is read
+# (so a small file that declares huge arrays costs nothing). Sized by what ``trace()`` writes and
+# the pages draw: up to MAX_ITERATIONS (1024) iterations, prompts of at most a model's context
+# (64 for the samples), blocks and heads of a few dozen; the byte limits bound one upload's memory.
+LOAD_LIMITS = {
+    "iteration": MAX_ITERATIONS,  # the most iterations trace() runs
+    "token": 1024,                # prompt tokens (query and key axes too)
+    "layer": 64, "prelude_layer": 64, "coda_layer": 64,
+    "head": 64,
+    "d_model": 4096,
+    "vocab": 65536,
+    "k": 65536,                   # logit-lens top-k (at most the vocabulary)
+}
+MAX_TRACE_BYTES = 256 * 2**20     # all arrays together, uncompressed
+MAX_METADATA_BYTES = 16 * 2**20   # the metadata JSON string as stored (4 bytes per character)
 
 # name -> (axes, dtype, required); the npz keys are these names, plus "metadata" (a JSON string).
 # Optional fields are None when not captured (``trace(names=...)``, ``attention=False``, no answer,
@@ -300,7 +317,9 @@ class Trace:
     def load(cls, source) -> "Trace":
         """Read a file written by ``save`` (a path or a binary file object); never unpickles.
         Raises TraceFormatError, and only that, for anything that is not such a file (not a zip,
-        truncated, pickled objects, bad or missing metadata, missing or misshapen arrays)."""
+        truncated, pickled objects, bad or missing metadata, missing or misshapen arrays) or
+        that exceeds the size limits (``LOAD_LIMITS`` per axis, ``MAX_TRACE_BYTES`` in all,
+        ``MAX_METADATA_BYTES``), which are checked on each member's header before it is read."""
         try:
             z = np.load(source, allow_pickle=False)
         except Exception:  # zip, header or pickle errors all mean the same to a user; numpy's own
@@ -309,15 +328,19 @@ class Trace:
             raise TraceFormatError("not a loopscope trace file: it is not a NumPy .npz archive") from None
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise TraceFormatError("not a loopscope trace file: a single .npy array, not an .npz archive")
-        try:
-            with z:
+        with z:
+            if "metadata" not in z.files:
+                raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
+            unknown = set(z.files) - set(ARRAYS) - {"metadata"}
+            if unknown:
+                raise TraceFormatError(f"unexpected arrays in trace: {sorted(unknown)}")
+            _check_member_headers(z)
+            try:
                 data = {k: z[k] for k in z.files}
-        except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
-            why = ("it holds Python objects, which loopscope never loads" if "pickle" in str(exc)
-                   else f"the archive is damaged ({exc})")
-            raise TraceFormatError(f"not a loopscope trace file: {why}") from None
-        if "metadata" not in data:
-            raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
+            except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
+                why = ("it holds Python objects, which loopscope never loads" if "pickle" in str(exc)
+                       else f"the archive is damaged ({exc})")
+                raise TraceFormatError(f"not a loopscope trace file: {why}") from None
         raw = data.pop("metadata")
         if raw.ndim != 0 or raw.dtype.kind != "U":
             raise TraceFormatError("trace metadata must be one JSON string")
@@ -329,12 +352,10 @@ class Trace:
             raise TraceFormatError(f"trace metadata must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") != TRACE_FORMAT:
             raise TraceFormatError(f"not a loopscope trace (format {meta.get('format')!r})")
-        if meta.get("format_version") != TRACE_VERSION:
-            raise TraceFormatError(f"trace format version {meta.get('format_version')!r} is not supported; "
-                                   f"this loopscope reads version {TRACE_VERSION}")
-        unknown = set(data) - set(ARRAYS)
-        if unknown:
-            raise TraceFormatError(f"unexpected arrays in trace: {sorted(unknown)}")
+        version = meta.get("format_version")
+        if type(version) is not int or version != TRACE_VERSION:  # not True, not 1.0
+            raise TraceFormatError(f"trace format version {version!r} is not supported; "
+                                   f"this loopscope reads version {TRACE_VERSION} (the integer)")
         missing = [k for k in ("prompt", "token_labels", "answer") if k not in meta]
         if missing:
             raise TraceFormatError(f"trace metadata lacks {missing}")
@@ -347,6 +368,49 @@ class Trace:
                        **{k: _own(v) for k, v in data.items()})
         except Exception as exc:  # every check of __post_init__: shapes, dtypes, metadata types
             raise TraceFormatError(f"trace file is malformed: {exc}") from None
+
+
+def _member_header(zf, name: str):
+    """(shape, dtype, declared uncompressed bytes) of ``name``.npy in the zip, from its header only."""
+    info = zf.getinfo(name + ".npy" if name + ".npy" in zf.namelist() else name)
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    return shape, dtype, info.file_size
+
+
+def _check_member_headers(z) -> None:
+    """TraceFormatError unless every member's declared dtype, shape and size is within the limits."""
+    total = 0
+    for name in z.files:
+        try:
+            shape, dtype, declared = _member_header(z.zip, name)
+        except Exception as exc:  # a bad header: the same message reading it would give
+            raise TraceFormatError(f"trace file is damaged or holds objects: {name}: {exc}") from None
+        if dtype.hasobject or dtype.kind not in "fiuU":
+            raise TraceFormatError(f"trace array {name!r} has dtype {dtype}; traces hold numbers only")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if name == "metadata":
+            if max(nbytes, declared) > MAX_METADATA_BYTES:
+                raise TraceFormatError(f"trace metadata is {max(nbytes, declared):,} bytes; at most "
+                                       f"{MAX_METADATA_BYTES:,} are read")
+            continue
+        axes = ARRAYS[name][0]
+        if len(shape) == len(axes):  # a wrong number of axes is reported after reading
+            for ax, n in zip(axes, shape):
+                lim = LOAD_LIMITS.get({"query": "token", "key": "token"}.get(ax, ax))
+                if lim is not None and n > lim:
+                    raise TraceFormatError(f"trace array {name!r} has {n:,} along its {ax} axis; loopscope "
+                                           f"reads at most {lim:,} (shape {tuple(shape)})")
+        total += max(nbytes, declared)
+        if total > MAX_TRACE_BYTES:
+            raise TraceFormatError(f"trace arrays take more than {MAX_TRACE_BYTES // 2**20} MiB uncompressed "
+                                   f"(at {name!r}, shape {tuple(shape)}); loopscope reads smaller traces")
 
 
 def _checked_metadata(metadata) -> FrozenDict:

@@ -24,6 +24,7 @@ from .trace import Trace, _own
 
 LENS_TOP_K = 5
 FIXED_POINT_ITERATIONS = 128  # s* comes from max(this, iterations) iterations unless told otherwise
+MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED] (torch's generator wraps others around)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -170,9 +171,17 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
     drops the three attention fields whatever ``names`` says.
     metadata: extra entries merged over the computed metadata (JSON-able).
     Raises ValueError (TokenizerError included) for an empty or overlong prompt, unknown
-    characters, iterations out of range; CaptureError when the model does not record a
-    capture point the Trace needs.
+    characters, iterations, seed or lens_top_k out of range; TypeError for a prompt that is not a
+    string; CaptureError when the model does not record a capture point the Trace needs.
+    seed: an integer in [0, MAX_SEED] (a bool, a float or a negative seed raises ValueError).
+    lens_top_k: an integer >= 1 (capped at the vocabulary).
     """
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be a string, got {type(prompt).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
+    if isinstance(lens_top_k, bool) or not isinstance(lens_top_k, numbers.Integral) or lens_top_k < 1:
+        raise ValueError(f"lens_top_k must be an integer >= 1, got {lens_top_k!r}")
     patterns = names  # the parameter; the module is capnames
     meta: dict = {}
     if isinstance(model, LoadedModel):

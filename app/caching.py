@@ -57,6 +57,25 @@ def load_model(path: str, mtime: float) -> LoadedModel:
     return registry.load(path)
 
 
+@st.cache_resource(show_spinner=False)
+def warm_umap_in_background() -> bool:
+    """Once per server process (the first page run after ``streamlit run``): compile UMAP's code,
+    or load it from numba's on-disk cache, in a background thread, so that no viewer's first UMAP
+    view pays for it. $LOOPSCOPE_WARM_UMAP=0 turns it off (the tests do). True when started."""
+    if os.environ.get("LOOPSCOPE_WARM_UMAP", "1").strip() in ("0", "false", "no"):
+        return False
+    from analysis.measures.projections import warm_umap as warm
+
+    def run():
+        try:
+            warm()
+        except Exception:  # the Orbits page compiles on first use instead (and reports a failure there)
+            pass
+
+    threading.Thread(target=run, name="loopscope-warm-umap", daemon=True).start()
+    return True
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def trace(sha256: str, path: str, prompt: str, iterations: int | None, seed: int, _model: LoadedModel) -> Trace:
     """The trace of ``iterations`` iterations, without s* (``fixed_point_iterations=0``: skip)."""

@@ -16,6 +16,36 @@ from analysis.measures import summary
 from app import session as app_session
 
 
+MAX_SHOWN_CHARS = 300  # data text (prompts, names) longer than this is cut on the page, with a note
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>!|~$:#])")
+
+
+def _cut(text, limit: int | None) -> str:
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        return text[:limit] + f"… (first {limit:,} of {len(text):,} characters shown)"
+    return text
+
+
+def md_text(text, limit: int | None = MAX_SHOWN_CHARS) -> str:
+    """``text`` from data (a prompt, a name, an error about a file) for st.markdown and friends:
+    every markdown / HTML / directive character backslash-escaped, so it shows literally (no code
+    span, link, image or colour can start), line breaks as spaces, cut to ``limit`` characters."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(_cut(text, limit).splitlines()))
+
+
+def md_code(text, limit: int | None = MAX_SHOWN_CHARS) -> str:
+    """``text`` from data as an inline code span that no backtick inside can close (CommonMark:
+    the fence is longer than any run of backticks in it), cut to ``limit`` characters with a
+    note after the span."""
+    full = str(text)
+    shown = " ".join((full[:limit] if limit is not None else full).splitlines())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", shown)), default=0) + 1)
+    pad = " " if shown.startswith("`") or shown.endswith("`") or not shown.strip() else ""
+    note = f" (first {limit:,} of {len(full):,} characters shown)" if limit is not None and len(full) > limit else ""
+    return f"{fence}{pad}{shown}{pad}{fence}{note}"
+
+
 def page(title: str, text: str, paper_note: str | None = None, show_messages: bool = True, banner: bool = True):
     """A page's opening: its title, two sentences on what it shows and how to read it, what the
     paper found, then the run's Session and (``banner``) the prompt banner. Returns
@@ -91,16 +121,16 @@ def model_label(trace, model, session=None) -> str:
     "· uploaded trace" after it; with ``session``, each side's prompt is named when the two sides
     show different prompts."""
     if model is not None:
-        label = f"{model.name} {model.spec.describe()}"
-    elif trace is not None:
+        label = f"{md_text(model.name)} {model.spec.describe()}"
+    elif trace is not None:  # names from an uploaded file: escaped, shown as text
         m = trace.metadata
-        label = f"{m.get('model_name', 'unknown model')} {m.get('architecture', '')}".strip()
+        label = md_text(f"{m.get('model_name', 'unknown model')} {m.get('architecture', '')}".strip())
         if m.get("upload_sha256"):
             label += " · uploaded trace"
     else:
         return "—"
     if session is not None and trace is not None and prompts_differ(session):
-        label += f" · prompt '{trace.prompt}'"
+        label += f" · prompt {md_code(trace.prompt)}"
     return label
 
 
@@ -139,20 +169,21 @@ def prompt_banner(session) -> None:
         lines = []
         for who, t in (("Looped", session.looped), ("Deep", session.deep)):
             src = f"uploaded trace {session.uploaded[who.lower()]}" if who.lower() in session.uploaded else "computed"
-            ans = f", known answer {t.answer!r}" if t.answer is not None else ""
-            lines.append(f"- **{who}** ({src}): prompt `{t.prompt}`{ans}")
+            ans = f", known answer {md_code(t.answer)}" if t.answer is not None else ""
+            lines.append(f"- **{who}** ({md_text(src)}): prompt {md_code(t.prompt)}{ans}")
         st.error("**The two sides show different prompts**, so they are not comparable position by position:\n"
                  + "\n".join(lines), icon=":material/compare_arrows:")
         return
     t = session.looped or session.deep
     if t is None:
         return
-    answer = f" → known answer **{t.answer}**" if t.answer is not None else " (free text: no known answer)"
+    # prompt, answer and seed come from data (an uploaded trace): shown literally, never as markdown
+    answer = f" → known answer {md_code(t.answer)}" if t.answer is not None else " (free text: no known answer)"
     hops = t.metadata.get("answer_hops")
     its = "" if t.is_deep else f", {t.n_iterations} iterations"
-    src = "".join(f" · {who} side: **uploaded trace** `{name}`" for who, name in session.uploaded.items())
-    st.markdown(f"Prompt `{t.prompt}`{answer}" + (f" ({hops} hops)" if hops else "") + its
-                + f", seed {t.metadata.get('seed', '—')}." + src)
+    src = "".join(f" · {who} side: **uploaded trace** {md_code(name)}" for who, name in session.uploaded.items())
+    st.markdown(f"Prompt {md_code(t.prompt)}{answer}" + (f" ({int(hops)} hops)" if hops else "") + its
+                + f", seed {md_text(t.metadata.get('seed', '—'))}." + src)
 
 
 def trace_card(trace, file_name: str | None = None, template: str = "normal") -> None:
@@ -161,8 +192,8 @@ def trace_card(trace, file_name: str | None = None, template: str = "normal") ->
     loaded, so there are no held-out numbers."""
     m = trace.metadata
     cfg = m.get("config") or {}
-    st.markdown(f"**{m.get('model_name', 'unknown model')}** — `{m.get('architecture', '')}` · "
-                f":orange-badge[uploaded trace{' ' + file_name if file_name else ''}]")
+    st.markdown(f"**{md_text(m.get('model_name', 'unknown model'))}** — {md_code(m.get('architecture', ''))} · "
+                f":orange-badge[uploaded trace{' ' + md_text(file_name) if file_name else ''}]")
     c1, c2, c3 = st.columns(3)
     if trace.is_deep:
         c1.metric("Layers", trace.n_layers)
@@ -174,7 +205,7 @@ def trace_card(trace, file_name: str | None = None, template: str = "normal") ->
                f"{cfg.get('n_heads', '?')} heads, norm {cfg.get('norm_layout', '?')}, injection "
                f"{cfg.get('injection', '?')}, initial state {cfg.get('initial_state', '?')}, context "
                f"{cfg.get('context_length', '?')} · weights sha256 {m.get('checkpoint_sha256', 'unknown')} · "
-               f"prompt `{trace.prompt}`")
+               f"prompt {md_code(trace.prompt)}")
 
 
 def model_card(model, template: str = "normal") -> None:
@@ -183,7 +214,9 @@ def model_card(model, template: str = "normal") -> None:
     the parameter count as "1.87 M"."""
     facts = summary.model_facts(model)
     cfg = model.config
-    st.markdown(f"**{facts.name}** — `{facts.architecture}`")
+    st.markdown(f"**{md_text(facts.name)}** — `{facts.architecture}`")
+    if model.card.get("warning"):
+        st.caption(f"card.json: {md_text(model.card['warning'])}")
     c1, c2, c3 = st.columns(3)
     n_params = facts.parameters
     metric(c1, "Parameters", compact_number(n_params), template=template,  # "1.87 M" fits a narrow column; exact in the tooltip
@@ -360,8 +393,23 @@ def contraction(trace):
     return contraction_rate(trace.states)
 
 
+MAX_UMAP_STATES = 2048  # states one UMAP view fits (~3-5 s of CPU); longer traces: a subset of iterations
+
+
+def umap_iterations(trace) -> list[int]:
+    """The iterations (0-based) whose block states a UMAP view fits: all of them when the trace has
+    at most MAX_UMAP_STATES states, else evenly spaced ones (first and last included) holding at
+    most that many (at least two iterations). UMAP's cost grows faster than its number of points."""
+    from analysis.measures.attention import matrix_iterations
+
+    per_iteration = trace.n_layers * trace.n_tokens
+    return matrix_iterations(trace.n_iterations, max(2, MAX_UMAP_STATES // max(per_iteration, 1)))
+
+
 def umap_coords(trace, n_components: int = 2, seed: int = 0):
-    """UMAP of all the trace's block states pooled, seeded: [I, L, T, C] (NaN rows for non-finite states)."""
+    """UMAP of the trace's block states at ``umap_iterations(trace)`` pooled, seeded:
+    [len(iterations), L, T, C] (NaN rows for non-finite states)."""
     from analysis.measures.projections import UMAPProjection
 
-    return UMAPProjection(n_components=n_components, seed=seed).fit_transform(trace.states)
+    its = umap_iterations(trace)
+    return UMAPProjection(n_components=n_components, seed=seed).fit_transform(trace.states[its])

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the pa
 import streamlit as st  # noqa: E402
 
 from app import sidebar as frame  # noqa: E402
+from app import caching  # noqa: E402
 from app import url_state  # noqa: E402
 
 PAGES_DIR = Path(__file__).resolve().parent / "app_pages"
@@ -40,6 +41,7 @@ st.set_page_config(page_title="loopscope", page_icon=str(FAVICON) if FAVICON.is_
 
 pages = [st.Page(str(PAGES_DIR / f), title=title, icon=icon, url_path=Path(f).stem, default=(i == 0))
          for i, (f, title, icon) in enumerate(PAGES) if (PAGES_DIR / f).is_file()]
+caching.warm_umap_in_background()  # once per server process, in a background thread
 pg = st.navigation(pages, position="top" if embed else "sidebar")
 settings = frame.sidebar()
 frame.apply_embed_style(settings.embed, embedded)

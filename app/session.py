@@ -63,6 +63,14 @@ class Session:
     uploaded: dict = field(default_factory=dict)  # "looped"/"deep" -> file name, for uploaded traces
 
 
+def _md(text) -> str:
+    """Text that comes from data or the URL (paths, names, error messages quoting them), escaped so
+    that st.error / st.warning show it literally (``components.md_text``, at most 1000 characters)."""
+    from app.components import md_text  # components draws; it imports this module
+
+    return md_text(text, 1000)
+
+
 # ---------------------------------------------------------------- checkpoints
 def default_models(found: dict[str, Path]) -> tuple[str, str]:
     """The default (looped, deep) pair among ``found``: the shipped pair when present, else the
@@ -167,11 +175,11 @@ def _read_upload(up, errors: list[str]) -> Trace | None:
         data = up.getvalue()
         return caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
     except TraceFormatError as exc:
-        errors.append(f"Uploaded file {up.name} could not be opened: {exc}. The app keeps showing the "
+        errors.append(f"Uploaded file {_md(up.name)} could not be opened: {_md(exc)}. The app keeps showing the "
                       "computed traces; remove the file or upload a trace saved by loopscope.")
     except Exception as exc:  # whatever else a malformed file throws: a message, never a broken page
-        errors.append(f"Uploaded file {up.name} could not be opened: it is not a readable loopscope trace "
-                      f"({type(exc).__name__}: {exc}). The app keeps showing the computed traces; remove the "
+        errors.append(f"Uploaded file {_md(up.name)} could not be opened: it is not a readable loopscope trace "
+                      f"({type(exc).__name__}: {_md(exc)}). The app keeps showing the computed traces; remove the "
                       "file or upload a trace saved by loopscope.")
     return None
 
@@ -196,9 +204,9 @@ def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: in
                       lambda: caching.fixed_point(*base, fp, _model=model, _trace=t))
         return t
     except ValueError as exc:  # TokenizerError, empty/overlong prompt, iterations
-        errors.append(f"{who.capitalize()} model ({model.name}): {exc}")
+        errors.append(f"{who.capitalize()} model ({_md(model.name)}): {_md(exc)}")
     except Exception as exc:  # a model that fails to run must not take the page down: the message says why
-        errors.append(f"{who.capitalize()} model ({model.name}) failed to run: {type(exc).__name__}: {exc}")
+        errors.append(f"{who.capitalize()} model ({_md(model.name)}) failed to run: {type(exc).__name__}: {_md(exc)}")
     return None
 
 
@@ -231,14 +239,14 @@ def current(show_messages: bool = True) -> Session:
     elif settings.looped:
         looped_model, err = load_model(settings.looped)
         if err:
-            errors.append(f"Looped model: {err}")
+            errors.append(f"Looped model: {_md(err)}")
     else:
         errors.append("No looped model is selected (no sample checkpoints found in "
                       f"{registry.sample_dir()}); pick a local folder in the sidebar.")
     if settings.deep and up_side != "deep":
         deep_model, err = load_model(settings.deep)
         if err:
-            errors.append(f"Deep model: {err}")
+            errors.append(f"Deep model: {_md(err)}")
 
     iterations = settings.iterations
     if not 1 <= iterations <= MAX_ITERATIONS:
@@ -291,9 +299,10 @@ def current(show_messages: bool = True) -> Session:
             looped = up_trace
         uploaded[up_side] = up.name
         its = "" if up_trace.is_deep else f", {up_trace.n_iterations} iterations"
-        warns.append(f"Showing the uploaded trace {up.name} as the {up_side} trace: model "
-                     f"{m.get('model_name', 'unknown')} (weights sha256 {m.get('checkpoint_sha256', 'unknown')}), "
-                     f"prompt {up_trace.prompt!r}{its}, seed {m.get('seed', 'unknown')}. The sidebar's {up_side} "
+        # the file's name, model and prompt are data: shown literally, long ones cut
+        warns.append(f"Showing the uploaded trace {_md(up.name)} as the {up_side} trace: model "
+                     f"{_md(m.get('model_name', 'unknown'))} (weights sha256 {_md(m.get('checkpoint_sha256', 'unknown'))}), "
+                     f"prompt {_md(repr(up_trace.prompt))}{its}, seed {_md(m.get('seed', 'unknown'))}. The sidebar's {up_side} "
                      "model is not used while the file is open; remove the file to go back.")
 
     for name, t in (("looped", looped), ("deep", deep)):

@@ -11,7 +11,7 @@ import streamlit as st
 
 from analysis.models import registry
 
-from app.session import MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings
+from app.session import MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings, _md
 
 
 def _url_params() -> dict:
@@ -47,7 +47,7 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
                              f"{key} one ({', '.join(kinds[key]) or 'none found'}); using {defaults[key] or 'none'!r}.")
             else:
                 shown = raw if len(raw) <= 40 and "/" not in raw and "\\" not in raw else "(a path)"
-                notes.append(f"URL value {key}={shown!r} is not one of the models this app offers "
+                notes.append(f"URL value {key}={_md(repr(shown))} is not one of the models this app offers "
                              f"({', '.join(kinds[key]) or 'none found'}); using {defaults[key] or 'none'!r}. "
                              "A local checkpoint folder can be chosen in the sidebar.")
     if "prompt" in params:
@@ -56,7 +56,7 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
         if key in params:
             v = parse_int(params[key], lo, hi)
             if v is None:
-                notes.append(f"URL value {key}={params[key]!r} is not a whole number from {lo} to {hi}; "
+                notes.append(f"URL value {key}={_md(repr(params[key]))} is not a whole number from {lo} to {hi}; "
                              f"using {defaults[key]}.")
             else:
                 out[key] = v

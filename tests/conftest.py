@@ -14,6 +14,9 @@ if "OMP_NUM_THREADS" not in os.environ:
     # 2 threads on a busy 2-core machine (training running beside) a small lab run measured
     # 2.5-5 s instead of 0.04 s (OpenMP threads waiting on each other).
     torch.set_num_threads(1)
+# the app warms UMAP's compiled code in a background thread when a server starts; tests that need
+# UMAP compile it themselves (test_bounds checks the warm-up), the others should not pay for it
+os.environ.setdefault("LOOPSCOPE_WARM_UMAP", "0")
 
 
 @pytest.fixture

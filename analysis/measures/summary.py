@@ -175,11 +175,15 @@ def model_facts(model=None, trace=None) -> ModelFacts:
         kind = "deep" if trace.is_deep else "looped"
         path, sha, params = "(trace only: weights not loaded)", md.get("checkpoint_sha256"), None
         config = dict(md.get("config") or {})
-        if config and "family" not in config:  # a loopscope transformer's config: count its parameters
-            from ..models.transformer import LoopConfig, LoopedTransformer
+        if config and "family" not in config:  # a loopscope transformer's config: count (no model is built)
+            from ..models.native import CheckpointError, count_parameters
 
+            config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
             config.setdefault("kind", kind)
-            params = LoopedTransformer(LoopConfig.from_dict(config)).num_parameters()
+            try:
+                params = count_parameters(config)
+            except CheckpointError:  # a config outside the checked limits: the count is unknown
+                params = None
         schedule = trained_schedule(trace)
     acc = card.get("accuracy_by_hops") or None
     hops = acc_mean = None

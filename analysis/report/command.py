@@ -17,6 +17,9 @@ def report_for_checkpoints(looped_dir, deep_dir, prompt: str, iterations: int | 
     """Load checkpoints, trace ``prompt`` with both (seeded) and build the report."""
     from .sections import build_report
 
+    fp = fixed_point_iterations
+    if isinstance(fp, bool) or not isinstance(fp, int) or fp < 0:  # as trace() says it
+        raise ValueError(f"fixed_point_iterations must be an integer >= 0 (0: skip), got {fp!r}")
     lm = registry.load(looped_dir)
     dm = registry.load(deep_dir) if deep_dir else None
     # explicit fixed-point run lengths (0 = none): a deep model runs once and has no s*
@@ -58,7 +61,10 @@ def add_parser(subparsers):
     p.add_argument("--fixed-point-iterations", type=int, default=FIXED_POINT_ITERATIONS,
                    help=f"iterations for the approximate fixed point s* (default {FIXED_POINT_ITERATIONS})")
     p.add_argument("--answer", default=None, help="expected next token (found automatically for chain prompts)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for reproducible numbers)")
+    from ..cli import positive_int
+
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1, for reproducible numbers)")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.set_defaults(func=_run, handler=_run)
     return p

@@ -59,6 +59,20 @@ def _fmt(x) -> str:
     return f"{x:.6g}" if math.isfinite(x) else "n/a"
 
 
+# characters that the HTML parser acts on inside a <script> ("</script>", "<!--<script>" ...) or
+# that end a JavaScript line, written as JSON escapes (the JSON means the same)
+_SCRIPT_SWAP = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(value) -> str:
+    """``value`` as JSON that is safe inside an HTML ``<script>`` element whatever its strings hold:
+    ``<``, ``>``, ``&``, U+2028 and U+2029 are written as ``\\uXXXX`` escapes."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    for ch, esc in _SCRIPT_SWAP.items():
+        text = text.replace(ch, esc)
+    return text
+
+
 def _num(key: str, value) -> str:
     """A number as shown in the report, tagged with its key in the numbers JSON."""
     return f'<span class="num" data-key="{html.escape(key)}">{html.escape(_fmt(value))}</span>'
@@ -276,13 +290,18 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     if looped.attention is None:
         rep.notes.append("Attention stripes: the looped trace has no attention maps")
         return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
-    matrix = np.asarray(att.attention_distance_matrix(looped.attention, metric="frobenius"), dtype=float)
+    its = att.matrix_iterations(looped.n_iterations)  # a long trace: an evenly spaced subset
+    matrix = np.asarray(att.attention_distance_matrix(looped.attention[its], metric="frobenius"), dtype=float)
+    rep.numbers.setdefault("looped", {})["attention_matrix_iterations"] = len(its)
+    if len(its) < looped.n_iterations:
+        parts.append(f"<p>Showing {len(its)} of {looped.n_iterations:,} iterations: the matrix and its means are "
+                     f"computed on {len(its)} evenly spaced iterations (first and last included).</p>")
     svc = att.same_vs_cross_layer(matrix, looped.n_layers)
     parts.append(f"<p>Mean distance between maps of the same layer in different iterations: "
                  f"{rep.set('looped.same_layer_distance', _f(svc['same_layer']))}; between different layers: "
                  f"{rep.set('looped.cross_layer_distance', _f(svc['cross_layer']))} (Frobenius distance of "
                  f"head-averaged maps, <code>analysis.measures.attention.same_vs_cross_layer</code>).</p>")
-    parts.append(rep.figure("attention", viz.attention_distance_figure(matrix, looped),
+    parts.append(rep.figure("attention", viz.attention_distance_figure(matrix, looped, iterations=its),
                             "analysis.viz.attention_distance_figure"))
     return "".join(parts) + "</section>"
 
@@ -378,7 +397,7 @@ def build_report(looped_model: LoadedModel | None, deep_model: LoadedModel | Non
             _settings_section(rep, settings, versions, date)]
     rep.numbers["figures"] = [{"id": i, "source": s} for i, _, s in rep.figures]
     rep.numbers["notes"] = rep.notes
-    numbers_json = json.dumps(rep.numbers, sort_keys=True, default=str).replace("</", "<\\/")
+    numbers_json = script_json(rep.numbers)
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>loopscope report: {_esc(looped.prompt[:60])}</title>"
             f"<style>{CSS}</style>"
@@ -391,4 +410,4 @@ def report_numbers(html_text: str) -> dict:
     """The numbers JSON embedded in a report (what the report shows, machine-readable)."""
     import re
     m = re.search(r"<script type='application/json' id='%s'>(.*?)</script>" % NUMBERS_ID, html_text, re.S)
-    return json.loads(m.group(1).replace("<\\/", "</")) if m else {}
+    return json.loads(m.group(1)) if m else {}

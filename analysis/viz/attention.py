@@ -152,28 +152,34 @@ def _depth_names(its: list[int], n_layers: int, deep: bool) -> list[str]:
         return [f"L{l}" for l in range(n_layers)]
     return [f"it{t + 1}·L{l}" for t in its for l in range(n_layers)]
 
-def attention_distance_data(matrix, trace) -> pd.DataFrame:
+def attention_distance_data(matrix, trace, iterations=None) -> pd.DataFrame:
+    """The matrix as a table; ``iterations``: the 0-based iterations its rows cover (default all)."""
     m = np.asarray(matrix, dtype=float)
     L = trace.n_layers
     n = m.shape[0]
+    real = np.arange(n // L) if iterations is None else np.asarray(iterations)
     a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    return pd.DataFrame({"iteration_a": a.ravel() // L + 1, "layer_a": a.ravel() % L,
-                         "iteration_b": b.ravel() // L + 1, "layer_b": b.ravel() % L, "distance": m.ravel()})
+    return pd.DataFrame({"iteration_a": real[a.ravel() // L] + 1, "layer_a": a.ravel() % L,
+                         "iteration_b": real[b.ravel() // L] + 1, "layer_b": b.ravel() % L, "distance": m.ravel()})
 
 def attention_distance_figure(matrix, trace, metric: str = "frobenius", max_iterations: int = 64,
-                              title: str | None = None, template: str = "normal") -> go.Figure:
+                              title: str | None = None, template: str = "normal", iterations=None) -> go.Figure:
     """The (iteration, layer) × (iteration, layer) attention distance matrix as a heatmap, in
     realized-depth order (index ``t*L + l``, labelled ``it{t+1}·L{l}``): a layer whose attention
     freezes across iterations shows as diagonal stripes k = L apart (dark = similar).
 
     matrix: [I*L, I*L] from ``analysis.measures.attention.attention_distance_matrix``; with more than
     ``max_iterations`` iterations an evenly spaced subset (first and last kept) is drawn.
+    iterations: the 0-based iterations the matrix was computed on when it covers a subset
+    (``analysis.measures.attention.matrix_iterations``), for the labels; default all of them.
     Traces: one heatmap."""
     big = is_presentation(template)
     m = np.asarray(matrix, dtype=float)
     L = trace.n_layers
     its, idx = _depth_subset(m.shape[0], L, max_iterations)
     sub = m[np.ix_(idx, idx)] if len(idx) < m.shape[0] else m
+    if iterations is not None:
+        its = [int(iterations[i]) for i in its]
     names = _depth_names(its, L, trace.is_deep)
     unit = {"frobenius": "‖A − B‖_F", "js": "JS (nats)", "cosine": "1 − cos"}.get(metric, metric)
     fig = go.Figure(go.Heatmap(z=sub, x=names, y=names, colorscale=SEQUENTIAL, colorbar=dict(title=unit),
@@ -183,9 +189,11 @@ def attention_distance_figure(matrix, trace, metric: str = "frobenius", max_iter
     small = 11 if big else 8
     fig.update_xaxes(tickfont=dict(size=small))
     fig.update_yaxes(tickfont=dict(size=small))
-    sub_note = f" ({len(its)} of {m.shape[0] // L} iterations)" if len(idx) < m.shape[0] else ""
+    total = trace.n_iterations if iterations is not None else m.shape[0] // L
+    sub_note = f" ({len(its)} of {total} iterations)" if len(its) < total else ""
     return theme(fig, template, title or f"Attention distance between (iteration, layer) maps, {metric}{sub_note}",
                  height=720 if big else 560)
+
 
 def attention_floorplan_figure(trace, max_iterations: int = 16, max_tiles: int = 64,
                                title: str | None = None, template: str = "normal") -> go.Figure:

@@ -16,13 +16,15 @@ def _as_4d(coords) -> np.ndarray:
         raise ValueError(f"coords must be [I, L, T, C] or [I, L, C], got shape {coords.shape}")
     return coords
 
-def orbit_data(coords, trace, token: int | None = None, axis_label: str = "PC") -> pd.DataFrame:
-    """Projected coordinates as a table: one row per (iteration, layer, token)."""
+def orbit_data(coords, trace, token: int | None = None, axis_label: str = "PC", iterations=None) -> pd.DataFrame:
+    """Projected coordinates as a table: one row per (iteration, layer, token); ``iterations``:
+    the 0-based iterations the coords rows are (a subset), default all."""
     c = _as_4d(coords)
     I, L, T, C = c.shape
     positions = [token % trace.n_tokens] if (T == 1 and token is not None) else list(range(T))
     t, l, j = np.meshgrid(np.arange(I), np.arange(L), np.arange(T), indexing="ij")
-    df = pd.DataFrame({"iteration": (t + 1).ravel(), "layer": l.ravel(),
+    num = np.arange(1, I + 1) if iterations is None else np.asarray(iterations, dtype=int) + 1
+    df = pd.DataFrame({"iteration": num[t.ravel()], "layer": l.ravel(),
                        "token": np.asarray(positions)[j.ravel()],
                        "char": [trace.token_labels[positions[k]] for k in j.ravel()]})
     for k in range(C):
@@ -31,7 +33,7 @@ def orbit_data(coords, trace, token: int | None = None, axis_label: str = "PC") 
 
 def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_by: str | None = None,
                  tokens=None, token: int | None = None, upto: int | None = None, axis_label: str = "PC",
-                 title: str | None = None, template: str = "normal") -> go.Figure:
+                 title: str | None = None, template: str = "normal", iterations=None) -> go.Figure:
     """Trajectories through realized depth (iteration by iteration, layer by layer) in a projection.
 
     coords: [I, L, T, C] (across tokens) or [I, L, C] (one token; say which with ``token``).
@@ -42,6 +44,8 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
     The first and the last iteration are always drawn (open circles, diamonds); for a deep trace
     (one pass) they are its first and last layer.
     Traces: color_by "token": one per token + first + last (+ current); otherwise path + first + last (+ current).
+    iterations: the 0-based iterations the I rows of coords are, when they are an evenly spaced
+    subset (a bounded UMAP); labels, colours and ``upto`` then use the real iteration numbers.
     """
     big = is_presentation(template)
     c = _as_4d(coords)
@@ -55,7 +59,8 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
         color_by = "layer"
     positions = [token % trace.n_tokens] if (T == 1 and token is not None) else list(range(T))
     sel = list(range(T)) if tokens is None else [k for k in range(T) if positions[k] in set(tokens)] or list(range(T))
-    upto = I if upto is None else int(min(max(upto, 1), I))
+    num = np.arange(1, I + 1) if iterations is None else np.asarray(iterations, dtype=int) + 1  # 1-based
+    upto = I if upto is None else int(min(max(np.searchsorted(num, upto, side="right"), 1), I))
     Scatter = go.Scatter3d if is3d else go.Scatter
     size = (7 if big else 5) if not is3d else (5 if big else 3)
 
@@ -76,7 +81,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
         for n, k in enumerate(sel):
             pts = c[:upto, :, k].reshape(-1, C)
             t, l = np.meshgrid(np.arange(upto), np.arange(L), indexing="ij")
-            cd = np.stack([np.full(t.size, positions[k]), t.ravel() + 1, l.ravel()], -1)
+            cd = np.stack([np.full(t.size, positions[k]), num[t.ravel()], l.ravel()], -1)
             fig.add_trace(Scatter(**xyz(pts), mode="lines+markers", name=f"{positions[k]} {trace.token_labels[positions[k]]}",
                                   line=dict(color=PALETTE[n % len(PALETTE)], width=2 if not is3d else 3),
                                   marker=dict(size=size, color=PALETTE[n % len(PALETTE)]),
@@ -87,9 +92,9 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
             pts = c[:upto, :, k].reshape(-1, C)
             t, l = np.meshgrid(np.arange(upto), np.arange(L), indexing="ij")
             chunks += [pts, np.full((1, C), np.nan)]
-            v = (t + 1) if color_by == "iteration" else l
+            v = num[t] if color_by == "iteration" else l
             vals += [v.ravel().astype(float), [np.nan]]
-            cd = np.stack([np.full(t.size, positions[k]), t.ravel() + 1, l.ravel()], -1)
+            cd = np.stack([np.full(t.size, positions[k]), num[t.ravel()], l.ravel()], -1)
             cds += [cd, np.full((1, 3), -1)]
         pts, v, cd = np.concatenate(chunks), np.concatenate(vals), np.concatenate(cds)
         fig.add_trace(Scatter(**xyz(pts), mode="lines+markers", name="paths", showlegend=False,
@@ -108,7 +113,7 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
         else:  # every layer of the first / last iteration; rows are (layer, token)
             t_idx = I - 1 if last else 0
             pts = c[t_idx][:, sel].reshape(-1, C)
-            cd = np.stack([np.tile(pos_sel, L), np.full(len(pts), t_idx + 1), np.repeat(np.arange(L), len(sel))], -1)
+            cd = np.stack([np.tile(pos_sel, L), np.full(len(pts), num[t_idx]), np.repeat(np.arange(L), len(sel))], -1)
         fig.add_trace(Scatter(**xyz(pts), mode="markers", name=name,
                               marker=dict(size=size * (1.7 if not is3d else 1.5), symbol=symbol, color=color, opacity=0.85,
                                           line=dict(width=2, color=color)),
@@ -120,14 +125,14 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
     if frame_by == "iteration" and not deep and I > 1:
         def at(t):
             pts = c[t][:, sel].reshape(-1, C)
-            cd = np.stack([np.tile(pos_sel, L), np.full(len(pts), t + 1),
+            cd = np.stack([np.tile(pos_sel, L), np.full(len(pts), num[t]),
                            np.repeat(np.arange(L), len(sel))], -1)
             return Scatter(**xyz(pts), mode="markers", name="current iteration",
                            marker=dict(size=size * 2, color="orange", line=dict(width=1, color="black")),
                            customdata=cd, text=chars(cd), hovertemplate="current<br>" + hover)
         fig.add_trace(at(0))
         idx = len(fig.data) - 1
-        fig.frames = [go.Frame(data=[at(t)], traces=[idx], name=str(t + 1)) for t in range(I)]
+        fig.frames = [go.Frame(data=[at(t)], traces=[idx], name=str(num[t])) for t in range(I)]
         fig.update_layout(
             margin=dict(b=150),  # the buttons and the slider sit below the x-axis title, not on it
             updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.2, xanchor="left", yanchor="top",
@@ -137,8 +142,8 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
                                        dict(label="❚❚ pause", method="animate",
                                             args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])],
             sliders=[dict(active=0, x=0.15, len=0.85, y=-0.16, currentvalue=dict(prefix="iteration "),
-                          steps=[dict(method="animate", label=str(t + 1),
-                                      args=[[str(t + 1)], dict(mode="immediate", frame=dict(duration=0, redraw=is3d),
+                          steps=[dict(method="animate", label=str(num[t]),
+                                      args=[[str(num[t])], dict(mode="immediate", frame=dict(duration=0, redraw=is3d),
                                                                transition=dict(duration=0))]) for t in range(I)])])
     names = [f"{axis_label}{d + 1}" for d in dims]
     if is3d:

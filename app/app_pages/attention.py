@@ -13,14 +13,15 @@ from app import session, url_state
 
 # measurement adapters: fn(trace, **kwargs) for state.measure (names unique across pages)
 def attention_page_distances(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.measures.attention.attention_distance_matrix of the trace's maps: [I*L, I*L]."""
-    return att.attention_distance_matrix(trace.attention, metric=metric, head=head)
+    """analysis.measures.attention.attention_distance_matrix of the trace's maps at the iterations
+    ``att.matrix_iterations(I)`` (all of them up to 64): [n*L, n*L]."""
+    its = att.matrix_iterations(trace.n_iterations)
+    return att.attention_distance_matrix(trace.attention[its], metric=metric, head=head)
 
 
 def attention_page_same_cross(trace, metric: str = "frobenius", head: int | None = None):
     """analysis.measures.attention.same_vs_cross_layer of that matrix: {same_layer, cross_layer}."""
-    return att.same_vs_cross_layer(att.attention_distance_matrix(trace.attention, metric=metric, head=head),
-                                   trace.n_layers)
+    return att.same_vs_cross_layer(attention_page_distances(trace, metric=metric, head=head), trace.n_layers)
 
 
 METRICS = {"frobenius": "Frobenius ‖A − B‖ (the paper's)", "js": "Jensen–Shannon (row-wise, nats)",
@@ -119,10 +120,15 @@ except ValueError as exc:
     st.error(f"Could not compare the attention maps: {exc}")
     matrix = sc = None
 if matrix is not None:
+    its = att.matrix_iterations(I)
+    if len(its) < I:
+        st.caption(f"Showing {len(its)} of {I:,} iterations: the matrix and the means beside it are computed on "
+                   f"{len(its)} evenly spaced iterations (first and last included), since their cost grows with "
+                   "the square of the count.")
     a, b = st.columns([3, 1], gap="large")
     with a:
-        ui.show_figure(viz.attention_distance_figure(matrix, t, metric=metric, template=tpl), key="attention_distance",
-                       data=viz.attention_distance_data(matrix, t))
+        ui.show_figure(viz.attention_distance_figure(matrix, t, metric=metric, template=tpl, iterations=its),
+                       key="attention_distance", data=viz.attention_distance_data(matrix, t, iterations=its))
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
         ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",

@@ -48,7 +48,7 @@ with o1:
         token = url_state.view_int("Token position", "o_token", 0, n - 1, n - 1, widget="number",
                                help="0 is the first character; the default is the last position, where the "
                                     "answer is predicted.")
-        st.caption(f"token {token}: '{ref.token_labels[token]}'")
+        st.caption(f"token {token}: {ui.md_code(ref.token_labels[token])}")
     elif proj == "pca":
         center = url_state.view_bool("Centre each path on its own mean", "o_center", False,
                                  help="Overlaps the paths so their shapes (cycles, spirals) can be compared.")
@@ -65,7 +65,8 @@ dims = (0, 1, 2) if dim == "3D" else {"1-2": (0, 1), "3-4": (2, 3), "5-6": (4, 5
 
 
 def coords_of(trace):
-    """(coords, axis label, PCA or None) for the chosen projection of one trace; None when the
+    """(coords, axis label, PCA or None, iterations or None) for the chosen projection of one
+    trace (iterations: the subset a bounded UMAP was fitted on); None when the
     projection cannot be fitted (a st.warning says why, and the figure is skipped)."""
     try:
         return _coords_of(trace)
@@ -81,11 +82,11 @@ def coords_of(trace):
 def _coords_of(trace):
     if proj == "pca":
         coords, pca = session.measure(project_across_tokens, trace, n_components=6, center_per_trajectory=center)
-        return coords, "PC", pca
+        return coords, "PC", pca, None
     if proj == "token":
         k = min(token if token is not None else trace.n_tokens - 1, trace.n_tokens - 1)
         coords, pca = session.measure(project_token, trace, token=k, n_components=3)
-        return coords, "PC", pca
+        return coords, "PC", pca, None
     with st.status("UMAP: fitting a seeded neighbourhood embedding…", expanded=False) as status:
         try:
             caching.warm_umap()
@@ -95,7 +96,13 @@ def _coords_of(trace):
             status.update(label="UMAP could not be fitted", state="error")
             raise
         status.update(label="UMAP ready", state="complete")
-    return coords, "UMAP", None
+    its = ui.umap_iterations(trace)
+    if len(its) < trace.n_iterations:
+        per = trace.n_layers * trace.n_tokens
+        st.caption(f"Showing {len(its)} of {trace.n_iterations:,} iterations: UMAP is fitted on "
+                   f"{len(its) * per:,} of the {trace.n_iterations * per:,} states (evenly spaced iterations, first "
+                   f"and last included), since its cost grows faster than the number of states.")
+    return coords, "UMAP", None, its
 
 
 def explained(pca) -> str:
@@ -111,12 +118,14 @@ def draw(tr, key: str, title: str, color: str, frame_by=None, upto_=None, captio
     got = coords_of(tr)
     if got is None:
         return
-    coords, label, pca = got
+    coords, label, pca, its = got  # its: the iterations a bounded UMAP used (None: all of them)
     k = min(token, tr.n_tokens - 1) if token is not None else None
+    if its is not None and len(its) < tr.n_iterations:
+        title = title.replace(f"{tr.n_iterations} iterations", f"{len(its)} of {tr.n_iterations} iterations")
     fig = viz.orbit_figure(coords, tr, dims=dims, color_by=color, frame_by=frame_by, token=k, upto=upto_,
-                           axis_label=label, template=tpl,
+                           axis_label=label, template=tpl, iterations=its,
                            title=title + (f", token {k} '{tr.token_labels[k]}'" if k is not None else ""))
-    ui.show_figure(fig, key=key, data=viz.orbit_data(coords, tr, token=k, axis_label=label))
+    ui.show_figure(fig, key=key, data=viz.orbit_data(coords, tr, token=k, axis_label=label, iterations=its))
     st.caption(caption + explained(pca))
 
 
