@@ -2,7 +2,9 @@
 
 The Trace is the contract between capture (``analysis.tracing.trace`` makes one), measurements,
 the app, the report and export; its arrays (shapes below) are read-only numpy, float32 or int64.
-One schema (``ARRAYS``) drives the checks, ``save`` and ``load``.
+One schema (``ARRAYS``) drives the checks, ``save`` and ``load``; the module is that one cohesive
+contract (schema, validation, read-only ownership, file format and its load limits), hence a
+little over 400 lines.
 
 A deep model's trace has iteration axis 1 and its L layers on the layer axis.
 """

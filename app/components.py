@@ -1,7 +1,8 @@
 """Streamlit pieces the pages share: the page frame (``page``), figures with their export row
 (``show_figure``: PNG, SVG, and the CSV of the table behind the figure), metrics readable in
 presentation mode, the model card, the prompt banner, trace downloads, and ``fn(trace)`` adapters
-for ``session.measure``."""
+for ``session.measure``. One cohesive module (a little over 400 lines): everything pages draw
+besides their own charts, so that no page repeats another's furniture."""
 from __future__ import annotations
 
 import hashlib
@@ -347,9 +348,9 @@ def export_sidebar(session) -> None:
 
 # ---------------------------------------------------------------- measurement adapters: fn(trace) for state.measure
 def classify(trace, rule: str = "precision"):
-    """analysis.measures.dynamics.classify_trajectories(states, rule) of a trace (DataFrame, one row per
+    """analysis.measures.trajectories.classify_trajectories(states, rule) of a trace (DataFrame, one row per
     token; ``df.attrs["description"]`` names the rule and its thresholds)."""
-    from analysis.measures.dynamics import classify_trajectories
+    from analysis.measures.trajectories import classify_trajectories
 
     df = classify_trajectories(trace.states, rule=rule)
     df.insert(1, "char", [trace.token_labels[int(k)] for k in df["token"]])

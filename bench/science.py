@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.measures.attention import attention_distance_matrix, same_vs_cross_layer  # noqa: E402
-from analysis.measures.dynamics import (class_counts, classify_trajectories, contraction_rate,  # noqa: E402
-                                        describe_rule, fixed_point_spread, jacobian_spectral_radius, step_sizes)
+from analysis.measures.dynamics import contraction_rate  # noqa: E402
+from analysis.measures.trajectories import class_counts, classify_trajectories  # noqa: E402
 from analysis.models.native import load_checkpoint  # noqa: E402
 from analysis.tasks import make_chain  # noqa: E402
 from analysis.tracing import trace  # noqa: E402

@@ -41,7 +41,7 @@ def one_url(page: str, query: dict) -> dict:
     """Run one URL in this (fresh) process: {'cpu_s', 'wall_s', 'exceptions'}."""
     from streamlit.testing.v1 import AppTest
 
-    from analysis.projections import warm_umap
+    from analysis.measures.projections import warm_umap
 
     warm_umap()  # what a server has done by the time a viewer arrives (app/main.py, once per process)
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=900)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..models.spec import TrainedSchedule
-from .dynamics import (class_counts, classify_trajectories, contraction_rate, distance_to_fixed_point,
-                       fixed_point_spread, step_sizes)
+from .dynamics import contraction_rate, distance_to_fixed_point, fixed_point_spread, step_sizes
+from .trajectories import class_counts, classify_trajectories
 
 
 def _finite_or_none(x) -> float | None:

@@ -11,6 +11,8 @@ reports from the same traces differ only in their date.
 
 A section whose data the traces lack (no attention, no deep model) says so and is listed in the
 numbers' ``notes``; any other failure raises: a report never shows a silently substituted figure.
+One module, a little over 400 lines, because it is one cohesive thing: the report's sections
+in the order the document reads.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from plotly.offline import get_plotlyjs
 
 from .. import viz
 from ..measures import attention as att
-from ..measures import dynamics, summary
+from ..measures import dynamics, summary, trajectories
 from ..measures.correspondence import answer_through_depth, cka_matrix
 from ..measures.stages import stage_profiles
 from ..models.native import LoadedModel
@@ -229,13 +231,13 @@ def _convergence_section(rep: _Report, looped: Trace, looped_model=None) -> str:
              "(an orbit) or drifts in one direction (a slider). Small relative steps and a shrinking distance "
              "to the fixed point s* (the state after many more iterations) show it settling.</p>"]
     h = summary.headline(looped)
-    classes = dynamics.classify_trajectories(looped.states)
+    classes = trajectories.classify_trajectories(looped.states)
     counts = h.class_counts
     rep.numbers.setdefault("looped", {})["class_counts"] = counts
     rep.numbers["looped"]["class_rule"] = h.class_rule
     items = "".join(f"<li>{_esc(c)}: {_num(f'looped.class_counts.{c}', n)}</li>" for c, n in counts.items())
     parts.append(f"<p>Trajectory classes of the {looped.n_tokens} tokens over the last half of "
-                 f"{looped.n_iterations} iterations (<code>analysis.measures.dynamics.classify_trajectories</code>):</p>"
+                 f"{looped.n_iterations} iterations (<code>analysis.measures.trajectories.classify_trajectories</code>):</p>"
                  f"<ul class='counts'>{items}</ul><p class='rule'>{_esc(h.class_description or '')}</p>")
     parts.append(f"<p>Relative step at the last iteration (last block layer): median "
                  f"{rep.set('looped.final_step_median', h.final_step_median)}, max "
@@ -282,14 +284,19 @@ def _convergence_section(rep: _Report, looped: Trace, looped_model=None) -> str:
     return "".join(parts) + "</section>"
 
 
+def _without_attention(rep: _Report, parts: list[str], title: str) -> str:
+    """A section that needs attention maps the trace lacks: a note in the page and in ``notes``."""
+    rep.notes.append(f"{title}: the looped trace has no attention maps")
+    return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
+
+
 def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     parts = ["<section id='attention'><h2>Attention stripes</h2><p>Each cell compares the attention maps of two "
              "(iteration, layer) calls of the block. When a layer's attention freezes across iterations, the same "
              "layer in different iterations is close (dark) while different layers stay apart, drawing diagonal "
              "stripes k apart (the paper's Fig. 3).</p>"]
     if looped.attention is None:
-        rep.notes.append("Attention stripes: the looped trace has no attention maps")
-        return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
+        return _without_attention(rep, parts, "Attention stripes")
     its = att.matrix_iterations(looped.n_iterations)  # a long trace: an evenly spaced subset
     matrix = np.asarray(att.attention_distance_matrix(looped.attention[its], metric="frobenius"), dtype=float)
     rep.numbers.setdefault("looped", {})["attention_matrix_iterations"] = len(its)
@@ -313,8 +320,7 @@ def _stages_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
              "Sink rate: the fraction of heads whose strongest key receives at least 0.3 of the attention on "
              "average over queries, wherever that key sits (the table's sink_rate_first counts key 0 only).</p>"]
     if looped.attention is None:
-        rep.notes.append("Stage profiles: the looped trace has no attention maps")
-        return "".join(parts) + "<p>This trace has no attention captured.</p></section>"
+        return _without_attention(rep, parts, "Stage profiles")
     profiles = {"looped": stage_profiles(looped)}
     if deep is not None and deep.attention is not None:
         profiles["deep"] = stage_profiles(deep)

@@ -130,7 +130,7 @@ else:
                        data=viz.contraction_data(rate, t, jacobian=est))
 
     st.subheader("Token classes")
-    from analysis.measures.dynamics import class_counts
+    from analysis.measures.trajectories import class_counts
 
     counts = class_counts(classes)
     k1, k2 = st.columns([1, 2], gap="large")

@@ -30,7 +30,7 @@ def model_column(col, trace, model, who: str) -> None:
         stable = summary.stable_iteration(trace)
         counts = None
         if not trace.is_deep:
-            from analysis.measures.dynamics import class_counts
+            from analysis.measures.trajectories import class_counts
 
             classes = session.measure(ui.classify, trace)
             counts = class_counts(classes)
@@ -53,7 +53,7 @@ def model_column(col, trace, model, who: str) -> None:
         if counts is not None:
             n = trace.n_tokens
             ui.metric(c3, "Tokens at a fixed point", f"{counts['fixed point']} / {n}", short="At fixed point",
-                      template=tpl, help="analysis.measures.dynamics.classify_trajectories over the tail of this run: "
+                      template=tpl, help="analysis.measures.trajectories.classify_trajectories over the tail of this run: "
                            + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". "
                            + classes.attrs.get("description", ""))
         else:

@@ -654,7 +654,7 @@ def test_uploaded_trace_is_credited_to_its_own_model(tmp_path):
     every page names chain-contrast (labelled as an uploaded trace) and its hash, never the
     sidebar model's; the deep side reads the trace's prompt; the report's model table and
     settings describe the trace."""
-    from analysis.checkpoint import load_checkpoint
+    from analysis.models.native import load_checkpoint
     from analysis.trace import trace
     from analysis.report import report_numbers
     from app.session import resolve
@@ -691,7 +691,7 @@ def test_uploaded_trace_is_credited_to_its_own_model(tmp_path):
 
 
 def test_uploaded_trace_beside_a_model_that_cannot_read_its_prompt_names_each_sides_prompt(tmp_path):
-    from analysis.checkpoint import load_checkpoint
+    from analysis.models.native import load_checkpoint
     from analysis.trace import trace
     from app.session import resolve
 

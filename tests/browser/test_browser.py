@@ -181,7 +181,7 @@ def test_offline_favicon_upload_provenance_and_iteration_change_in_chromium(tmp_
 
     from playwright.sync_api import sync_playwright
 
-    from analysis.checkpoint import load_checkpoint
+    from analysis.models.native import load_checkpoint
     from analysis.trace import trace
 
     contrast = load_checkpoint(ROOT / "sample_checkpoints" / "chain-contrast")

@@ -538,7 +538,8 @@ def test_fixed_point_distance_figure_against_the_states(with_fixed_point):
 
 
 def test_spread_contraction_and_class_figures(with_fixed_point):
-    from analysis.measures.dynamics import class_counts, classify_trajectories, contraction_rate, fixed_point_spread
+    from analysis.measures.dynamics import contraction_rate, fixed_point_spread
+    from analysis.measures.trajectories import class_counts, classify_trajectories
 
     t, _ = with_fixed_point
     T = t.n_tokens
@@ -597,8 +598,8 @@ def test_convergence_figures_with_nan(with_fixed_point):
 def test_readability_ticks_hover_colour_range_and_words(traces):
     """Answer-rank log ticks written in full (20, not "2"); Orbits' hover names the token's
     character; the cosine heatmap's colours span the values; axis titles in words."""
-    from analysis.correspondence import answer_through_depth
-    from analysis.projections import project_across_tokens
+    from analysis.measures.correspondence import answer_through_depth
+    from analysis.measures.projections import project_across_tokens
 
     t, d = traces
     fig = F.answer_rank_figure(answer_through_depth(t), answer_through_depth(d))
@@ -613,7 +614,7 @@ def test_readability_ticks_hover_colour_range_and_words(traces):
     c = np.array([[1.0, 0.8], [0.8, 1.0]])
     heat = F.fixed_point_cosine_figure(c)
     assert (heat.data[0].zmin, heat.data[0].zmax) == (pytest.approx(0.8), 1.0)
-    from analysis.dynamics import step_sizes
+    from analysis.measures.dynamics import step_sizes
 
     for fig in (F.step_size_figure(step_sizes(t.states), t),):
         for text in (fig.layout.title.text or "", *(ax.title.text or "" for ax in (fig.layout.yaxis,))):

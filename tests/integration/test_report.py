@@ -86,8 +86,8 @@ def test_self_contained_plotly_once_and_versions(reports):
 def test_numbers_equal_the_library(reports):
     from analysis.measures.attention import attention_distance_matrix, same_vs_cross_layer
     from analysis.measures.correspondence import cka_matrix
-    from analysis.measures.dynamics import (class_counts, classify_trajectories, contraction_rate, describe_rule,
-                                            fixed_point_spread, jacobian_spectral_radius)
+    from analysis.measures.dynamics import contraction_rate, fixed_point_spread, jacobian_spectral_radius
+    from analysis.measures.trajectories import class_counts, classify_trajectories, describe_rule
 
     _, (html_text, _) = reports
     nums = numbers_of(html_text)

@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.measures.dynamics import (TRAJECTORY_CLASSES, ContractionEstimate, JacobianEstimate, class_counts,
-                                        classify_trajectories, contraction_rate, cosine_steps, describe_rule,
-                                        distance_to_fixed_point, fixed_point_spread, jacobian_spectral_radius,
-                                        spectral_radius_of, step_sizes)
+from analysis.measures.dynamics import ContractionEstimate, JacobianEstimate, contraction_rate, cosine_steps, distance_to_fixed_point, fixed_point_spread, jacobian_spectral_radius, spectral_radius_of, step_sizes
+from analysis.measures.trajectories import TRAJECTORY_CLASSES, class_counts, classify_trajectories, describe_rule
 from analysis.models.transformer import LoopConfig, LoopedTransformer
 from analysis.tasks import CHAIN_CHARS
 from analysis.models.tokenizers import CharTokenizer
