@@ -163,9 +163,9 @@ def real_builds(monkeypatch):
     built = []
     real = LoopedTransformer.__init__
 
-    def init(self, cfg):
+    def init(self, cfg, *args, **kwargs):
         built.append(cfg)
-        real(self, cfg)
+        real(self, cfg, *args, **kwargs)
 
     monkeypatch.setattr(LoopedTransformer, "__init__", init)
     return built
