@@ -295,9 +295,11 @@ def _load_checkpoint(folder) -> LoadedModel:
             card = {"warning": "card.json is not valid JSON"}
     schedule = TrainedSchedule.from_card(card.get("trained_iterations") if isinstance(card, dict) else None,
                                          config.iterations)
-    if schedule.mean != config.iterations:
-        raise CheckpointError(f"{folder / 'card.json'}: trained_iterations mean {schedule.mean} differs from the "
-                              f"config's iterations {config.iterations}")
+    if schedule.mean != config.iterations:  # the config decides; the card's schedule is named as ignored
+        note = (f"trained_iterations mean {schedule.mean} differs from the config's iterations "
+                f"{config.iterations}; the card's schedule is ignored")
+        card = dict(card, warning=f"{card['warning']}; {note}" if card.get("warning") else note)
+        schedule = TrainedSchedule.fixed(config.iterations)
     model = LoopedTransformer(config, schedule=schedule, tokenizer=tokenizer)
     expected = model.state_dict()
     if set(state) != set(expected):
