@@ -1,12 +1,13 @@
 """Command line: ``python -m analysis <subcommand> ...``.
 
     python -m analysis trace --model DIR --prompt TEXT --iterations N [--seed S]
-                             [--fixed-point-iterations M] [--no-attention] --out FILE.npz
+                             [--fixed-point-iterations M] [--no-attention] [--threads N] --out FILE.npz
     python -m analysis metrics FILE.npz --out FILE.csv
+    python -m analysis report --looped DIR [--deep DIR] --prompt TEXT [--iterations N] --out FILE.html
 
 Subcommands are registered by functions ``add_parser(subparsers)`` that create their parser and
 ``set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status. To add one,
-append its ``add_parser`` to ``SUBCOMMANDS`` (or see ``_optional_subcommands`` for ``report``).
+append its ``add_parser`` to ``SUBCOMMANDS``.
 Any error prints one line to stderr and exits with status 2 (set ``LOOPSCOPE_DEBUG=1`` to see
 the traceback instead).
 """
@@ -16,6 +17,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from .report.command import add_parser as add_report_parser
 
 EXIT_ERROR = 2
 
@@ -33,10 +36,13 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- trace
 def _cmd_trace(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .trace import trace
+    from .models.registry import load
+    from .tracing import trace
 
-    loaded = load_checkpoint(args.model)
+    import torch
+
+    torch.set_num_threads(args.threads)  # deliberate: 1 by default (these models are small)
+    loaded = load(args.model)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -62,13 +68,27 @@ def add_trace_parser(subparsers) -> None:
                         "none for a deep model)")
     p.add_argument("--answer", default=None, help="expected next token (default: solved for chain prompts)")
     p.add_argument("--no-attention", action="store_true", help="do not capture attention maps")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                   help="torch CPU threads (default 1: small models run fastest on one, and a busy "
+                        "machine does not slow them down; more threads change results only by float rounding)")
     p.add_argument("--out", required=True, metavar="FILE.npz")
     p.set_defaults(func=_cmd_trace)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
 # ---------------------------------------------------------------- metrics
 def _cmd_metrics(args) -> int:
-    from .metrics import state_metrics_table
+    from .measures.tables import state_metrics_table
     from .trace import Trace
 
     src = Path(args.trace)
@@ -93,26 +113,13 @@ def add_metrics_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------- registry
-SUBCOMMANDS = [add_trace_parser, add_metrics_parser]
-
-
-def _optional_subcommands(subparsers) -> None:
-    # ---- extension point: the `report` subcommand lives in app/report.py (another module owns
-    # it). If `app.report` is importable, its `add_parser(subparsers)` registers it here. ----
-    try:
-        from app import report  # noqa: PLC0415
-    except ImportError:
-        return
-    add = getattr(report, "add_parser", None)
-    if callable(add):
-        add(subparsers)
+SUBCOMMANDS = [add_trace_parser, add_metrics_parser, add_report_parser]
 
 
 def add_subcommands(subparsers) -> None:
     """Register every subcommand on an argparse subparsers object."""
     for add in SUBCOMMANDS:
         add(subparsers)
-    _optional_subcommands(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

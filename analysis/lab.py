@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .model import INITIAL_STATES, INJECTIONS, MAX_ITERATIONS, NORM_LAYOUTS, LoopConfig, LoopedTransformer
+from .models.tokenizers import CharTokenizer
+from .models.transformer import INITIAL_STATES, INJECTIONS, MAX_ITERATIONS, NORM_LAYOUTS, LoopConfig, LoopedTransformer
 from .tasks import CHAIN_CHARS
-from .tokenizer import CharTokenizer
-from .trace import Trace, trace
+from .trace import Trace
+from .tracing import trace
 
 INITS = ("small", "default")
 MAX_STATE_VALUES = 64 * 2 ** 20  # I·L·T·D cap: 256 MB of float32 states per lab run

@@ -1,9 +1,10 @@
-"""The Trace: every state of every token at every layer of every iteration, and how to capture it.
+"""The Trace: every state of every token at every layer of every iteration of one prompt.
 
-``trace(model, prompt, iterations)`` runs one prompt once with a capture local to the call (then,
-by default, continues it to 128 iterations for the fixed point s*) and returns an immutable
-``Trace``. The Trace is the contract between capture, measurements, the app and export; its
-arrays (shapes below) are read-only numpy, float32 or int64. Capturing never changes the numbers.
+The Trace is the contract between capture (``analysis.tracing.trace`` makes one), measurements,
+the app, the report and export; its arrays (shapes below) are read-only numpy, float32 or int64.
+One schema (``ARRAYS``) drives the checks, ``save`` and ``load``; the module is that one cohesive
+contract (schema, validation, read-only ownership, file format and its load limits), hence a
+little over 400 lines.
 
 A deep model's trace has iteration axis 1 and its L layers on the layer axis.
 """
@@ -19,17 +20,28 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .checkpoint import LoadedModel
-from .model import MAX_ITERATIONS, Capture, LoopedTransformer
-from .tasks import solve_chain
-from .tokenizer import CharTokenizer
+from . import names
+from .models.base import MAX_ITERATIONS
 
 TRACE_FORMAT = "loopscope-trace"
 TRACE_VERSION = 1
-LENS_TOP_K = 5
-FIXED_POINT_ITERATIONS = 128  # s* comes from max(this, iterations) iterations unless told otherwise
+
+# What ``Trace.load`` accepts, checked on every member's .npy header before any member is read
+# (so a small file that declares huge arrays costs nothing). Sized by what ``trace()`` writes and
+# the pages draw: up to MAX_ITERATIONS (1024) iterations, prompts of at most a model's context
+# (64 for the samples), blocks and heads of a few dozen; the byte limits bound one upload's memory.
+LOAD_LIMITS = {
+    "iteration": MAX_ITERATIONS,  # the most iterations trace() runs
+    "token": 1024,                # prompt tokens (query and key axes too)
+    "layer": 64, "prelude_layer": 64, "coda_layer": 64,
+    "head": 64,
+    "d_model": 4096,
+    "vocab": 65536,
+    "k": 65536,                   # logit-lens top-k (at most the vocabulary)
+}
+MAX_TRACE_BYTES = 256 * 2**20     # all arrays together, uncompressed
+MAX_METADATA_BYTES = 16 * 2**20   # the metadata JSON string as stored (4 bytes per character)
 
 # name -> (axes, dtype, required); the npz keys are these names, plus "metadata" (a JSON string).
 # Optional fields are None when not captured (``trace(names=...)``, ``attention=False``, no answer,
@@ -56,7 +68,7 @@ ARRAYS = {
 # metadata entries with a known meaning -> the types they may have (None is always allowed)
 _META_TYPES = {"model_name": str, "checkpoint_sha256": str, "architecture": str, "tokenizer_chars": str,
                "config": Mapping, "seed": numbers.Integral, "iterations": numbers.Integral,
-               "trained_iterations": numbers.Integral, "is_deep": bool,
+               "trained_iterations": numbers.Integral, "trained_low": numbers.Integral, "trained_high": numbers.Integral, "is_deep": bool,
                "fixed_point_iterations": numbers.Integral, "answer_hops": numbers.Integral}
 # config entry -> the array axis it must equal
 _CONFIG_AXES = {"n_block": "layer", "d_model": "d_model", "n_heads": "head", "n_prelude": "prelude_layer",
@@ -163,7 +175,8 @@ class Trace:
 
     prompt, token_labels (one readable label per token), answer (a string or None) and
     metadata (JSON-able: model name, checkpoint sha256, config, tokenizer chars, seed,
-    iterations, trained iterations, is_deep, fixed_point_iterations, answer_hops), deep-copied
+    iterations, trained_iterations (the trained schedule's mean), trained_low / trained_high (its
+    range), is_deep, fixed_point_iterations, answer_hops), deep-copied
     in as a read-only ``FrozenDict`` (nested dicts too; lists become tuples).
     Shapes are checked across arrays (token, layer, head, vocab, top-k, prelude and coda axes)
     and against ``metadata["config"]`` when present: ValueError when they disagree.
@@ -277,17 +290,18 @@ class Trace:
         return self.vocabulary[i] if i < len(self.vocabulary) else str(i)
 
     def capture_names(self) -> list[str]:
-        """The capture point names this trace holds, e.g. ``loop.3.blocks.1.hook_resid_post``."""
+        """The capture point names this trace holds, e.g. ``loop.3.blocks.1.hook_resid_post``
+        (``analysis.names``)."""
         I, L = self.n_iterations, self.n_layers
-        names = [f"loop.{t}.blocks.{l}.hook_resid_post" for t in range(I) for l in range(L)]
+        out = [names.block_resid(t, l) for t in range(I) for l in range(L)]
         if self.attention is not None:
-            names += [f"loop.{t}.blocks.{l}.attn.hook_pattern" for t in range(I) for l in range(L)]
+            out += [names.block_pattern(t, l) for t in range(I) for l in range(L)]
         for part in ("prelude", "coda"):
-            for field, hook in (("states", "hook_resid_post"), ("attention", "attn.hook_pattern")):
+            for field, build in (("states", names.part_resid), ("attention", names.part_pattern)):
                 arr = getattr(self, f"{part}_{field}")
                 if arr is not None:
-                    names += [f"{part}.{l}.{hook}" for l in range(arr.shape[0])]
-        return names
+                    out += [build(part, l) for l in range(arr.shape[0])]
+        return out
 
     # files --------------------------------------------------------------
     def save(self, path) -> Path:
@@ -305,20 +319,30 @@ class Trace:
     def load(cls, source) -> "Trace":
         """Read a file written by ``save`` (a path or a binary file object); never unpickles.
         Raises TraceFormatError, and only that, for anything that is not such a file (not a zip,
-        truncated, pickled objects, bad or missing metadata, missing or misshapen arrays)."""
+        truncated, pickled objects, bad or missing metadata, missing or misshapen arrays) or
+        that exceeds the size limits (``LOAD_LIMITS`` per axis, ``MAX_TRACE_BYTES`` in all,
+        ``MAX_METADATA_BYTES``), which are checked on each member's header before it is read."""
         try:
             z = np.load(source, allow_pickle=False)
-        except Exception as exc:  # zip, header or pickle errors all mean the same to a user
-            raise TraceFormatError(f"not a loopscope trace file (.npz): {exc}") from None
+        except Exception:  # zip, header or pickle errors all mean the same to a user; numpy's own
+            # message would name the wrong cause (random bytes read as "pickled data") and suggest
+            # loading the file unsafely, so it is not repeated
+            raise TraceFormatError("not a loopscope trace file: it is not a NumPy .npz archive") from None
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise TraceFormatError("not a loopscope trace file: a single .npy array, not an .npz archive")
-        try:
-            with z:
+        with z:
+            if "metadata" not in z.files:
+                raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
+            unknown = set(z.files) - set(ARRAYS) - {"metadata"}
+            if unknown:
+                raise TraceFormatError(f"unexpected arrays in trace: {sorted(unknown)}")
+            _check_member_headers(z)
+            try:
                 data = {k: z[k] for k in z.files}
-        except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
-            raise TraceFormatError(f"trace file is damaged or holds objects: {exc}") from None
-        if "metadata" not in data:
-            raise TraceFormatError("not a loopscope trace: the file has no 'metadata' entry")
+            except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
+                why = ("it holds Python objects, which loopscope never loads" if "pickle" in str(exc)
+                       else f"the archive is damaged ({exc})")
+                raise TraceFormatError(f"not a loopscope trace file: {why}") from None
         raw = data.pop("metadata")
         if raw.ndim != 0 or raw.dtype.kind != "U":
             raise TraceFormatError("trace metadata must be one JSON string")
@@ -330,12 +354,10 @@ class Trace:
             raise TraceFormatError(f"trace metadata must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") != TRACE_FORMAT:
             raise TraceFormatError(f"not a loopscope trace (format {meta.get('format')!r})")
-        if meta.get("format_version") != TRACE_VERSION:
-            raise TraceFormatError(f"trace format version {meta.get('format_version')!r} is not supported; "
-                                   f"this loopscope reads version {TRACE_VERSION}")
-        unknown = set(data) - set(ARRAYS)
-        if unknown:
-            raise TraceFormatError(f"unexpected arrays in trace: {sorted(unknown)}")
+        version = meta.get("format_version")
+        if type(version) is not int or version != TRACE_VERSION:  # not True, not 1.0
+            raise TraceFormatError(f"trace format version {version!r} is not supported; "
+                                   f"this loopscope reads version {TRACE_VERSION} (the integer)")
         missing = [k for k in ("prompt", "token_labels", "answer") if k not in meta]
         if missing:
             raise TraceFormatError(f"trace metadata lacks {missing}")
@@ -348,6 +370,49 @@ class Trace:
                        **{k: _own(v) for k, v in data.items()})
         except Exception as exc:  # every check of __post_init__: shapes, dtypes, metadata types
             raise TraceFormatError(f"trace file is malformed: {exc}") from None
+
+
+def _member_header(zf, name: str):
+    """(shape, dtype, declared uncompressed bytes) of ``name``.npy in the zip, from its header only."""
+    info = zf.getinfo(name + ".npy" if name + ".npy" in zf.namelist() else name)
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    return shape, dtype, info.file_size
+
+
+def _check_member_headers(z) -> None:
+    """TraceFormatError unless every member's declared dtype, shape and size is within the limits."""
+    total = 0
+    for name in z.files:
+        try:
+            shape, dtype, declared = _member_header(z.zip, name)
+        except Exception as exc:  # a bad header: the same message reading it would give
+            raise TraceFormatError(f"trace file is damaged or holds objects: {name}: {exc}") from None
+        if dtype.hasobject or dtype.kind not in "fiuU":
+            raise TraceFormatError(f"trace array {name!r} has dtype {dtype}; traces hold numbers only")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if name == "metadata":
+            if max(nbytes, declared) > MAX_METADATA_BYTES:
+                raise TraceFormatError(f"trace metadata is {max(nbytes, declared):,} bytes; at most "
+                                       f"{MAX_METADATA_BYTES:,} are read")
+            continue
+        axes = ARRAYS[name][0]
+        if len(shape) == len(axes):  # a wrong number of axes is reported after reading
+            for ax, n in zip(axes, shape):
+                lim = LOAD_LIMITS.get({"query": "token", "key": "token"}.get(ax, ax))
+                if lim is not None and n > lim:
+                    raise TraceFormatError(f"trace array {name!r} has {n:,} along its {ax} axis; loopscope "
+                                           f"reads at most {lim:,} (shape {tuple(shape)})")
+        total += max(nbytes, declared)
+        if total > MAX_TRACE_BYTES:
+            raise TraceFormatError(f"trace arrays take more than {MAX_TRACE_BYTES // 2**20} MiB uncompressed "
+                                   f"(at {name!r}, shape {tuple(shape)}); loopscope reads smaller traces")
 
 
 def _checked_metadata(metadata) -> FrozenDict:
@@ -368,195 +433,3 @@ def _checked_metadata(metadata) -> FrozenDict:
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
             raise TypeError(f"metadata config {key!r} must be an integer, got {type(v).__name__}")
     return _freeze(metadata)
-
-
-def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().float().numpy()
-
-
-class _BufferCapture(Capture):
-    """trace()'s capture: each wanted activation [1, ...] is copied straight into its slot of a
-    preallocated buffer (``slots``: name -> (buffer, index)), so nothing is stacked afterwards;
-    names in ``keep`` are stored as usual."""
-
-    def __init__(self, slots: dict, keep: set):
-        super().__init__(None)
-        self.slots, self.keep = slots, keep
-
-    def wants(self, name: str) -> bool:
-        return name in self.slots or name in self.keep
-
-    def record(self, name: str, x: torch.Tensor) -> None:
-        slot = self.slots.get(name)
-        if slot is not None:
-            slot[0][slot[1]] = x[0]
-        elif name in self.keep:
-            self.store[name] = x.detach()
-
-
-def _fixed_point_count(fixed_point_iterations, r: int, deep: bool) -> int | None:
-    """Iterations of the s* run: None (skip) for 0/False or a deep model; the default (None or
-    True) is max(FIXED_POINT_ITERATIONS, r); an explicit n gives max(n, r)."""
-    fp = fixed_point_iterations
-    if deep or fp is False:
-        return None
-    if fp is None or fp is True:
-        return max(FIXED_POINT_ITERATIONS, r)
-    if not isinstance(fp, numbers.Integral) or fp < 0:
-        raise ValueError(f"fixed_point_iterations must be an integer >= 0 (0: skip), got {fp!r}")
-    if fp == 0:
-        return None
-    n = max(int(fp), r)
-    if n > MAX_ITERATIONS:
-        raise ValueError(f"fixed_point_iterations must be at most {MAX_ITERATIONS}, got {fp}")
-    return n
-
-
-def _choose_fields(names, attention: bool, r: int, cfg) -> dict[str, list[str]]:
-    """Optional Trace fields to capture -> their capture names. ``names`` (fnmatch patterns or a
-    predicate, as in ``Capture``) must select all of a field's names or none of them."""
-    k = cfg.n_block
-    fields = {"attention": [f"loop.{t}.blocks.{l}.attn.hook_pattern" for t in range(r) for l in range(k)]}
-    for part, n in (("prelude", cfg.n_prelude), ("coda", cfg.n_coda)):
-        for field, hook in (("states", "hook_resid_post"), ("attention", "attn.hook_pattern")):
-            # an empty part is decided by its layer-0 name (nothing is recorded under it)
-            fields[f"{part}_{field}"] = [f"{part}.{l}.{hook}" for l in range(max(n, 1))]
-    if not attention:
-        fields = {f: v for f, v in fields.items() if not f.endswith("attention")}
-    if names is None:
-        return fields
-    wants = Capture(names).wants
-    chosen = {}
-    for field, field_names in fields.items():
-        hits = sum(map(wants, field_names))
-        if hits == len(field_names):
-            chosen[field] = field_names
-        elif hits:
-            raise ValueError(f"names select {hits} of the {len(field_names)} capture points of Trace.{field} "
-                             f"(such as {field_names[0]!r}); a Trace holds all of a field or none of it")
-    return chosen
-
-
-def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answer: str | None = None,
-          tokenizer: CharTokenizer | None = None, attention: bool = True,
-          fixed_point_iterations: int | None = None, lens_top_k: int = LENS_TOP_K, names=None,
-          metadata: dict | None = None) -> Trace:
-    """Run ``prompt`` through ``model`` (a LoadedModel, or a LoopedTransformer with ``tokenizer``)
-    for ``iterations`` (default: the trained count) and capture everything asked for.
-
-    answer: the expected next token; for chain prompts it is found by solving the chain.
-    fixed_point_iterations: length of the run whose last block states are s* (``fixed_point``):
-    default (None) max(128, iterations); an integer n gives max(n, iterations); 0 or False
-    skips it (fixed_point None). The s* run continues from the traced run's last state, so it
-    equals a plain forward of that length. A deep model has no s*.
-    names: capture only these optional fields (fnmatch patterns or a predicate over capture
-    names, as in ``Capture``): ``loop.*.blocks.*.attn.hook_pattern`` (attention),
-    ``prelude.*.hook_resid_post`` / ``coda.*.hook_resid_post`` (prelude_states / coda_states),
-    ``prelude.*.attn.hook_pattern`` / ``coda.*.attn.hook_pattern``; the others are None. A
-    pattern that selects only part of a field raises ValueError. Block states, s_0, e, logits
-    and the logit lens are always captured. Default None: everything. ``attention=False``
-    drops the three attention fields whatever ``names`` says.
-    metadata: extra entries merged over the computed metadata (JSON-able).
-    Raises ValueError (TokenizerError included) for an empty or overlong prompt, unknown
-    characters, iterations out of range.
-    """
-    meta: dict = {}
-    if isinstance(model, LoadedModel):
-        tokenizer = model.tokenizer
-        meta.update(model_name=model.name, checkpoint_sha256=model.sha256, card_trained=model.card.get("trained_iterations"))
-        model = model.model
-    if not isinstance(model, LoopedTransformer) or tokenizer is None:
-        raise TypeError("trace needs a LoadedModel, or a LoopedTransformer and its tokenizer")
-    cfg = model.cfg
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    if len(prompt) > cfg.context_length:
-        raise ValueError(f"the prompt has {len(prompt)} characters; this model reads at most {cfg.context_length}")
-    ids = tokenizer.encode(prompt)
-    r = model.check_iterations(iterations)
-    n_fixed = _fixed_point_count(fixed_point_iterations, r, cfg.is_deep)
-    if answer is None:
-        solved = solve_chain(prompt) if set("=;?") <= set(tokenizer.chars) else None
-        answer = solved[0] if solved else None
-    if answer is not None and (len(answer) != 1 or answer not in tokenizer.index):
-        raise ValueError(f"answer {answer!r} is not a single token of this model's vocabulary")
-
-    k, T = cfg.n_block, len(ids)
-    chosen = _choose_fields(names, attention, r, cfg)
-    param = next(model.parameters())
-    alloc = partial(torch.empty, dtype=param.dtype, device=param.device)
-    H, D = cfg.n_heads, cfg.d_model
-    states = alloc((r, k, T, D))
-    slots = {f"loop.{t}.blocks.{l}.hook_resid_post": (states, (t, l)) for t in range(r) for l in range(k)}
-    buffers = {}
-    if "attention" in chosen:
-        buffers["attention"] = alloc((r, k, H, T, T))
-        slots.update({f"loop.{t}.blocks.{l}.attn.hook_pattern": (buffers["attention"], (t, l))
-                      for t in range(r) for l in range(k)})
-    for part, n in (("prelude", cfg.n_prelude), ("coda", cfg.n_coda)):
-        for field, hook, shape in (("states", "hook_resid_post", (T, D)), ("attention", "attn.hook_pattern", (H, T, T))):
-            if f"{part}_{field}" in chosen:
-                buf = buffers[f"{part}_{field}"] = alloc((n, *shape))
-                slots.update({f"{part}.{l}.{hook}": (buf, (l,)) for l in range(n)})
-    cap = _BufferCapture(slots, keep={"loop.hook_input", "loop.hook_initial_state", f"loop.{r - 1}.hook_state_out"})
-    x = torch.tensor([ids])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x, iterations=r, capture=cap, seed=seed)[0]
-            st = cap.store
-            K = min(lens_top_k, cfg.vocab_size)
-            top_ids = torch.empty((r, k, T, K), dtype=torch.int64)
-            top_probs = torch.empty((r, k, T, K))
-            final = torch.empty((r, k, cfg.vocab_size))                      # lens logits at the last position
-            final_lse = torch.empty((r, k))
-            kl = torch.full((r, T), float("nan"), dtype=torch.float64)
-            prev = None                                   # lens log-probs of the previous iteration's last layer
-            step = max(1, 1024 // (k * T))  # iterations per chunk: small temporaries, cache-sized
-            for i in range(0, r, step):
-                lens = model.logit_lens(states[i:i + step])       # [c, L, T, V] logits of every block state
-                lse = lens.logsumexp(-1, keepdim=True)
-                top = lens.topk(K, dim=-1)
-                top_ids[i:i + step], top_probs[i:i + step] = top.indices, (top.values - lse).exp()
-                final[i:i + step], final_lse[i:i + step] = lens[:, :, -1], lse[:, :, -1, 0]
-                # KL in float64: near a fixed point it is tiny, a difference of close numbers
-                cur = lens[:, -1].double().log_softmax(-1)        # [c, T, V]
-                seq = cur if prev is None else torch.cat([prev[None], cur])
-                kl[i + (prev is None):i + len(cur)] = (seq[:-1].exp() * (seq[:-1] - seq[1:])).sum(-1)
-                prev = cur[-1]
-            rank = prob = None
-            if answer is not None:
-                a = tokenizer.index[answer]
-                rank = (final > final[..., a:a + 1]).sum(-1)      # [I, L], ties ranked in the answer's favour
-                prob = (final[..., a] - final_lse).exp()
-            fixed = None
-            if n_fixed == r:
-                fixed = _np(states[-1]).copy()
-            elif n_fixed is not None:  # continue from s_r: the same numbers as a plain n-iteration run
-                s, e = st[f"loop.{r - 1}.hook_state_out"], st["loop.hook_input"]
-                for t in range(r, n_fixed - 1):
-                    s = model.step(s, e, t)
-                cap2 = Capture([f"loop.{n_fixed - 1}.blocks.*.hook_resid_post"])
-                model.step(s, e, n_fixed - 1, cap2)
-                fixed = _np(torch.stack([cap2.store[f"loop.{n_fixed - 1}.blocks.{l}.hook_resid_post"][0]
-                                         for l in range(k)]))
-    finally:
-        model.train(was_training)
-
-    meta.update(config=cfg.to_dict(), architecture=cfg.describe(), tokenizer_chars=tokenizer.chars, seed=int(seed),
-                iterations=r, trained_iterations=cfg.iterations, is_deep=cfg.is_deep,
-                fixed_point_iterations=n_fixed, answer_hops=(solve_chain(prompt) or (None, None))[1])
-    meta.update(metadata or {})
-    arrays = dict(
-        tokens=np.asarray(ids, dtype=np.int64), states=_np(states),
-        initial_state=_np(st["loop.hook_initial_state"][0]), injected=_np(st["loop.hook_input"][0]),
-        **{name: _np(buf) for name, buf in buffers.items()},
-        logits=_np(logits), lens_top_ids=top_ids.numpy(), lens_top_probs=_np(top_probs),
-        lens_kl=_np(kl), answer_rank=None if rank is None else rank.numpy().astype(np.int64),
-        answer_prob=None if prob is None else _np(prob), fixed_point=fixed,
-    )
-    # the arrays are new and held by no one else: the Trace adopts them without copying
-    arrays = {name: None if a is None else _own(a) for name, a in arrays.items()}
-    return Trace(prompt=prompt, token_labels=tuple(tokenizer.token_labels(prompt)), answer=answer, metadata=meta,
-                 **arrays)

@@ -1,6 +1,6 @@
 """loopscope's one entry point: ``streamlit run app/main.py`` (``make run``).
 
-The frame around every page: page config, the sidebar (app/state.py) and the navigation over
+The frame around every page: page config, the sidebar (app/sidebar.py) and the navigation over
 ``app/app_pages/``. Pages whose file does not exist yet are left out of the menu.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the pa
 
 import streamlit as st  # noqa: E402
 
-from app import state  # noqa: E402
+from app import sidebar as frame  # noqa: E402
+from app import caching  # noqa: E402
+from app import url_state  # noqa: E402
 
 PAGES_DIR = Path(__file__).resolve().parent / "app_pages"
 # (file, title, icon); the order of the menu
@@ -29,19 +31,20 @@ PAGES = [
     ("report.py", "Report", ":material/description:"),
 ]
 
-embed = state.embed_requested()
-try:
-    embedded = bool(st.context.is_embedded)
-except Exception:
-    embedded = False
-st.set_page_config(page_title="loopscope", page_icon=":material/all_inclusive:", layout="wide",
+embed = frame.embed_requested()
+embedded = bool(st.context.is_embedded)
+# a local PNG: a material-icon or emoji favicon is fetched from a remote font/emoji host by the
+# browser, and the app must work offline
+FAVICON = ROOT / "assets" / "favicon.png"
+st.set_page_config(page_title="loopscope", page_icon=str(FAVICON) if FAVICON.is_file() else None, layout="wide",
                    initial_sidebar_state="collapsed" if embed else "auto")
 
 pages = [st.Page(str(PAGES_DIR / f), title=title, icon=icon, url_path=Path(f).stem, default=(i == 0))
          for i, (f, title, icon) in enumerate(PAGES) if (PAGES_DIR / f).is_file()]
+caching.warm_umap_in_background()  # once per server process, in a background thread
 pg = st.navigation(pages, position="top" if embed else "sidebar")
-settings = state.sidebar()
-state.apply_embed_style(settings.embed, embedded)
-state.begin_page(pg.title)  # before pg.run(): a page's st.stop() skips everything after it
+settings = frame.sidebar()
+frame.apply_embed_style(settings.embed, embedded)
+url_state.begin_page(pg.title)  # before pg.run(): a page's st.stop() skips everything after it
 pg.run()
-state.prune_url()
+url_state.prune_url()

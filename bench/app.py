@@ -32,10 +32,10 @@ def payload(at) -> int:
 def main() -> None:
     from streamlit.testing.v1 import AppTest
 
-    from app import state
+    from analysis.models import registry
 
-    found = state.samples()
-    print(f"sample checkpoints: {state.sample_dir()} ({', '.join(found) or 'none'})")
+    found = registry.sample_checkpoints()
+    print(f"sample checkpoints: {registry.sample_dir()} ({', '.join(found) or 'none'})")
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=300)
     cold = timed(at.run)
     assert not at.exception, [e.value for e in at.exception]

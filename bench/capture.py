@@ -28,10 +28,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.model import Capture  # noqa: E402
+from analysis.capture import Capture  # noqa: E402
 from analysis.tasks import CHAIN_CHARS  # noqa: E402
-from analysis.tokenizer import CharTokenizer  # noqa: E402
-from analysis.trace import ARRAYS, trace  # noqa: E402
+from analysis.models.tokenizers import CharTokenizer  # noqa: E402
+from analysis.trace import ARRAYS  # noqa: E402
+from analysis.tracing import trace  # noqa: E402
 
 ARRAY_NAMES = tuple(ARRAYS)
 PROMPT = (CHAIN_CHARS * 2)[:64]
@@ -46,7 +47,7 @@ import torch
 torch.set_num_threads({threads})
 sys.path.insert(0, {bench!r})
 from capture import ARRAY_NAMES, PROMPT, reset_peak_rss, rss_mb, sample_model
-from analysis.trace import trace
+from analysis.tracing import trace
 t1 = time.perf_counter()
 model, tok, label = sample_model()
 model.eval()
@@ -79,7 +80,7 @@ import sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
 import numpy as np
-from analysis.projections import UMAPProjection
+from analysis.measures.projections import UMAPProjection
 X = np.random.default_rng(0).normal(size=(500, 32)).astype(np.float32)
 t1 = time.perf_counter()
 p = UMAPProjection(seed=0).fit(X)   # enables numba's cache (NUMBA_CACHE_DIR) by itself
@@ -93,13 +94,13 @@ print(t1 - t0, t2 - t1, t3 - t2)
 def sample_model():
     if (SAMPLE / "model.safetensors").exists():
         try:
-            from analysis.checkpoint import load_checkpoint
+            from analysis.models.native import load_checkpoint
 
             lm = load_checkpoint(SAMPLE)
             return lm.model, lm.tokenizer, f"sample_checkpoints/chain-looped {lm.model.cfg.describe()}"
         except Exception as exc:  # a half-written checkpoint while training
             print(f"(could not load the sample checkpoint: {exc}; using a random model)", file=sys.stderr)
-    from analysis.train import build
+    from analysis.training.train import build
 
     torch.manual_seed(0)
     model = build("chain-looped", len(CHAIN_CHARS), 64)

@@ -5,15 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.model import LoopConfig, LoopedTransformer
+from analysis.models.transformer import LoopConfig, LoopedTransformer
 from analysis.tasks import CHAIN_CHARS
-from analysis.tokenizer import CharTokenizer
+from analysis.models.tokenizers import CharTokenizer
 
 if "OMP_NUM_THREADS" not in os.environ:
     # One intra-op thread unless OMP_NUM_THREADS says otherwise: these models are tiny, and with
     # 2 threads on a busy 2-core machine (training running beside) a small lab run measured
     # 2.5-5 s instead of 0.04 s (OpenMP threads waiting on each other).
     torch.set_num_threads(1)
+# the app warms UMAP's compiled code in a background thread when a server starts; tests that need
+# UMAP compile it themselves (test_bounds checks the warm-up), the others should not pay for it
+os.environ.setdefault("LOOPSCOPE_WARM_UMAP", "0")
 
 
 @pytest.fixture

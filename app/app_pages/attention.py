@@ -5,27 +5,30 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis import attention as att
-from app import figures, state, ui
+from analysis.measures import attention as att
+from analysis import viz
+from app import components as ui
+from app import session, url_state
 
 
 # measurement adapters: fn(trace, **kwargs) for state.measure (names unique across pages)
 def attention_page_distances(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.attention.attention_distance_matrix of the trace's maps: [I*L, I*L]."""
-    return att.attention_distance_matrix(trace.attention, metric=metric, head=head)
+    """analysis.measures.attention.attention_distance_matrix of the trace's maps at the iterations
+    ``att.matrix_iterations(I)`` (all of them up to 64): [n*L, n*L]."""
+    its = att.matrix_iterations(trace.n_iterations)
+    return att.attention_distance_matrix(trace.attention[its], metric=metric, head=head)
 
 
 def attention_page_same_cross(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.attention.same_vs_cross_layer of that matrix: {same_layer, cross_layer}."""
-    return att.same_vs_cross_layer(att.attention_distance_matrix(trace.attention, metric=metric, head=head),
-                                   trace.n_layers)
+    """analysis.measures.attention.same_vs_cross_layer of that matrix: {same_layer, cross_layer}."""
+    return att.same_vs_cross_layer(attention_page_distances(trace, metric=metric, head=head), trace.n_layers)
 
 
 METRICS = {"frobenius": "Frobenius ‖A − B‖ (the paper's)", "js": "Jensen–Shannon (row-wise, nats)",
            "cosine": "1 − cosine"}
 
-st.title("Attention: does each layer's attention freeze across iterations?")
-state.page_intro(
+s, tpl = ui.page(
+    "Attention: does each layer's attention freeze across iterations?",
     "Each small heatmap is one attention map (query down, key across): the grid shows one layer of the looped "
     "block at a few iterations (rows) for every head (columns), beside the deep model's layers. "
     "The distance matrix compares every (iteration, layer) map with every other, and dark diagonal stripes k "
@@ -35,33 +38,22 @@ state.page_intro(
     "(layer, iteration)² distance matrix; the block's stages repeat once per pass. Stripes alone do not prove "
     "reasoning: even a poorly trained model freezes its attention.",
 )
-s = state.current()
-big = s.settings.embed
-ui.prompt_banner(s)
-t = s.looped
-if t is None:
-    st.info(f"No looped trace: {ui.why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
-            "then press Run.")
-    st.stop()
-if t.attention is None:
-    st.info("This looped trace has no attention maps (it was saved without them); run the model from the sidebar "
-            "to capture them.")
-    st.stop()
+t = ui.require_looped(s, attention_for="the maps and their distances")
 
 I, L, H = t.attention.shape[:3]
 deep = s.deep if s.deep is not None and s.deep.attention is not None else None
 max_heads = max(H, deep.attention.shape[2] if deep is not None else 0)
 c1, c2, c3 = st.columns([2, 3, 2])
 with c1:
-    layer = state.view_option("Layer of the block", "attention_layer", list(range(L)), 0,
+    layer = url_state.view_option("Layer of the block", "attention_layer", list(range(L)), 0,
                               format_func=lambda v: f"layer {v}")
 with c2:
     head_opts = ["all", "mean"] + list(range(max_heads))
-    head_choice = state.view_option("Heads", "attention_head", head_opts, "all", widget="selectbox",
+    head_choice = url_state.view_option("Heads", "attention_head", head_opts, "all", widget="selectbox",
                                     format_func=lambda v: {"all": "every head (one column each)",
                                                            "mean": "mean over heads"}.get(v, f"head {v}"))
 with c3:
-    n_rows = state.view_int("Iterations shown", "attention_rows", 1, min(I, 8), min(I, 6),
+    n_rows = url_state.view_int("Iterations shown", "attention_rows", 1, min(I, 8), min(I, 6),
                             help="First, last and evenly spaced iterations between them (rows of the grid).")
 
 
@@ -75,52 +67,76 @@ def grid_head(n_heads: int):
 
 left, right = st.columns(2, gap="large")
 with left:
-    st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
-    rows = figures.pick_iterations(I, n_rows)
+    st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
+    rows = viz.pick_iterations(I, n_rows)
     st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}.")
-    ui.show_figure(figures.attention_grid_figure(t, layer=layer, rows=rows, head=grid_head(H), big=big),
-                   key="attention_grid", data=figures.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H)))
+    ui.show_figure(viz.attention_grid_figure(t, layer=layer, rows=rows, head=grid_head(H), template=tpl),
+                   key="attention_grid", data=viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H)))
 with right:
-    st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
+    st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
     if s.deep is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
     elif deep is None:
         st.info("The deep trace has no attention maps.")
     else:
         dL = deep.n_layers
-        drows = figures.pick_iterations(dL, n_rows)
+        drows = viz.pick_iterations(dL, n_rows)
         st.caption(f"Layers {', '.join(str(r) for r in drows)} of its {dL} (each runs once).")
         dhead = grid_head(deep.attention.shape[2])
-        ui.show_figure(figures.attention_grid_figure(deep, rows=drows, head=dhead, big=big), key="attention_deep_grid",
-                       data=figures.attention_grid_data(deep, rows=drows, head=dhead))
+        ui.show_figure(viz.attention_grid_figure(deep, rows=drows, head=dhead, template=tpl), key="attention_deep_grid",
+                       data=viz.attention_grid_data(deep, rows=drows, head=dhead))
+
+with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.session_state.get("attention_zoom"))):
+    z1, z2, z3 = st.columns(3)
+    with z1:
+        zoom = url_state.view_bool("Show one map large", "attention_zoom", False,
+                               help="One attention map of the looped block at full width, to read it on a projector.")
+    with z2:
+        zoom_it = url_state.view_int("Iteration", "attention_zoom_it", 1, I, I, widget="number")
+    with z3:
+        zoom_head = url_state.view_option("Head", "attention_zoom_head", ["mean"] + list(range(H)), "mean",
+                                      widget="selectbox",
+                                      format_func=lambda v: "mean over heads" if v == "mean" else f"head {v}")
+    if zoom:
+        zh = None if zoom_head == "mean" else int(zoom_head)
+        big_fig = viz.attention_grid_figure(t, layer=layer, rows=[zoom_it - 1], head=zh, template=tpl, width=1400,
+                                                title=f"Layer {layer}, iteration {zoom_it}, "
+                                                      + ("mean over heads" if zh is None else f"head {zh}"))
+        ui.show_figure(big_fig, key="attention_zoom_map",
+                       data=viz.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh))
 
 st.subheader("Distance between every (iteration, layer) attention map")
 m1, m2 = st.columns([3, 2])
 with m1:
-    metric = state.view_option("Distance", "attention_metric", list(METRICS), "frobenius", format_func=METRICS.get)
+    metric = url_state.view_option("Distance", "attention_metric", list(METRICS), "frobenius", format_func=METRICS.get)
 head_for_distance = None if head_choice in ("all", "mean") else int(head_choice) % H
 with m2:
     st.caption("Maps are averaged over heads first" if head_for_distance is None
                else f"Head {head_for_distance} only (pick 'every head' or 'mean' above to average over heads).")
 try:
-    matrix = state.measure(attention_page_distances, t, metric=metric, head=head_for_distance)
-    sc = state.measure(attention_page_same_cross, t, metric=metric, head=head_for_distance)
+    matrix = session.measure(attention_page_distances, t, metric=metric, head=head_for_distance)
+    sc = session.measure(attention_page_same_cross, t, metric=metric, head=head_for_distance)
 except ValueError as exc:
     st.error(f"Could not compare the attention maps: {exc}")
     matrix = sc = None
 if matrix is not None:
+    its = att.matrix_iterations(I)
+    if len(its) < I:
+        st.caption(f"Showing {len(its)} of {I:,} iterations: the matrix and the means beside it are computed on "
+                   f"{len(its)} evenly spaced iterations (first and last included), since their cost grows with "
+                   "the square of the count.")
     a, b = st.columns([3, 1], gap="large")
     with a:
-        ui.show_figure(figures.attention_distance_figure(matrix, t, metric=metric, big=big), key="attention_distance",
-                       data=figures.attention_distance_data(matrix, t))
+        ui.show_figure(viz.attention_distance_figure(matrix, t, metric=metric, template=tpl, iterations=its),
+                       key="attention_distance", data=viz.attention_distance_data(matrix, t, iterations=its))
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
         ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",
-                  short="Same layer", big=big, help="Mean distance between the maps of one block layer in different iterations.")
+                  short="Same layer", template=tpl, help="Mean distance between the maps of one block layer in different iterations.")
         st.metric("Across layers", "—" if not np.isfinite(cross) else f"{cross:.3g}",
                   help="Mean distance between maps of different block layers (any iterations).")
         if np.isfinite(same) and np.isfinite(cross) and same > 0:
-            ui.metric(st, "Ratio across / same", f"{cross / same:.3g}×", short="Across / same", big=big)
+            ui.metric(st, "Ratio across / same", f"{cross / same:.3g}×", short="Across / same", template=tpl)
         if I < 2:
             st.caption("Run at least 2 iterations to compare a layer with itself.")
         elif np.isfinite(same) and np.isfinite(cross):
@@ -128,16 +144,16 @@ if matrix is not None:
                        if same < 0.1 * cross else
                        "The same layer still changes noticeably between iterations.")
         if deep is not None:
-            dsc = state.measure(attention_page_same_cross, deep, metric=metric, head=None)
+            dsc = session.measure(attention_page_same_cross, deep, metric=metric, head=None)
             dc = dsc.get("cross_layer", np.nan)
             ui.metric(st, "Deep model: between its layers", "—" if not np.isfinite(dc) else f"{dc:.3g}",
-                      short="Deep, across layers", big=big, help="The deep model runs each layer once; its layers' maps compared with each other "
+                      short="Deep, across layers", template=tpl, help="The deep model runs each layer once; its layers' maps compared with each other "
                            "(mean over heads).")
 
 st.subheader("Floorplan: all the maps at a glance")
 st.caption("Every map averaged over heads; looped: one row per block layer, one column per iteration "
            "(evenly spaced when there are many); the deep model's layers in one row below.")
-ui.show_figure(figures.attention_floorplan_figure(t, big=big), key="attention_floorplan")
+ui.show_figure(viz.attention_floorplan_figure(t, template=tpl), key="attention_floorplan")
 if deep is not None:
-    ui.show_figure(figures.attention_floorplan_figure(deep, big=big, title="Deep model: each layer's head-averaged map"),
+    ui.show_figure(viz.attention_floorplan_figure(deep, template=tpl, title="Deep model: each layer's head-averaged map"),
                    key="attention_deep_floorplan")

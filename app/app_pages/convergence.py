@@ -5,10 +5,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import figures, state, ui
+from analysis import viz
+from app import components as ui
+from app import session, url_state
 
-st.title("Convergence: does each token settle?")
-state.page_intro(
+s, tpl = ui.page(
+    "Convergence: does each token settle?",
     "Each line is one token's relative step ‖s_t − s_{t−1}‖/‖s_t‖ from one iteration to the next, on a log "
     "axis, one panel per layer of the looped block; lines that fall steadily are converging, flat or "
     "jumping lines are not. The heatmap shows how far every token still is from its approximate fixed "
@@ -17,9 +19,6 @@ state.page_intro(
     "a few rare tokens never settle but orbit (periodic) or slide (drift in one direction) — about "
     "0.02% of tokens for Huginn on GSM8K.",
 )
-s = state.current()
-big = s.settings.embed
-ui.prompt_banner(s)
 t = s.looped
 if t is None:
     st.info(f"No looped trace: {ui.why_missing(s, 'looped')}")
@@ -30,15 +29,19 @@ else:
     c1, c2, c3 = st.columns([2, 2, 1])
     with c1:
         layer_opts = ["all"] + list(range(L))
-        layer = state.view_option("Layer of the block", "c_layer", layer_opts, "all",
+        layer = url_state.view_option("Layer of the block", "c_layer", layer_opts, "all",
                                   format_func=lambda v: "all layers" if v == "all" else f"layer {v}")
     with c2:
-        which = state.view_option("Tokens", "c_tokens", ["all", "unsettled", "last"], "all",
+        which = url_state.view_option("Tokens", "c_tokens", ["all", "unsettled", "last"], "all",
                                   format_func={"all": "all tokens", "unsettled": "not at a fixed point",
                                                "last": "last position"}.get)
     with c3:
-        log_y = state.view_bool("Log axis", "c_log", True)
-    classes = state.measure(ui.classify, t)
+        log_y = url_state.view_bool("Log axis", "c_log", True)
+    rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
+                             format_func={"precision": "precision (default: a moving state is never a fixed point)",
+                                          "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    classes = session.measure(ui.classify, t, rule=rule)
+    rate = session.measure(ui.contraction, t)
     if which == "unsettled":
         tokens = [int(k) for k in classes.loc[classes["class"] != "fixed point", "token"]]
         if not tokens:
@@ -52,76 +55,94 @@ else:
 
     left, right = st.columns([3, 2], gap="large")
     with left:
-        st.subheader(f"Looped: {ui.model_label(t, s.looped_model)}")
-        steps = state.measure(ui.steps, t)
-        ui.show_figure(figures.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, big=big),
-                       key="steps", data=figures.step_data(steps, t))
+        st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
+        steps = session.measure(ui.steps, t)
+        ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl,
+                                                floor=rate.floor),
+                       key="steps", data=viz.step_data(steps, t, floor=rate.floor))
+        st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
+                   "steps below it are rounding noise, not motion.")
     with right:
-        st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model)}")
+        st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
         if s.deep is None:
             st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
         else:
             st.caption("A deep model runs each layer once, so it has nothing to converge over; this is its "
                        "relative change from one layer to the next, for comparison with one pass of the loop.")
-            dsteps = state.measure(ui.depth_steps, s.deep)
+            dsteps = session.measure(ui.depth_steps, s.deep)
             dtok = None if tokens is None else [k for k in tokens if k < s.deep.n_tokens]
-            ui.show_figure(figures.step_size_figure(dsteps, s.deep, tokens=dtok, facet_by=None, log_y=log_y,
-                                                    x_name="layer", title="Deep: layer-to-layer step", big=big),
-                           key="deep_steps", data=figures.step_data(dsteps, s.deep, x_name="layer"))
+            ui.show_figure(viz.step_size_figure(dsteps, s.deep, tokens=dtok, facet_by=None, log_y=log_y,
+                                                    x_name="layer", title="Deep: layer-to-layer step", template=tpl),
+                           key="deep_steps", data=viz.step_data(dsteps, s.deep, x_name="layer"))
 
     st.subheader("Distance to the fixed point")
-    dist = state.measure(ui.distances, t)
+    dist = session.measure(ui.distances, t)
     if dist is None:
         st.info("This trace has no fixed point s* (it was saved without the long run).")
     else:
         fpi = t.metadata.get("fixed_point_iterations")
         st.caption(f"s* = the block's states after {fpi} iterations of the same prompt and seed.")
-        ui.show_figure(figures.fixed_point_distance_figure(dist, t, layer=lay, big=big), key="distance",
-                       data=figures.distance_data(dist, t))
+        ui.show_figure(viz.fixed_point_distance_figure(dist, t, layer=lay, template=tpl), key="distance",
+                       data=viz.distance_data(dist, t))
 
     st.subheader("Fixed points, contraction and the Jacobian")
-    a, b = st.columns(2, gap="large")
-    with a:
-        sp = state.measure(ui.spread, t)
-        if sp is None:
-            st.info("No fixed point in this trace.")
-        else:
-            st.metric("Fixed-point spread (min over tokens)", f"{np.nanmin(sp):.3f}" if np.isfinite(sp).any() else "NaN",
-                      help="min over layers of cos(X*_0, X*_l), per token; near 1 = all layers collapse to one point.")
-            ui.show_figure(figures.spread_figure(sp, t, big=big), key="spread", data=figures.spread_data(sp, t))
-    with b:
-        rate = state.measure(ui.contraction, t)
-        finite = rate[np.isfinite(rate)]
-        st.metric("Median contraction rate", f"{np.median(finite):.3f}" if finite.size else "NaN",
-                  help="Geometric mean of ‖Δ_{t+1}‖/‖Δ_t‖ over the last iterations; < 1 means contracting.")
-        ui.show_figure(figures.contraction_figure(rate, t, big=big), key="contraction",
-                       data=figures.contraction_data(rate, t))
+    est = None
     if s.looped_model is None or "looped" in s.uploaded:
         st.info("The Jacobian's spectral radius needs the model's weights: it is skipped for an uploaded trace.")
-    elif not state.view_bool("Estimate the Jacobian's spectral radius at s* (matrix-free, takes several seconds)",
+    elif not url_state.view_bool("Estimate the Jacobian's spectral radius at s* (matrix-free, takes several seconds)",
                              "c_jac", False):
-        st.caption("Tick the box above to estimate the local Jacobian radius of one iteration at the fixed point.")
+        st.caption("Tick the box above to estimate the local Jacobian radius of one iteration at the fixed point, "
+                   "the reference the contraction rate below should approach.")
     else:
-        est = state.jacobian(s.looped_model, t)
+        est = session.jacobian(s.looped_model, t)
         j1, j2, j3 = st.columns(3)
         j1.metric("Jacobian spectral radius |λ|", f"{est.radius:.3f}",
                   help="Leading eigenvalue of one iteration's Jacobian at s* (power iteration); < 1 = locally "
-                       "contracting.")
+                       "contracting; the asymptotic rate at which steps shrink.")
         j2.metric("Rotation angle of λ", f"{np.degrees(est.argument):.1f}°",
                   help="0° = no rotation; a complex λ means a damped rotation around the fixed point.")
-        j3.metric("Power iterations", est.iterations)
+        j3.metric("Jacobian-vector products", est.iterations)
+    a, b = st.columns(2, gap="large")
+    with a:
+        sp = session.measure(ui.spread, t)
+        if sp is None:
+            st.info("No fixed point in this trace.")
+        else:
+            ok = np.isfinite(sp).any()
+            m1, m2 = st.columns(2)
+            m1.metric("Fixed-point spread, token mean", f"{np.nanmean(sp):.3f}" if ok else "NaN",
+                      help="min over layers of cos(X*_0, X*_l) per token, averaged over tokens; near 1 = all "
+                           "layers collapse to one point.")
+            m2.metric("Fixed-point spread, token minimum", f"{np.nanmin(sp):.3f}" if ok else "NaN",
+                      help="the lowest token's min over layers of cos(X*_0, X*_l): the most distinct per-layer "
+                           "fixed points.")
+            ui.show_figure(viz.spread_figure(sp, t, template=tpl), key="spread", data=viz.spread_data(sp, t))
+    with b:
+        m1, m2 = st.columns(2)
+        m1.metric("Contraction rate, whole state", f"{rate.state_rate:.3f}" if np.isfinite(rate.state_rate) else "NaN",
+                  help=f"{rate.describe()}. Compare with the Jacobian radius |λ|.")
+        finite = rate.rate[-1][np.isfinite(rate.rate[-1])]
+        m2.metric("Token median (last layer)", f"{np.median(finite):.3f}" if finite.size else "NaN",
+                  help="Median over tokens of the per-token rate at the block's last layer; tokens the leading "
+                       "mode barely touches contract faster than |λ|.")
+        st.caption(f"Measured only on steps above the float noise floor: {rate.describe()}.")
+        ui.show_figure(viz.contraction_figure(rate, t, jacobian=est, template=tpl), key="contraction",
+                       data=viz.contraction_data(rate, t, jacobian=est))
 
     st.subheader("Token classes")
-    from analysis.dynamics import class_counts
+    from analysis.measures.trajectories import class_counts
 
     counts = class_counts(classes)
     k1, k2 = st.columns([1, 2], gap="large")
     with k1:
-        ui.show_figure(figures.class_figure(counts, big=big), key="classes",
+        ui.show_figure(viz.class_figure(counts, template=tpl), key="classes",
                        data=pd.DataFrame({"class": list(counts), "tokens": list(counts.values())}))
     with k2:
-        st.caption(f"Over the tail window of this {I}-iteration run (the last half); a fixed point needs a cosine "
-                   "step below 0.05 on 90% of it. More iterations give a more reliable class.")
+        st.caption(f"Counts over the tail window of this {I}-iteration run. {classes.attrs.get('description', '')} "
+                   "More iterations give a more reliable class.")
         st.dataframe(classes, hide_index=True, height=320,
                      column_config={"tail_step": st.column_config.NumberColumn(format="%.2e"),
-                                    "straightness": st.column_config.NumberColumn(format="%.3f")})
+                                    "rel_step": st.column_config.NumberColumn(format="%.2e"),
+                                    "step_rate": st.column_config.NumberColumn(format="%.3f"),
+                                    "straightness": st.column_config.NumberColumn(format="%.3f"),
+                                    "norm_trend": st.column_config.NumberColumn(format="%.3f")})

@@ -5,10 +5,22 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, state, ui
+from analysis import viz
+from analysis.measures import correspondence
+from analysis.measures.tables import both_models
+from app import caching, session, url_state
+from app import components as ui
 
-st.title("Correspondence: which deep layer does each pass resemble?")
-state.page_intro(
+
+def _answer(trace):
+    """(answer_through_depth table, None) or (None, why there is none)."""
+    if trace.answer_rank is None:
+        return None, "this trace has no answer token (free text prompt); nothing to track"
+    return session.measure(correspondence.answer_through_depth, trace), None
+
+
+s, tpl = ui.page(
+    "Correspondence: which deep layer does each pass resemble?",
     "The heatmap compares every looped state (rows: iteration · block layer) with every deep layer (columns) "
     "by linear CKA, where 1 means the same geometry over the prompt's tokens up to rotation and scale. "
     "Below, the answer's logit-lens rank shows where in depth each model finds the answer (1 = top), and the "
@@ -16,48 +28,22 @@ state.page_intro(
     "Looped models' passes line up with stages of a deep model (the block's layers follow the deep model's "
     "profile once per iteration); Huginn stops iterating when this KL falls below 5e-4.",
 )
-try:
-    from analysis import correspondence
-except ImportError as exc:  # an installation without this measurement module
-    st.error(f"analysis.correspondence is not available in this installation ({exc}); this page needs it.")
-    st.stop()
-
-
-@st.cache_data(max_entries=32, show_spinner="Comparing the two models' representations (CKA)…")
-def _cka(looped_key: str, deep_key: str, _looped, _deep):
-    return correspondence.cka_matrix(_looped, _deep)
-
-
-def _answer(trace):
-    try:
-        return state.measure(correspondence.answer_through_depth, trace), None
-    except ValueError as exc:
-        return None, str(exc)
-
-
-s = state.current()
-big = s.settings.embed
-ui.prompt_banner(s)
-t = s.looped
-if t is None:
-    st.info(f"No looped trace: {ui.why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
-            "then press Run.")
-    st.stop()
+t = ui.require_looped(s)
 
 st.subheader("Linear CKA: looped states vs deep layers")
 if s.deep is None:
     st.info(f"No deep trace to compare with: {ui.why_missing(s, 'deep')}")
 else:
     try:
-        cka = _cka(state.trace_key(t), state.trace_key(s.deep), _looped=t, _deep=s.deep)
+        cka = caching.cka(session.trace_key(t), session.trace_key(s.deep), _looped=t, _deep=s.deep)
     except ValueError as exc:
         cka = None
         st.warning(f"CKA needs both models to read the same tokens: {exc}")
     if cka is not None:
         a, b = st.columns([3, 1], gap="large")
         with a:
-            ui.show_figure(figures.cka_figure(cka, t, s.deep, big=big), key="correspondence_cka",
-                           data=figures.cka_data(cka, t, s.deep))
+            ui.show_figure(viz.cka_figure(cka, t, s.deep, template=tpl), key="correspondence_cka",
+                           data=viz.cka_data(cka, t, s.deep))
         with b:
             c = np.asarray(cka, dtype=float)
             L = t.n_layers
@@ -67,17 +53,18 @@ else:
                 st.markdown("**Best-matching deep layer, last iteration**")
                 for layer, d in enumerate(best):
                     st.markdown(f"- block layer {layer} → deep layer {d} (CKA {last[layer, d]:.2f})")
-            st.caption(f"Looped {ui.model_label(t, s.looped_model)} against deep "
-                       f"{ui.model_label(s.deep, s.deep_model)}, over the prompt's {t.n_tokens} tokens.")
+            st.caption(f"Looped {ui.model_label(t, s.looped_model, s)} against deep "
+                       f"{ui.model_label(s.deep, s.deep_model, s)}, over the prompt's {t.n_tokens} tokens.")
 
 st.subheader("The answer's rank through depth")
 c1, c2 = st.columns(2)
 with c1:
-    x_by = state.view_option("Horizontal axis", "correspondence_x", ["relative_depth", "depth"], "relative_depth",
-                             format_func={"relative_depth": "relative depth (% of each model's depth)",
-                                          "depth": "realized depth (layer calls)"}.get)
+    x_by = url_state.view_option("Horizontal axis", "correspondence_x", ["depth_fraction", "depth"], "depth_fraction",
+                                 format_func={"depth_fraction": "relative depth (% of each model's depth)",
+                                              "depth": "realized depth (layer calls)"}.get,
+                                 aliases={"relative_depth": "depth_fraction"})
 with c2:
-    log_y = state.view_bool("Log axis", "correspondence_log", True)
+    log_y = url_state.view_bool("Log axis", "correspondence_log", True)
 looped_ans, err = _answer(t)
 deep_ans, derr = _answer(s.deep) if s.deep is not None else (None, None)
 if looped_ans is None:
@@ -85,18 +72,18 @@ if looped_ans is None:
 else:
     if s.deep is not None and deep_ans is None:
         st.caption(f"Deep model: {derr}")
-    ui.show_figure(figures.answer_rank_figure(looped_ans, deep_ans, x_by=x_by, log_y=log_y, big=big),
-                   key="correspondence_rank", data=figures.answer_rank_data(looped_ans, deep_ans))
+    ui.show_figure(viz.answer_rank_figure(looped_ans, deep_ans, x_by=x_by, log_y=log_y, template=tpl),
+                   key="correspondence_rank", data=both_models(looped_ans, deep_ans))
 
 st.subheader("Early exit: how much does the prediction still change?")
 if t.n_iterations < 2:
     st.info("Run at least 2 iterations to compare one iteration's prediction with the previous one.")
 else:
-    kl = state.measure(correspondence.early_exit_kl, t)
+    kl = session.measure(correspondence.early_exit_kl, t)
     k = np.asarray(kl, dtype=float)
-    below = np.nonzero(np.isfinite(k) & (k < figures.HUGINN_EXIT_KL))[0]
+    below = np.nonzero(np.isfinite(k) & (k < correspondence.EXIT_KL_THRESHOLD))[0]
     st.caption("KL(p_{t−1} ‖ p_t) of the logit lens after the block's last layer: "
                + (f"it first falls below Huginn's exit threshold 5e-4 at iteration {below[0] + 1}."
                   if below.size else "it never falls below Huginn's exit threshold 5e-4 in this run."))
-    ui.show_figure(figures.early_exit_kl_figure(kl, big=big), key="correspondence_kl",
-                   data=figures.early_exit_data(kl))
+    ui.show_figure(viz.early_exit_kl_figure(kl, template=tpl), key="correspondence_kl",
+                   data=viz.early_exit_data(kl))

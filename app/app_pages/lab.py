@@ -3,53 +3,20 @@ settles into distinct per-layer fixed points, collapses to one point, or never s
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections import OrderedDict
 
 import numpy as np
 import streamlit as st
 
-from analysis.dynamics import step_sizes
-from analysis.lab import LabSettings, lab_verdict, run_lab
-from app import figures, state, ui
+from analysis.lab import LabSettings
+from analysis import viz
+from app import components as ui
+from app import caching, url_state
 
 NORMS = {"pre": "pre-norm", "huginn": "Huginn sandwich", "ouro": "Ouro sandwich"}
 INJECTIONS = {"adapter": "adapter W_I[s, e] (Huginn)", "add": "add s + e", "none": "none"}
 INITIAL = {"random": "random (seeded)", "zeros": "zeros", "embed": "the embeddings (Ouro)"}
 INITS = {"small": "small N(0, 0.02²)", "default": "PyTorch default"}
 ITERATIONS = [16, 32, 64, 128, 256, 512]
-STORE_SIZE = 16
-_STORE_LOCK = threading.Lock()
-
-
-@st.cache_resource(show_spinner=False)
-def _lab_store() -> "OrderedDict[str, dict]":
-    """Results by settings, shared by the server's sessions (a run is a pure function of its settings)."""
-    return OrderedDict()
-
-
-def lab_results(settings_json: str, progress=None) -> dict:
-    """``analysis.lab.run_lab`` for these settings, keeping only what the page draws (small), not
-    the states; identical settings reuse the stored result. ``progress(fraction)`` as in run_lab."""
-    store = _lab_store()
-    with _STORE_LOCK:
-        if settings_json in store:
-            store.move_to_end(settings_json)
-            return store[settings_json]
-    t0 = time.perf_counter()
-    tr = run_lab(LabSettings(**json.loads(settings_json)), progress=progress)
-    res = {"steps": step_sizes(tr.states).astype(np.float32), "verdict": lab_verdict(tr),
-           "cos": figures.layer_cosine_matrix(tr.states), "seconds": time.perf_counter() - t0,
-           "label": tr.metadata.get("model_name", ""), "architecture": tr.metadata.get("architecture", ""),
-           "n_tokens": tr.n_tokens}
-    with _STORE_LOCK:
-        store[settings_json] = res
-        while len(store) > STORE_SIZE:
-            store.popitem(last=False)
-    return res
-
-
 def expectation(norm: str, injection: str) -> str:
     """What the paper (and our random-init control) found for this layout."""
     if injection != "none":
@@ -63,43 +30,42 @@ def expectation(norm: str, injection: str) -> str:
     return "without injection sandwich layouts stay bounded but need not settle."
 
 
-st.title("Architecture lab: which looped blocks settle?")
-state.page_intro(
+s, tpl = ui.page(
+    "Architecture lab: which looped blocks settle?",
     "Pick a norm layout, input injection, initial state and block depth, then press Run: an untrained "
     "(randomly initialised) looped block runs a random prompt for many iterations. The left plot shows how far "
     "the state still moves per iteration (falling to ~1e-6 = converged), the right one whether the block "
     "layers' final states are distinct points or have collapsed onto one (cosines near 1 everywhere).",
     "Architecture alone decides stability: with input injection, pre-norm and Huginn's sandwich norms converge to "
     "distinct per-layer fixed points even at random init, Ouro's layout does not; without injection only "
-    "pre-norm converges, and it collapses to one point for all layers.",
+    "pre-norm converges, and it collapses to one point for all layers.", show_messages=False, banner=False
 )
-s = state.current(show_messages=False)
 ss = st.session_state
 
 with st.form("lab_form"):
     a, b, c, d = st.columns(4)
     with a:
-        norm = state.view_option("Norm layout", "lab_norm", list(NORMS), "pre", widget="selectbox",
+        norm = url_state.view_option("Norm layout", "lab_norm", list(NORMS), "pre", widget="selectbox",
                                  format_func=NORMS.get)
     with b:
-        injection = state.view_option("Input injection", "lab_injection", list(INJECTIONS), "adapter",
+        injection = url_state.view_option("Input injection", "lab_injection", list(INJECTIONS), "adapter",
                                       widget="selectbox", format_func=INJECTIONS.get)
     with c:
-        initial = state.view_option("Initial state", "lab_initial", list(INITIAL), "random", widget="selectbox",
+        initial = url_state.view_option("Initial state", "lab_initial", list(INITIAL), "random", widget="selectbox",
                                     format_func=INITIAL.get)
     with d:
-        init = state.view_option("Weight init", "lab_init", list(INITS), "small", widget="selectbox",
+        init = url_state.view_option("Weight init", "lab_init", list(INITS), "small", widget="selectbox",
                                  format_func=INITS.get)
     e, f, g = st.columns(3)
     with e:
-        n_block = state.view_int("Block layers (k)", "lab_layers", 1, 24, 12)
+        n_block = url_state.view_int("Block layers (k)", "lab_layers", 1, 24, 12)
     with f:
-        iterations = state.view_option("Iterations", "lab_iterations", ITERATIONS, 128, widget="selectbox")
+        iterations = url_state.view_option("Iterations", "lab_iterations", ITERATIONS, 128, widget="selectbox")
     with g:
-        seed = state.view_int("Seed", "lab_seed", 0, 2**31 - 1, 0, widget="number")
+        seed = url_state.view_int("Seed", "lab_seed", 0, 2**31 - 1, 0, widget="number")
     submitted = st.form_submit_button("Run", key="lab_run", type="primary", icon=":material/play_arrow:")
 
-if not submitted and not ss.get("lab_settings") and state.url_flag("lab_run"):
+if not submitted and not ss.get("lab_settings") and url_state.url_flag("lab_run"):
     submitted = True  # a copied Lab URL (?lab_run=1 with the settings above) runs again on opening
 if submitted:
     try:
@@ -114,34 +80,34 @@ if not ss.get("lab_settings"):
     st.stop()
 
 key = ss["lab_settings"]
+cfg = json.loads(key)
+total = int(cfg["iterations"])
+box = {}  # the status box, drawn on the first progress report: a cached result shows none
+
+
+def report(fraction: float) -> None:
+    if not box:
+        box["status"] = st.status(f"Running the random-init looped model: {cfg['n_block']} layers × {total} "
+                                  "iterations…", expanded=True)
+        with box["status"]:
+            box["bar"], box["shown"] = st.progress(0.0, text="building the model"), -1.0
+    if fraction >= box["shown"] + 0.02 or fraction >= 1.0:  # about 50 updates at most
+        box["shown"] = fraction
+        done = round((fraction - 0.05) / 0.95 * total) if fraction >= 0.05 else 0
+        box["bar"].progress(fraction, text=f"iteration {done} of {total}")
+
+
 try:
-    if key in _lab_store():
-        res = lab_results(key)
-    else:
-        cfg = json.loads(key)
-        with st.status(f"Running the random-init looped model: {cfg['n_block']} layers × {cfg['iterations']} "
-                       "iterations…", expanded=True) as status:
-            bar = st.progress(0.0, text="building the model")
-            shown = [-1.0]
-            total = int(cfg["iterations"])
-
-            def report(fraction: float) -> None:
-                if fraction >= shown[0] + 0.02 or fraction >= 1.0:  # about 50 updates at most
-                    shown[0] = fraction
-                    done = round((fraction - 0.05) / 0.95 * total) if fraction >= 0.05 else 0
-                    bar.progress(fraction, text=f"iteration {done} of {total}")
-
-            res = lab_results(key, progress=report)
-            bar.progress(1.0, text=f"done in {res['seconds']:.1f} s")
-            status.update(label=f"Ran {res['label']} ({res['seconds']:.1f} s)", state="complete", expanded=False)
+    res = caching.lab_results(key, progress=report)
 except (ValueError, RuntimeError) as exc:
     st.error(f"The lab run failed: {exc}")
     st.stop()
-state.keep_in_url("lab_run", 1)  # the URL now reproduces this run (with the settings above)
+if box:
+    box["bar"].progress(1.0, text=f"done in {res['seconds']:.1f} s")
+    box["status"].update(label=f"Ran {res['label']} ({res['seconds']:.1f} s)", state="complete", expanded=False)
+url_state.keep_in_url("lab_run", 1)  # the URL now reproduces this run (with the settings above)
 
-cfg = json.loads(key)
 v = res["verdict"]
-big = s.settings.embed
 st.subheader(f"{NORMS[cfg['norm_layout']]}, injection {cfg['injection']}, initial state {cfg['initial_state']}, "
              f"{cfg['init']} init, seed {cfg['seed']}")
 st.caption(f"`{res['architecture']}`, d_model {cfg['d_model']}, {cfg['n_heads']} heads, a random prompt of "
@@ -153,7 +119,7 @@ m2.metric("Final step", f"{v['final_step']:.1e}" if np.isfinite(v["final_step"])
 m3.metric("Collapsed?", "yes" if v["collapsed"] else "no",
           help="All layers' final states on one direction (min cosine > 0.999).")
 ui.metric(m4, "Min cosine between layers", f"{v['spread']:.4f}" if np.isfinite(v["spread"]) else "—",
-          short="Min layer cosine", big=big,
+          short="Min layer cosine", template=tpl,
           help=f"Norm growth over the run: {v['norm_growth']:.3g}×" if np.isfinite(v["norm_growth"]) else None)
 if not v.get("finite", True):
     st.warning("The run produced NaN or infinite states; the plots show them as gaps.")
@@ -170,11 +136,11 @@ st.caption(f"The paper's expectation for {NORMS[cfg['norm_layout']]} with inject
 
 left, right = st.columns([3, 2], gap="large")
 with left:
-    lines = state.view_option("Lines", "lab_lines", ["last", "layers"], "last",
+    lines = url_state.view_option("Lines", "lab_lines", ["last", "layers"], "last",
                               format_func={"last": "last layer: median and 10–90% band",
                                            "layers": "every layer: medians"}.get)
     steps = res["steps"]
-    ui.show_figure(figures.lab_step_figure(steps, color_by="layer" if lines == "layers" else None, big=big),
-                   key="lab_steps", data=figures.lab_step_data(steps))
+    ui.show_figure(viz.lab_step_figure(steps, color_by="layer" if lines == "layers" else None, template=tpl),
+                   key="lab_steps", data=viz.lab_step_data(steps))
 with right:
-    ui.show_figure(figures.fixed_point_cosine_figure(res["cos"], big=big), key="lab_cosine")
+    ui.show_figure(viz.fixed_point_cosine_figure(res["cos"], template=tpl), key="lab_cosine")

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import figures, state, ui
+from analysis import viz
+from analysis.measures import summary
+from app import components as ui
+from app import session, url_state
 
-st.title("Overview: the answer as it forms")
-state.page_intro(
+s, tpl = ui.page(
+    "Overview: the answer as it forms",
     "Each row of the logit lens below decodes the block's state after one layer call into the model's "
     "top next character, so you can watch the answer appear iteration by iteration in the looped model "
     "(left) and layer by layer in the deep model (right). Read the probability curves left to right: "
@@ -15,46 +18,55 @@ state.page_intro(
     "stops changing after a few iterations; iterating past the trained count stays stable for some "
     "models and drifts for others.",
 )
-s = state.current()
-big = s.settings.embed
-ui.prompt_banner(s)
 left, right = st.columns(2, gap="large")
 
 
 def model_column(col, trace, model, who: str) -> None:
     with col:
-        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model)}")
+        st.subheader(f"{who.capitalize()}: {ui.model_label(trace, model, s)}")
         if trace is None:
             st.info(f"No {who} trace: {ui.why_missing(s, who)}")
             return
-        stable = figures.stable_iteration(trace)
+        stable = summary.stable_iteration(trace)
         counts = None
         if not trace.is_deep:
-            from analysis.dynamics import class_counts
+            from analysis.measures.trajectories import class_counts
 
-            counts = class_counts(state.measure(ui.classify, trace))
+            classes = session.measure(ui.classify, trace)
+            counts = class_counts(classes)
         c1, c2, c3 = st.columns(3)
         target = trace.answer if trace.answer is not None else trace.prediction()
         c1.metric("Prediction", repr(trace.prediction()),
+                  help="The model's final output: the last iteration's state read through the coda and the "
+                       "output head. The logit lens below reads the block's state after each layer call "
+                       "directly, before the coda, so at early iterations it can show another character (and "
+                       "a low probability for the answer) than the Prediction."
+                  if not trace.is_deep else "The model's final output after its last layer.",
                   delta=None if trace.answer is None else ("correct" if trace.prediction() == trace.answer else
                                                           f"answer is {trace.answer!r}"),
                   delta_color="normal" if trace.prediction() == trace.answer else "inverse")
         unit = "layer" if trace.is_deep else "iteration"
         ui.metric(c2, f"Answer stable from {unit}", "never" if stable is None else stable,
-                  short="Stable from " + ("layer" if trace.is_deep else "iter."), big=big,
+                  short="Stable from " + ("layer" if trace.is_deep else "iter."), template=tpl,
                   help=f"First {unit} after which the logit lens's top-1 at the last position (block's last layer) "
                        f"stays {target!r}.")
         if counts is not None:
             n = trace.n_tokens
             ui.metric(c3, "Tokens at a fixed point", f"{counts['fixed point']} / {n}", short="At fixed point",
-                      big=big, help="analysis.dynamics.classify_trajectories over the tail of this run: "
-                           + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+                      template=tpl, help="analysis.measures.trajectories.classify_trajectories over the tail of this run: "
+                           + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". "
+                           + classes.attrs.get("description", ""))
         else:
             c3.metric("Layers", trace.n_layers)
-        trained = state.trained_iterations(model.card, model.config.iterations) if model else None
-        ui.show_figure(figures.answer_figure(trace, trained=trained, big=big), key=f"answer_{who}",
-                       data=figures.answer_data(trace))
-        ui.show_figure(figures.lens_heatmap(trace, big=big), key=f"lens_{who}", data=figures.lens_data(trace))
+        trained = ui.trained_of(trace, model)
+        if not trace.is_deep:
+            coda = "the coda and " if (trace.metadata.get("config") or {}).get("n_coda", 1) else ""
+            st.caption(f"**Prediction** is the final output, through {coda}the output head after all "
+                       f"{trace.n_iterations} iterations; the curves and the lens read the block's own state after "
+                       "each layer call" + (", before the coda." if coda else "."))
+        ui.show_figure(viz.answer_figure(trace, trained=trained, template=tpl), key=f"answer_{who}",
+                       data=viz.answer_data(trace))
+        ui.show_figure(viz.lens_heatmap(trace, template=tpl), key=f"lens_{who}", data=viz.lens_data(trace))
         if counts is not None:
             st.caption("Trajectory classes (Convergence page for details): "
                        + " · ".join(f"**{k}** {v}" for k, v in counts.items()))
@@ -67,13 +79,14 @@ st.divider()
 st.subheader("Model cards")
 cards = {m.name: m.card for m in (s.looped_model, s.deep_model) if m is not None}
 cc = st.columns(2, gap="large")
-for col, m in zip(cc, (s.looped_model, s.deep_model)):
+for col, m, t, who in zip(cc, (s.looped_model, s.deep_model), (s.looped, s.deep), ("looped", "deep")):
     with col:
-        if m is None:
-            continue
-        ui.model_card(m, big=big)
+        if m is not None:
+            ui.model_card(m, template=tpl)
+        elif t is not None and who in s.uploaded:  # an uploaded trace: its own model, from its metadata
+            ui.trace_card(t, s.uploaded[who], template=tpl)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")
-    ui.show_figure(figures.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, big=big),
-                   key="accuracy", data=figures.accuracy_data(cards))
+    ui.show_figure(viz.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, template=tpl),
+                   key="accuracy", data=viz.accuracy_data(cards))

@@ -6,11 +6,11 @@ import hashlib
 
 import streamlit as st
 
-from app import state
-from app.export_ui import trace_downloads
+from app import components as ui
+from app import session
 
 st.title("Report: evidence you can hand over")
-state.page_intro(
+ui.page_intro(
     "This page packages the current run as evidence: the **report** is one HTML file that opens in any browser "
     "without a network connection, with both models' cards, the answer through depth, convergence, attention, "
     "stages and CKA. The **trace** (.npz) reopens in this app without the model's weights, and the **metrics** "
@@ -18,8 +18,8 @@ state.page_intro(
     None,
 )
 
-session = state.current()
-looped, deep = session.looped, session.deep
+run = session.current()
+looped, deep = run.looped, run.deep
 
 st.subheader("HTML report")
 st.markdown(
@@ -39,26 +39,39 @@ if looped is None:
 
 
 def _report_key() -> str:
-    keys = [state.trace_key(looped)] + ([state.trace_key(deep)] if deep is not None else [])
+    keys = [session.trace_key(looped)] + ([session.trace_key(deep)] if deep is not None else [])
     return hashlib.sha256("|".join(keys).encode()).hexdigest()[:20]
 
 
 def _settings() -> dict:
-    s = dataclasses.asdict(session.settings)
+    """The run's settings as the report states them: what the traces were computed with. An
+    uploaded trace's own model, prompt, iterations and seed (its metadata) replace the sidebar's."""
+    s = dataclasses.asdict(run.settings)
+    s.pop("embed", None)
+    s["prompt"] = looped.prompt
     s["fixed_point_iterations"] = looped.metadata.get("fixed_point_iterations")
-    if session.uploaded:
-        s["uploaded_traces"] = dict(session.uploaded)
+    for who, t in (("looped", looped), ("deep", deep)):
+        if who in run.uploaded and t is not None:
+            m = t.metadata
+            s[who] = f"{m.get('model_name', 'unknown')} (uploaded trace {run.uploaded[who]})"
+            if who == "looped":
+                s["iterations"] = t.n_iterations
+                s["seed"] = m.get("seed")
+    if deep is not None and deep.prompt != looped.prompt:
+        s["deep_prompt"] = deep.prompt
+    if run.uploaded:
+        s["uploaded_traces"] = dict(run.uploaded)
     return s
 
 
 key = _report_key()
 built = st.session_state.get("_report_built")
 if st.button("Build the report", type="primary", icon=":material/description:", key="report_build"):
-    from app.report import build_report
+    from analysis.report import build_report
 
     with st.status("Building the report: measurements, figures, embedding plotly.js…", expanded=False) as status:
         try:
-            html_text = build_report(session.looped_model, session.deep_model, looped, deep, _settings())
+            html_text = build_report(run.looped_model, run.deep_model, looped, deep, _settings())
         except Exception as exc:  # never a traceback on the page
             status.update(label="The report could not be built", state="error")
             st.error(f"The report could not be built: {type(exc).__name__}: {exc}")
@@ -66,7 +79,7 @@ if st.button("Build the report", type="primary", icon=":material/description:", 
         else:
             status.update(label="Report ready", state="complete")
     if html_text is not None:
-        from app.report import report_numbers
+        from analysis.report import report_numbers
 
         for note in report_numbers(html_text).get("notes", []):
             st.warning(f"Report section not computed: {note}")
@@ -85,7 +98,7 @@ elif built:
 
 st.subheader("Trace and metrics downloads")
 st.markdown("The `.npz` follows loopscope's documented trace format (format version 1); the metrics come from "
-            "`analysis.metrics.state_metrics_table` as CSV or Parquet. Files are prepared when you click.")
+            "`analysis.measures.tables.state_metrics_table` as CSV or Parquet. Files are prepared when you click.")
 for t, label, k in ((looped, "Looped", "report_looped"), (deep, "Deep", "report_deep")):
     if t is not None:
-        trace_downloads(t, label, k)
+        ui.trace_downloads(t, label, k)

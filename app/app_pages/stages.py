@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import figures, state, ui
+from analysis import viz
+from analysis.measures import stages
+from analysis.measures.tables import both_models
+from app import components as ui
+from app import session, url_state
 
-st.title("Stages: does every pass of the loop repeat the deep model's stages?")
-state.page_intro(
+s, tpl = ui.page(
+    "Stages: does every pass of the loop repeat the deep model's stages?",
     "Four profiles of how attention mixes tokens (ColSum concentration, sink rate, mixing score, residual "
     "entropy) are plotted against relative depth: one coloured line per looped iteration (dark = early), the "
     "deep model's whole stack as a thick black line. "
@@ -15,35 +19,28 @@ state.page_intro(
     "Stages repeat per pass: the profiles within the block follow the deep model's profile over its whole "
     "depth, once per iteration (after the first few iterations the lines lie on top of each other).",
 )
-try:
-    from analysis import stages
-except ImportError as exc:  # an installation without this measurement module
-    st.error(f"analysis.stages is not available in this installation ({exc}); this page needs it.")
-    st.stop()
-
-s = state.current()
-big = s.settings.embed
-ui.prompt_banner(s)
-t = s.looped
-if t is None:
-    st.info(f"No looped trace: {ui.why_missing(s, 'looped')} Pick a looped model and a prompt in the sidebar, "
-            "then press Run.")
-    st.stop()
-if t.attention is None:
-    st.info("This looped trace has no attention maps, which the stage profiles need; run the model from the "
-            "sidebar to capture them.")
-    st.stop()
+t = ui.require_looped(s, attention_for="the stage profiles")
 
 I = t.n_iterations
-c1, c2 = st.columns([2, 3])
+c1, c2, c3 = st.columns([2, 2, 3])
 with c1:
-    max_lines = state.view_int("Iterations drawn (at most)", "stages_lines", 1, min(I, 32), min(I, 17),
+    max_lines = url_state.view_int("Iterations drawn (at most)", "stages_lines", 1, min(I, 32), min(I, 17),
                                help="First, last and evenly spaced iterations between them; one line each.")
+with c3:
+    sink_key = url_state.view_option("Sink rate counts", "stages_sink", ["strongest", "first"], "strongest",
+                                 format_func={"strongest": "each head's strongest key",
+                                              "first": "key 0 (first token)"}.get,
+                                 help="A head has a sink when one key receives >= 0.3 of its attention on average "
+                                      "over queries: its strongest key wherever it sits, or key 0 only (the "
+                                      "literature's usual BOS sink). The table below has both columns.")
 with c2:
-    st.caption(f"The looped block has {t.n_layers} layers, so each iteration's line has {t.n_layers} points "
-               "(relative depth within the block).")
+    st.caption(f"How to read it: the looped block has {t.n_layers} layers, so each iteration's line has "
+               f"{t.n_layers} points, at {', '.join(f'{100 * (l + 1) / t.n_layers:.0f}%' for l in range(t.n_layers))} "
+               "of the block; the black deep curve has one point per deep layer across its whole depth. If each "
+               "pass of the loop repeats the deep model's stages, every coloured line rises and falls like the "
+               "black one at the same relative depths; the legend names every drawn iteration.")
 try:
-    looped = state.measure(stages.stage_profiles, t)
+    looped = session.measure(stages.stage_profiles, t)
 except ValueError as exc:
     st.error(f"Could not compute the looped model's stage profiles: {exc}")
     st.stop()
@@ -54,14 +51,15 @@ elif s.deep.attention is None:
     st.caption("The deep trace has no attention maps; only the looped profiles are drawn.")
 else:
     try:
-        deep = state.measure(stages.stage_profiles, s.deep)
+        deep = session.measure(stages.stage_profiles, s.deep)
     except ValueError as exc:
         st.warning(f"Could not compute the deep model's stage profiles: {exc}")
 
-label = f"looped {ui.model_label(t, s.looped_model)}" + (
-    f" over deep {ui.model_label(s.deep, s.deep_model)}" if deep is not None else "")
+label = f"looped {ui.model_label(t, s.looped_model, s)}" + (
+    f" over deep {ui.model_label(s.deep, s.deep_model, s)}" if deep is not None else "")
 st.subheader(label)
-ui.show_figure(figures.stage_profile_figure(looped, deep, max_lines=max_lines, big=big), key="stages_profiles",
-               data=figures.stage_data(looped, deep))
+ui.show_figure(viz.stage_profile_figure(looped, deep, max_lines=max_lines, template=tpl, sink_key=sink_key),
+               key="stages_profiles",
+               data=both_models(looped, deep))
 with st.expander("The numbers"):
-    st.dataframe(figures.stage_data(looped, deep), hide_index=True, height=300)
+    st.dataframe(both_models(looped, deep), hide_index=True, height=300)

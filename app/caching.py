@@ -1,0 +1,157 @@
+"""Every Streamlit cache of the app, in one place. Models and traces are keyed by checkpoint hash,
+path, prompt, iterations and seed (so two sessions share results only for identical inputs);
+measurements by a trace's identity (``trace_key``). Arguments starting with ``_`` are not hashed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+
+import streamlit as st
+
+from analysis.lab import LabSettings, lab_verdict, run_lab
+from analysis.measures.correspondence import cka_matrix
+from analysis.measures.dynamics import jacobian_spectral_radius, layer_cosine_matrix, step_sizes
+from analysis.models import registry
+from analysis.models.native import LoadedModel
+from analysis.trace import Trace
+from analysis.tracing import continue_to_fixed_point
+from analysis.tracing import trace as capture_trace
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+@st.cache_data(show_spinner=False)
+def examples() -> list[dict]:
+    """assets/examples.json: [{title, task, prompt, answer, hops}] ([] when the file is unreadable)."""
+    try:
+        with open(os.path.join(ASSETS, "examples.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [e for e in data if isinstance(e, dict) and isinstance(e.get("prompt"), str)]
+
+
+@st.cache_resource(show_spinner=False)
+def configure_torch() -> int:
+    """Once per server process: torch threads = $LOOPSCOPE_TORCH_THREADS (default 1). The sample
+    models are tiny; one thread is several times faster than many (no sync, no contention)."""
+    import torch
+
+    from app.url_state import parse_int
+
+    n = parse_int(os.environ.get("LOOPSCOPE_TORCH_THREADS", "1"), 1, 256) or 1
+    torch.set_num_threads(n)
+    return n
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
+def load_model(path: str, mtime: float) -> LoadedModel:
+    """The model in ``path`` (any family the registry knows); ``mtime`` of its weights keys the cache."""
+    configure_torch()
+    return registry.load(path)
+
+
+@st.cache_resource(show_spinner=False)
+def warm_umap_in_background() -> bool:
+    """Once per server process (the first page run after ``streamlit run``): compile UMAP's code,
+    or load it from numba's on-disk cache, in a background thread, so that no viewer's first UMAP
+    view pays for it. $LOOPSCOPE_WARM_UMAP=0 turns it off (the tests do). True when started."""
+    if os.environ.get("LOOPSCOPE_WARM_UMAP", "1").strip() in ("0", "false", "no"):
+        return False
+    from analysis.measures.projections import warm_umap as warm
+
+    def run():
+        try:
+            warm()
+        except Exception:  # the Orbits page compiles on first use instead (and reports a failure there)
+            pass
+
+    threading.Thread(target=run, name="loopscope-warm-umap", daemon=True).start()
+    return True
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def trace(sha256: str, path: str, prompt: str, iterations: int | None, seed: int, _model: LoadedModel) -> Trace:
+    """The trace of ``iterations`` iterations, without s* (``fixed_point_iterations=0``: skip)."""
+    return capture_trace(_model, prompt, iterations=iterations, seed=seed, fixed_point_iterations=0)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def fixed_point(sha256: str, path: str, prompt: str, iterations: int | None, seed: int, n: int,
+                _model: LoadedModel, _trace: Trace) -> Trace:
+    """``_trace`` (the cached trace of these inputs) continued to ``n`` iterations for s*
+    (``analysis.tracing.continue_to_fixed_point``), run as its own step so the app can show it."""
+    return continue_to_fixed_point(_model, _trace, n)
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading the trace file…")
+def upload(digest: str, _data: bytes) -> Trace:
+    """An uploaded trace file (TraceFormatError for anything else), tagged with its content hash."""
+    t = Trace.load(io.BytesIO(_data))
+    return dataclasses.replace(t, metadata=dict(t.metadata, upload_sha256=digest))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def measure(name: str, key: str, kwargs_json: str, _fn, _trace, _kwargs):
+    """``_fn(_trace, **_kwargs)``, keyed by the function's name, the trace key and the kwargs."""
+    return _fn(_trace, **_kwargs)
+
+
+@st.cache_data(max_entries=32, show_spinner="Estimating the Jacobian's spectral radius…")
+def jacobian(sha256: str, key: str, _model, _trace):
+    """``analysis.measures.dynamics.jacobian_spectral_radius(model, trace)``."""
+    return jacobian_spectral_radius(_model, _trace)
+
+
+@st.cache_data(max_entries=32, show_spinner="Comparing the two models' representations (CKA)…")
+def cka(looped_key: str, deep_key: str, _looped, _deep):
+    """``analysis.measures.correspondence.cka_matrix(looped, deep)``."""
+    return cka_matrix(_looped, _deep)
+
+
+@st.cache_resource(show_spinner=False)
+def warm_umap() -> bool:
+    """Compile (or load from numba's cache) UMAP once per server process."""
+    from analysis.measures.projections import warm_umap as warm
+
+    warm()
+    return True
+
+
+LAB_STORE_SIZE = 16
+_LAB_LOCK = threading.Lock()
+
+
+@st.cache_resource(show_spinner=False)
+def _lab_store() -> "OrderedDict[str, dict]":
+    """Lab results by settings, shared by the server's sessions, newest last (at most LAB_STORE_SIZE).
+    A bounded dict rather than st.cache_data: the Lab draws its progress while ``run_lab`` runs, and
+    st.cache_* would replay those elements on every later hit."""
+    return OrderedDict()
+
+
+def lab_results(settings_json: str, progress=None) -> dict:
+    """``analysis.lab.run_lab`` for these settings, keeping only what the Lab page draws (small, not
+    the states); identical settings reuse the stored result without calling ``progress``."""
+    store = _lab_store()
+    with _LAB_LOCK:
+        if settings_json in store:
+            store.move_to_end(settings_json)
+            return store[settings_json]
+    t0 = time.perf_counter()
+    tr = run_lab(LabSettings(**json.loads(settings_json)), progress=progress)
+    res = {"steps": step_sizes(tr.states).astype("float32"), "verdict": lab_verdict(tr),
+           "cos": layer_cosine_matrix(tr.states), "seconds": time.perf_counter() - t0,
+           "label": tr.metadata.get("model_name", ""), "architecture": tr.metadata.get("architecture", ""),
+           "n_tokens": tr.n_tokens}
+    with _LAB_LOCK:
+        store[settings_json] = res
+        while len(store) > LAB_STORE_SIZE:
+            store.popitem(last=False)
+    return res

@@ -1,0 +1,345 @@
+"""The one place that turns the applied settings into models and Traces: ``current()``.
+
+Every page reads ``Session`` from ``current()`` and draws; nothing here is global and mutable
+(settings, uploads and notes live in ``st.session_state``, one per browser session; models and
+traces live in the caches of ``app.caching``).
+
+- ``Settings`` (dataclass): looped, deep, prompt, iterations, seed, hops, embed.
+- ``current() -> Session``: models, traces and the errors met on the way; never raises.
+- ``measure(fn, trace, **kwargs)``: cached ``fn(trace, **kwargs)``; ``jacobian(model, trace)``.
+- ``trace_key(trace) -> str``: identifies a trace's inputs (and content, for uploads).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.models import registry
+from analysis.models.native import CheckpointError, LoadedModel
+from analysis.trace import Trace, TraceFormatError
+from analysis.tracing import FIXED_POINT_ITERATIONS
+from app import caching
+
+MAX_ITERATIONS = 256          # the app's cap (the library allows more)
+MAX_SEED = 2**31 - 1
+MAX_HOPS = 6
+DEFAULT_LOOPED = "chain-looped"
+DEFAULT_DEEP = "chain-deep"
+LOCAL = "local folder…"
+NONE = "(none)"
+SETTING_KEYS = ("looped", "deep", "prompt", "iterations", "seed", "hops")
+
+
+@dataclass
+class Settings:
+    """What the user asked for. looped/deep: a folder name under the sample directory, an
+    absolute local folder path, or "" (deep only: no deep model)."""
+
+    looped: str
+    deep: str
+    prompt: str
+    iterations: int
+    seed: int
+    hops: int
+    embed: bool
+
+@dataclass
+class Session:
+    """One run's models and traces (None where unavailable) and the error messages shown."""
+
+    settings: Settings
+    looped_model: LoadedModel | None
+    deep_model: LoadedModel | None
+    looped: Trace | None
+    deep: Trace | None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    uploaded: dict = field(default_factory=dict)  # "looped"/"deep" -> file name, for uploaded traces
+
+
+def _md(text) -> str:
+    """Text that comes from data or the URL (paths, names, error messages quoting them), escaped so
+    that st.error / st.warning show it literally (``components.md_text``, at most 1000 characters)."""
+    from app.components import md_text  # components draws; it imports this module
+
+    return md_text(text, 1000)
+
+
+# ---------------------------------------------------------------- checkpoints
+def default_models(found: dict[str, Path]) -> tuple[str, str]:
+    """The default (looped, deep) pair among ``found``: the shipped pair when present, else the
+    first folder of each declared kind ("" when there is none)."""
+    kind = {n: registry.declared_kind(p) for n, p in found.items()}
+    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next((n for n in found if kind[n] == "looped"), "")
+    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n in found if kind[n] == "deep"), "")
+    return looped, deep
+
+
+def resolve(name: str) -> Path | None:
+    """A Settings.looped/deep value -> folder path (None for "")."""
+    if not name:
+        return None
+    found = registry.sample_checkpoints()
+    if name in found:
+        return found[name]
+    return Path(name).expanduser()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return (path / "model.safetensors").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def load_model(name: str) -> tuple[LoadedModel | None, str | None]:
+    """(model, None) or (None, a readable error). Never raises."""
+    path = resolve(name)
+    if path is None:
+        return None, None
+    if not path.is_absolute() and name not in registry.sample_checkpoints():
+        return None, f"{name!r} is neither a sample checkpoint nor an absolute folder path"
+    try:
+        return caching.load_model(str(path), _mtime(path)), None
+    except CheckpointError as exc:
+        return None, str(exc)
+    except Exception as exc:  # anything else a broken folder can throw (permissions, torch): shown, not raised
+        return None, f"{path} could not be loaded: {type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------- traces
+def _capped_prompt(prompt: str, model: LoadedModel, who: str, warnings: list[str]) -> str:
+    n = model.config.context_length
+    if len(prompt) > n:
+        warnings.append(f"The prompt has {len(prompt)} characters; the {who} model ({model.name}) reads at most {n}, "
+                        f"so only its last {n} characters are used.")
+        return prompt[-n:]
+    return prompt
+
+PROGRESS_KEEP_S = 0.5  # a progress box whose work took less than this (cache hits) is removed when done
+
+class _Progress:
+    """The one st.status + st.progress box of a run that computes traces: created on the first
+    step that this session has not computed before (nothing is drawn when it has), removed at the
+    end when the work was quick (another session's cached result), else left collapsed."""
+
+    def __init__(self, steps: list[tuple[str, str]]):
+        self.steps, self.done, self.slot, self.box, self.bar, self.t0 = steps, 0, None, None, None, 0.0
+
+    def start(self, key: str) -> None:
+        label = dict(self.steps)[key]
+        if self.box is None:
+            self.t0 = time.perf_counter()
+            self.slot = st.empty()
+            self.box = self.slot.status("Computing the traces…", expanded=True)
+            with self.box:
+                self.bar = st.progress(0.0)
+        self.bar.progress(self.done / len(self.steps), text=f"Step {self.done + 1} of {len(self.steps)}: {label}")
+        self.box.update(label=label + "…", state="running")
+
+    def finish(self) -> None:
+        self.done += 1
+
+    def close(self, failed: bool) -> None:
+        if self.box is None:
+            return
+        seconds = time.perf_counter() - self.t0
+        if not failed and seconds < PROGRESS_KEEP_S:
+            self.slot.empty()
+            return
+        self.bar.progress(1.0, text=f"done in {seconds:.1f} s")
+        self.box.update(label="Some traces could not be computed" if failed else f"Traces ready ({seconds:.1f} s)",
+                        state="error" if failed else "complete", expanded=False)
+
+def _step(progress: _Progress, key: str, done_key: str, fn):
+    """Run one cached step, showing progress unless this session already computed it."""
+    done = st.session_state.setdefault("_trace_done", set())
+    if done_key not in done:
+        progress.start(key)
+    try:
+        return fn()
+    finally:
+        progress.finish()
+        done.add(done_key)  # a failing step is reported in the page's errors, not again as progress
+
+
+def _read_upload(up, errors: list[str]) -> Trace | None:
+    """The uploaded file's Trace, or None with a readable message in ``errors``."""
+    try:
+        data = up.getvalue()
+        return caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
+    except TraceFormatError as exc:
+        errors.append(f"Uploaded file {_md(up.name)} could not be opened: {_md(exc)}. The app keeps showing the "
+                      "computed traces; remove the file or upload a trace saved by loopscope.")
+    except Exception as exc:  # whatever else a malformed file throws: a message, never a broken page
+        errors.append(f"Uploaded file {_md(up.name)} could not be opened: it is not a readable loopscope trace "
+                      f"({type(exc).__name__}: {_md(exc)}). The app keeps showing the computed traces; remove the "
+                      "file or upload a trace saved by loopscope.")
+    return None
+
+
+def fits(model: LoadedModel, prompt: str) -> bool:
+    """Whether every character of ``prompt`` is in the model's vocabulary."""
+    try:
+        model.tokenizer.encode(prompt)
+        return bool(prompt)
+    except ValueError:
+        return False
+
+
+def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int,
+               who: str, errors: list[str], progress: _Progress) -> Trace | None:
+    """The model's trace (and, for fp > 0, continued to ``fp`` iterations for s*); problems -> errors."""
+    base = (model.sha256, model.path, prompt, iterations, seed)
+    try:
+        t = _step(progress, f"{who}", repr(("trace",) + base), lambda: caching.trace(*base, _model=model))
+        if fp:
+            t = _step(progress, f"{who}_fp", repr(("fixed_point", fp) + base),
+                      lambda: caching.fixed_point(*base, fp, _model=model, _trace=t))
+        return t
+    except ValueError as exc:  # TokenizerError, empty/overlong prompt, iterations
+        errors.append(f"{who.capitalize()} model ({_md(model.name)}): {_md(exc)}")
+    except Exception as exc:  # a model that fails to run must not take the page down: the message says why
+        errors.append(f"{who.capitalize()} model ({_md(model.name)}) failed to run: {type(exc).__name__}: {_md(exc)}")
+    return None
+
+
+def current(show_messages: bool = True) -> Session:
+    """This run's models and traces. Problems become messages (st.error / st.warning), never exceptions."""
+    ss = st.session_state
+    if ss.get("_run_session") is not None:  # a second call in the same run: same Session, no repeated messages
+        return ss["_run_session"]
+    settings = ss.get("_settings")
+    if settings is None:  # a page run without the frame (tests of one page)
+        from app.sidebar import sidebar
+
+        settings = sidebar()
+    errors: list[str] = []
+    warns: list[str] = list(ss.get("_url_notes") or [])
+    looped_model = deep_model = looped = deep = None
+
+    # An uploaded trace replaces one side and is credited to its own model (its metadata): the
+    # sidebar's model for that side is neither loaded nor run, so no page shows its card or hash.
+    uploaded, up_trace = {}, None
+    up = ss.get("upload")
+    if up is not None:
+        up_trace = _read_upload(up, errors)
+    if up_trace is not None:
+        up_trace = dataclasses.replace(up_trace, metadata=dict(up_trace.metadata, upload_name=up.name))
+    up_side = None if up_trace is None else ("deep" if up_trace.is_deep else "looped")
+
+    if up_side == "looped":
+        pass
+    elif settings.looped:
+        looped_model, err = load_model(settings.looped)
+        if err:
+            errors.append(f"Looped model: {_md(err)}")
+    else:
+        errors.append("No looped model is selected (no sample checkpoints found in "
+                      f"{registry.sample_dir()}); pick a local folder in the sidebar.")
+    if settings.deep and up_side != "deep":
+        deep_model, err = load_model(settings.deep)
+        if err:
+            errors.append(f"Deep model: {_md(err)}")
+
+    iterations = settings.iterations
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        clamped = min(max(iterations, 1), MAX_ITERATIONS)
+        errors.append(f"Iterations must be between 1 and {MAX_ITERATIONS}, got {iterations}; using {clamped}.")
+        iterations = clamped
+    prompt = settings.prompt or ""
+    # beside an uploaded trace, the computed side reads the trace's prompt when its vocabulary has
+    # every character of it, so that both sides show the same prompt
+    if up_trace is not None:
+        other = deep_model if up_side == "looped" else looped_model
+        if other is not None:
+            if fits(other, up_trace.prompt):
+                prompt = up_trace.prompt
+            elif prompt != up_trace.prompt:
+                warns.append(f"The {'deep' if up_side == 'looped' else 'looped'} model ({other.name}) cannot read the "
+                             f"uploaded trace's prompt {up_trace.prompt!r} (characters outside its vocabulary), so it "
+                             f"runs the sidebar's prompt {prompt!r}: the two sides show different prompts.")
+    if not prompt and (looped_model is not None or deep_model is not None):
+        errors.append("The prompt is empty: type a prompt or pick an example in the sidebar, then press Run.")
+    elif prompt:
+        if looped_model is not None:
+            trained = looped_model.spec.schedule.high
+            if iterations > trained:
+                warns.append(f"Extrapolation: {iterations} iterations is past the {trained} the looped model "
+                             "was trained with.")
+            lp = _capped_prompt(prompt, looped_model, "looped", warns)
+        if deep_model is not None:
+            dp = _capped_prompt(prompt, deep_model, "deep", warns)
+        fp = max(FIXED_POINT_ITERATIONS, iterations)
+        steps = []
+        if looped_model is not None:
+            steps += [("looped", f"running the looped model ({iterations} iterations)"),
+                      ("looped_fp", f"the long fixed-point run: {fp} iterations for s*")]
+        if deep_model is not None:
+            steps += [("deep", f"running the deep model ({deep_model.spec.n_block} layers)")]
+        progress = _Progress(steps)
+        if looped_model is not None:
+            looped = _run_trace(looped_model, lp, iterations, settings.seed, fp, "looped", errors, progress)
+        if deep_model is not None:  # a deep model runs once: no fixed-point run (0 = skip it)
+            deep = _run_trace(deep_model, dp, None, settings.seed, 0, "deep", errors, progress)
+        progress.close(failed=(looped_model is not None and looped is None)
+                       or (deep_model is not None and deep is None))
+
+    if up_trace is not None:
+        m = up_trace.metadata
+        if up_side == "deep":
+            deep = up_trace
+        else:
+            looped = up_trace
+        uploaded[up_side] = up.name
+        its = "" if up_trace.is_deep else f", {up_trace.n_iterations} iterations"
+        # the file's name, model and prompt are data: shown literally, long ones cut
+        warns.append(f"Showing the uploaded trace {_md(up.name)} as the {up_side} trace: model "
+                     f"{_md(m.get('model_name', 'unknown'))} (weights sha256 {_md(m.get('checkpoint_sha256', 'unknown'))}), "
+                     f"prompt {_md(repr(up_trace.prompt))}{its}, seed {_md(m.get('seed', 'unknown'))}. The sidebar's {up_side} "
+                     "model is not used while the file is open; remove the file to go back.")
+
+    for name, t in (("looped", looped), ("deep", deep)):
+        if t is not None and t.has_nonfinite:
+            warns.append(f"The {name} trace holds NaN or infinite states; figures show them as gaps.")
+    if show_messages:
+        for e in errors:
+            st.error(e)
+        for w in warns:
+            st.warning(w)
+    session = Session(settings=settings, looped_model=looped_model, deep_model=deep_model, looped=looped, deep=deep,
+                      errors=errors, warnings=warns, uploaded=uploaded)
+    ss["_run_session"] = session
+    from app.components import export_sidebar  # components draws; it imports this module
+
+    export_sidebar(session)
+    return session
+
+
+# ---------------------------------------------------------------- measurements
+def trace_key(trace: Trace) -> str:
+    """A short id of a trace's inputs: checkpoint hash, model, prompt, iterations, seed, s* run,
+    and the file's content hash for an uploaded trace."""
+    m = trace.metadata
+    parts = [m.get("model_name"), m.get("checkpoint_sha256"), trace.prompt, m.get("iterations"), m.get("seed"),
+             m.get("fixed_point_iterations"), m.get("is_deep"), m.get("upload_sha256"),
+             list(trace.states.shape)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def measure(fn, trace: Trace, **kwargs):
+    """Cached ``fn(trace, **kwargs)``, keyed by fn's qualified name, trace_key(trace) and kwargs."""
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    return caching.measure(name, trace_key(trace), json.dumps(kwargs, sort_keys=True, default=repr),
+                           _fn=fn, _trace=trace, _kwargs=kwargs)
+
+
+def jacobian(model: LoadedModel, trace: Trace):
+    """Cached analysis.measures.dynamics.jacobian_spectral_radius(model, trace)."""
+    return caching.jacobian(model.sha256, trace_key(trace), _model=model, _trace=trace)

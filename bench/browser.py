@@ -1,0 +1,179 @@
+"""Time from Run to the last chart drawn, per page, in real Chromium: `python bench/browser.py`.
+
+Starts `streamlit run app/main.py` on a free local port, opens every page in /usr/bin/chromium
+(Playwright, headless), and for each page and repetition:
+
+1. opens the page and waits until the script is idle (a warm server: models loaded, traces cached
+   after the first repetition);
+2. changes the seed in the sidebar (a new trace, so the server computes) and clicks Run;
+3. measures, in the browser's own clock (performance.now()):
+   - ``script_s``: Run click -> the "running" indicator gone (the server finished the script);
+   - ``drawn_s``:  Run click -> every .js-plotly-plot on the page has drawn its SVG/WebGL layer and
+     no chart changed for 300 ms (a MutationObserver on the charts);
+   - ``browser_s = drawn_s - script_s``: the time the browser spends after the script finished
+     (the goal: under 2 s on every page);
+4. records the charts' payload (plotly JSON bytes of the figures in the DOM) and trace counts.
+
+Prints one line per page (median over --reps) and writes --out (JSON). The numbers only mean
+something on an idle machine: with training or tests running beside it, Chromium's main thread is
+starved and the times measure the load, not the app. Run it before and after a change on the same
+idle machine.
+
+    python bench/browser.py [--pages overview,orbits] [--reps 3] [--out bench/browser.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run"]
+PAGES = ["overview", "orbits", "convergence", "attention", "stages", "correspondence", "report"]
+
+# Resolves with performance.now() once every plotly chart has drawn and none changed for quiet_ms.
+WAIT_DRAWN_JS = """
+([quietMs, timeoutMs]) => new Promise((resolve) => {
+  const t0 = performance.now();
+  let last = performance.now();
+  const obs = new MutationObserver(() => { last = performance.now(); });
+  obs.observe(document.body, {subtree: true, childList: true, attributes: true});
+  const tick = () => {
+    const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
+    const drawn = plots.length > 0 && plots.every(p => p.querySelector('.main-svg, canvas'));
+    const running = document.querySelector('[data-testid="stStatusWidget"]');
+    const now = performance.now();
+    if ((drawn && !running && now - last > quietMs) || now - t0 > timeoutMs) {
+      obs.disconnect(); resolve(last);
+    } else { setTimeout(tick, 50); }
+  };
+  tick();
+})
+"""
+
+WAIT_SCRIPT_JS = """
+([timeoutMs]) => new Promise((resolve) => {
+  const t0 = performance.now();
+  let seen = false;
+  const tick = () => {
+    const running = document.querySelector('[data-testid="stStatusWidget"]');
+    if (running) seen = true;
+    const now = performance.now();
+    if ((seen && !running) || now - t0 > timeoutMs) { resolve(now); } else { setTimeout(tick, 20); }
+  };
+  tick();
+})
+"""
+
+PAYLOAD_JS = """
+() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(p => {
+  const data = p.data || [], layout = p.layout || {};
+  let bytes = 0;
+  try { bytes = JSON.stringify({data, layout}).length; } catch (e) { bytes = -1; }
+  return {traces: data.length, bytes, webgl: data.some(t => String(t.type || '').endsWith('gl') ||
+                                                          String(t.type || '').endsWith('3d'))};
+})
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server():
+    port = _free_port()
+    env = dict(os.environ)
+    env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{base}/_stcore/health", timeout=1)
+            return server, base
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise SystemExit("streamlit did not start")
+
+
+def measure_page(page, base: str, name: str, seed: int, timeout_ms: int = 180_000) -> dict:
+    """One Run on one page: script, drawn and browser-only seconds, and the charts' payload."""
+    url = f"{base}/" if name == "overview" else f"{base}/{name}"
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector('[data-testid="stSidebar"]', state="attached", timeout=timeout_ms)
+    page.evaluate(WAIT_DRAWN_JS, [300, timeout_ms])
+    seed_box = page.get_by_label("Seed", exact=True)
+    seed_box.fill(str(seed))
+    seed_box.press("Tab")
+    t_click = page.evaluate("() => performance.now()")
+    page.get_by_role("button", name="Run", exact=True).click()
+    t_script = page.evaluate(WAIT_SCRIPT_JS, [timeout_ms])
+    t_drawn = page.evaluate(WAIT_DRAWN_JS, [300, timeout_ms])
+    charts = page.evaluate(PAYLOAD_JS)
+    script_s = (t_script - t_click) / 1000
+    drawn_s = max(t_drawn, t_script) - t_click
+    return {"script_s": round(script_s, 3), "drawn_s": round(drawn_s / 1000, 3),
+            "browser_s": round(drawn_s / 1000 - script_s, 3), "charts": len(charts),
+            "traces": sum(c["traces"] for c in charts), "payload_mb": round(sum(c["bytes"] for c in charts) / 1e6, 3),
+            "webgl": any(c["webgl"] for c in charts)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pages", default=",".join(PAGES))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the per-run numbers as JSON")
+    args = ap.parse_args(argv)
+    if not Path(CHROMIUM).exists():
+        raise SystemExit(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    if os.getloadavg()[0] > 1.0:
+        print(f"warning: load average {os.getloadavg()[0]:.1f}; these times measure the load, not the app",
+              file=sys.stderr)
+    from playwright.sync_api import sync_playwright
+
+    server, base = _start_server()
+    results: dict[str, list[dict]] = {}
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            seed = 100
+            for name in args.pages.split(","):
+                for _ in range(args.reps):
+                    seed += 1
+                    results.setdefault(name, []).append(measure_page(page, base, name, seed))
+                runs = results[name]
+                med = {k: statistics.median(r[k] for r in runs) for k in ("script_s", "drawn_s", "browser_s")}
+                last = runs[-1]
+                print(f"{name:15s} script {med['script_s']:6.2f} s  drawn {med['drawn_s']:6.2f} s  "
+                      f"browser {med['browser_s']:6.2f} s  {last['charts']} charts, {last['traces']} traces, "
+                      f"{last['payload_mb']:.2f} MB{' (WebGL)' if last['webgl'] else ''}"
+                      + ("" if med["browser_s"] <= 2 else "  <- over the 2 s goal"))
+            browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

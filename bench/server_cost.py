@@ -1,0 +1,142 @@
+"""What one URL costs a shared server: `python bench/server_cost.py` (add `--skip-browser` to
+leave out the concurrency part, which needs /usr/bin/chromium).
+
+1. Worst single URL: each heavy URL (256 iterations: UMAP 2D/3D, Jensen–Shannon attention
+   matrix, convergence, stages, correspondence) is run by Streamlit's AppTest in a fresh process,
+   after the warm-up the server does at start (UMAP's compiled code, as ``app/main.py`` does);
+   the process CPU time of that one run is printed. Goal: the worst ≤ 10 s.
+2. A light page beside heavy ones: a real `streamlit run` server, four browser tabs open heavy
+   URLs, then a fifth opens the Overview at default settings; the time until its first chart is
+   drawn is printed. Goal ≤ 2 s.
+
+CPU numbers depend on the machine and on what else runs on it: run it on an otherwise idle one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CHROMIUM = "/usr/bin/chromium"
+GOAL_URL_CPU_S, GOAL_LIGHT_S = 10.0, 2.0
+# (page, query) of the heaviest views we know of
+HEAVY = [
+    ("orbits", {"iterations": "256", "o_proj": "umap", "o_dim": "3D"}),
+    ("orbits", {"iterations": "256", "o_proj": "umap"}),
+    ("attention", {"iterations": "256", "attention_metric": "js"}),
+    ("convergence", {"iterations": "256"}),
+    ("stages", {"iterations": "256"}),
+    ("correspondence", {"iterations": "256"}),
+]
+
+
+def one_url(page: str, query: dict) -> dict:
+    """Run one URL in this (fresh) process: {'cpu_s', 'wall_s', 'exceptions'}."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.measures.projections import warm_umap
+
+    warm_umap()  # what a server has done by the time a viewer arrives (app/main.py, once per process)
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=900)
+    at.query_params.update(query)
+    if page != "overview":
+        at.switch_page(f"app_pages/{page}.py")
+    c0, w0 = time.process_time(), time.perf_counter()
+    at.run()
+    return {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0,
+            "exceptions": [e.value for e in at.exception]}
+
+
+def worst_url() -> float:
+    worst = 0.0
+    for page, query in HEAVY:
+        cmd = [sys.executable, __file__, "--one", page, json.dumps(query)]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                             env=dict(os.environ, LOOPSCOPE_WARM_UMAP="0"))
+        line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+        try:
+            r = json.loads(line)
+        except ValueError:
+            print(f"{page} {query}: failed\n{res.stderr[-1500:]}")
+            continue
+        worst = max(worst, r["cpu_s"])
+        bad = f"  EXCEPTION {r['exceptions'][:1]}" if r["exceptions"] else ""
+        print(f"{page:15s} {json.dumps(query):60s} cpu {r['cpu_s']:6.1f} s  wall {r['wall_s']:6.1f} s{bad}")
+    print(f"worst single URL: {worst:.1f} s of CPU (goal ≤ {GOAL_URL_CPU_S:.0f} s) "
+          f"{'OK' if worst <= GOAL_URL_CPU_S else 'OVER'}")
+    return worst
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def light_beside_heavy() -> float | None:
+    if not os.access(CHROMIUM, os.X_OK):
+        print(f"{CHROMIUM} is missing: the concurrency measurement is skipped")
+        return None
+    from urllib.parse import urlencode
+
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"),
+                               "--server.address", "127.0.0.1", "--server.port", str(port),
+                               "--server.headless", "true"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{base}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu"])
+            # warm the server as a first viewer would (models loaded, UMAP compiled in the background)
+            first = browser.new_page()
+            first.goto(base + "/", wait_until="domcontentloaded")
+            first.wait_for_selector(".js-plotly-plot", timeout=600_000)
+            time.sleep(15)
+            tabs = []
+            for page, query in HEAVY[:4]:
+                tab = browser.new_page()
+                tab.goto(f"{base}/{page}?{urlencode(query)}", wait_until="commit")
+                tabs.append(tab)
+            time.sleep(1.0)  # the heavy scripts are running
+            light = browser.new_page()
+            t0 = time.perf_counter()
+            light.goto(f"{base}/?seed=1", wait_until="domcontentloaded")
+            light.wait_for_selector(".js-plotly-plot", timeout=600_000)
+            latency = time.perf_counter() - t0
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"light page (Overview, new seed) while four heavy URLs run: {latency:.1f} s "
+          f"(goal ≤ {GOAL_LIGHT_S:.0f} s) {'OK' if latency <= GOAL_LIGHT_S else 'OVER'}")
+    return latency
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--one"]:
+        print(json.dumps(one_url(argv[1], json.loads(argv[2]))))
+        return
+    worst_url()
+    if "--skip-browser" not in argv:
+        light_beside_heavy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
