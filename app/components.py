@@ -79,11 +79,10 @@ def page_intro(text: str, paper_note: str | None = None) -> None:
     the first screen."""
     settings = st.session_state.get("_settings")
     where = st.expander("About this page", icon=":material/info:") if settings is not None and settings.embed \
-        else st.container()
-    with where:
-        st.markdown(text)
-        if paper_note:
-            st.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
+        else st  # outside presentation mode: in the page itself, right under the title
+    where.markdown(text)
+    if paper_note:
+        where.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
 
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
