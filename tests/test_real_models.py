@@ -462,3 +462,49 @@ def test_unsupported_remote_code_only_model_type(tmp_path):
     (f / "config.json").write_text(json.dumps(dict(cfg, model_type="raven_v2")))
     with pytest.raises(ModelFolderError, match="auto_map points at Python files"):
         detect_family(f)
+
+
+# ----------------------------------------------------------------- traces
+@pytest.mark.parametrize("family", ["huginn", "ouro", "deep"])
+def test_trace_model_every_family_saves_and_replays(tmp_path, family):
+    from analysis.models.trace_real import trace_model
+    from analysis.trace import Trace
+
+    if family == "huginn":
+        folder = write_huginn_folder(tmp_path / "h", variant="huginn")
+    elif family == "ouro":
+        folder = write_ouro_folder(tmp_path / "o", gate_bias=10.0, total_ut_steps=3)
+    else:
+        folder = _hf_folder(tmp_path, "llama")[0]
+    model = load_folder(folder)
+    for r in ((1,) if family == "deep" else (1, 3)):
+        tr = trace_model(model, "x = 3; y = x + 4; what is y?", iterations=r, seed=7, answer=" 7")
+        k, T = model.spec.n_block, len(tr.tokens)
+        assert tr.states.shape == (r, k, T, model.spec.d_model)
+        assert tr.attention.shape == (r, k, model.spec.n_heads, T, T)
+        ids = torch.from_numpy(tr.tokens.copy())[None]
+        with torch.no_grad():
+            if family == "huginn":   # replay from the recorded initial state
+                want = model(ids, iterations=r, input_states=torch.from_numpy(tr.initial_state.copy())[None])[0]
+            elif family == "ouro":
+                want = model(ids, iterations=r, exit_at_step=r - 1)[0]
+            else:
+                want = model(ids)[0]
+        torch.testing.assert_close(torch.from_numpy(tr.logits), want, atol=1e-5, rtol=1e-5)
+        # the lens of the last block layer at the last iteration is the plain logit lens of that state
+        lens = model.logit_lens(torch.from_numpy(tr.states[-1, -1].copy())).softmax(-1)
+        torch.testing.assert_close(torch.from_numpy(tr.lens_top_probs[-1, -1, :, 0]), lens.max(-1).values,
+                                   atol=1e-5, rtol=1e-5)
+        back = Trace.load(tr.save(tmp_path / f"{family}{r}.npz"))
+        assert back.token_labels == tr.token_labels and np_equal(back.states, tr.states)
+    if family == "ouro":
+        g = tr.metadata["exit_gate"]
+        assert len(g["lambda"]) == 3 and len(g["exit_step"]) == T
+    if family == "huginn":
+        assert tr.metadata["initial_state_info"]["kind"] == "random"
+        assert tr.prelude_states.shape[0] == 1 and tr.coda_states.shape[0] == 1
+
+
+def np_equal(a, b):
+    import numpy as np
+    return np.array_equal(a, b)
