@@ -490,7 +490,7 @@ def test_trace_model_every_family_saves_and_replays(tmp_path, family):
                 want = model(ids, iterations=r, exit_at_step=r - 1)[0]
             else:
                 want = model(ids)[0]
-        torch.testing.assert_close(torch.from_numpy(tr.logits), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(tr.logits.copy()), want, atol=1e-5, rtol=1e-5)
         # the lens of the last block layer at the last iteration is the plain logit lens of that state
         lens = model.logit_lens(torch.from_numpy(tr.states[-1, -1].copy())).softmax(-1)
         torch.testing.assert_close(torch.from_numpy(tr.lens_top_probs[-1, -1, :, 0]), lens.max(-1).values,
@@ -508,3 +508,17 @@ def test_trace_model_every_family_saves_and_replays(tmp_path, family):
 def np_equal(a, b):
     import numpy as np
     return np.array_equal(a, b)
+
+
+def test_trace_budget_refuses_before_running(tmp_path):
+    from analysis.models.trace_real import TraceBudgetError, estimate_trace_bytes, trace_model
+
+    model = load_folder(write_ouro_folder(tmp_path / "o", total_ut_steps=2))
+    T = len(model.tokenizer.encode("The cat sat on the mat."))
+    est = estimate_trace_bytes(model.spec, T, 2, attention=True)
+    # block states r·k·T·D stored twice (model dtype + float32), attention r·k·H·T² (+ its float32 copy)
+    assert est["states"] == 2 * 2 * T * 32 * 8 and est["attention"] == 2 * 2 * 4 * T * T * 8
+    with pytest.raises(TraceBudgetError, match="GiB.*attention"):
+        trace_model(model, "The cat sat on the mat.", max_bytes=est["states"] + 1)
+    tr = trace_model(model, "The cat sat on the mat.", attention=False, max_bytes=est["total"])
+    assert tr.attention is None

@@ -17,6 +17,25 @@ import torch
 from ..trace import LENS_TOP_K, Trace, _BufferCapture, _fixed_point_count, _np, _own
 
 LENS_CHUNK_BYTES = 64 << 20  # float32 lens logits computed at once
+DEFAULT_MAX_BYTES = 8 << 30  # refuse traces whose captured arrays would pass this
+
+
+class TraceBudgetError(ValueError):
+    """A trace would need more memory than allowed; the message gives the estimate and how to cut it."""
+
+
+def estimate_trace_bytes(spec, tokens: int, iterations: int, attention: bool = True, state_bytes: int = 4) -> dict:
+    """Bytes the captured arrays of one trace take (float32 copies included): block states
+    r·k·T·D, attention r·k·H·T² (float32), prelude/coda states and maps, logits T·V, plus the
+    largest lens chunk. Returns a dict of parts and ``total``."""
+    r, k, T, D, H, V = iterations, spec.n_block, tokens, spec.d_model, spec.n_heads, spec.vocab_size
+    pc = spec.n_prelude + spec.n_coda
+    parts = {"states": r * k * T * D * (state_bytes + 4),
+             "attention": (r * k + pc) * H * T * T * 8 if attention else 0,
+             "prelude_coda_states": pc * T * D * (state_bytes + 4),
+             "logits": T * V * 4, "lens_chunk": min(r * k * T * V * 4, max(LENS_CHUNK_BYTES, T * V * 4))}
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def _lens_chunks(model, states, K, answer_id):
@@ -57,12 +76,15 @@ def _lens_kl(model, states):
 
 def trace_model(model, prompt: str, iterations: int | None = None, seed: int = 0, answer: str | None = None,
                 attention: bool = True, fixed_point_iterations: int | None = 0, lens_top_k: int = LENS_TOP_K,
-                add_special_tokens: bool = True, metadata: dict | None = None) -> Trace:
+                add_special_tokens: bool = True, metadata: dict | None = None,
+                max_bytes: int | None = DEFAULT_MAX_BYTES) -> Trace:
     """Run ``prompt`` through a protocol model for ``iterations`` (default: the trained mean) and
     capture every block state, attention (unless ``attention=False``), prelude and coda states,
     s₀, e, the logits and the logit lens. ``answer`` is text; its first token is tracked.
     fixed_point_iterations: 0 (default here: real models are large) skips s*; n gives max(n, r).
-    Raises ValueError for an empty or overlong prompt, bad iterations or an empty answer."""
+    max_bytes: refuse (TraceBudgetError) before running when ``estimate_trace_bytes`` passes it
+    (None: no limit). Raises ValueError for an empty or overlong prompt, bad iterations or an
+    empty answer."""
     spec, tok = model.spec, model.tokenizer
     if tok is None:
         raise TypeError("trace_model needs a model with a tokenizer (load it with load_folder)")
@@ -78,9 +100,15 @@ def trace_model(model, prompt: str, iterations: int | None = None, seed: int = 0
         raise ValueError("a deep model runs its layers once: iterations must be 1")
     n_fixed = _fixed_point_count(fixed_point_iterations, r, spec.is_deep)
     answer_id = tok.answer_token(answer) if answer is not None else None
+    param = next(model.parameters())
+    est = estimate_trace_bytes(spec, len(ids), r, attention, param.element_size())
+    if max_bytes is not None and est["total"] > max_bytes:
+        big = max((kk for kk in est if kk != "total"), key=est.get)
+        raise TraceBudgetError(f"this trace needs about {est['total'] / 2**30:.1f} GiB (mostly {big}: "
+                               f"{est[big] / 2**30:.1f} GiB) over the budget of {max_bytes / 2**30:.1f} GiB; "
+                               "use fewer tokens or iterations, or turn attention off")
 
     p, k, c, T, D, H = spec.n_prelude, spec.n_block, spec.n_coda, len(ids), spec.d_model, spec.n_heads
-    param = next(model.parameters())
     alloc = lambda shape: torch.empty(shape, dtype=param.dtype, device=param.device)  # noqa: E731
     states = alloc((r, k, T, D))
     slots = {f"loop.{t}.blocks.{l}.hook_resid_post": (states, (t, l)) for t in range(r) for l in range(k)}
