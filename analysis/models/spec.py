@@ -105,6 +105,12 @@ class ModelSpec:
         """The largest iteration count seen in training; beyond it is extrapolation."""
         return self.schedule.high
 
+    def config_dict(self) -> dict:
+        """The shape entries a Trace's ``metadata["config"]`` carries (checked against its arrays)."""
+        return {"kind": self.kind, "family": self.family, "n_prelude": self.n_prelude, "n_block": self.n_block,
+                "n_coda": self.n_coda, "d_model": self.d_model, "n_heads": self.n_heads,
+                "vocab_size": self.vocab_size, "context_length": self.context_length, "iterations": self.schedule.mean}
+
     def describe(self) -> str:
         """The architecture in the paper's notation, e.g. ``(1, 2⊗r, 1)`` or ``(14, -, -)``."""
         if self.is_deep:
