@@ -25,14 +25,16 @@ class TraceBudgetError(ValueError):
 
 
 def estimate_trace_bytes(spec, tokens: int, iterations: int, attention: bool = True, state_bytes: int = 4) -> dict:
-    """Bytes the captured arrays of one trace take (float32 copies included): block states
-    r·k·T·D, attention r·k·H·T² (float32), prelude/coda states and maps, logits T·V, plus the
-    largest lens chunk. Returns a dict of parts and ``total``."""
+    """Bytes the captured arrays of one trace take: block states r·k·T·D in the model's dtype
+    (``state_bytes``) plus their float32 copy when that dtype is narrower, attention r·k·H·T²
+    float32, prelude/coda states and maps, logits T·V, plus the largest lens chunk. Returns a
+    dict of parts and ``total``."""
     r, k, T, D, H, V = iterations, spec.n_block, tokens, spec.d_model, spec.n_heads, spec.vocab_size
     pc = spec.n_prelude + spec.n_coda
-    parts = {"states": r * k * T * D * (state_bytes + 4),
-             "attention": (r * k + pc) * H * T * T * 8 if attention else 0,
-             "prelude_coda_states": pc * T * D * (state_bytes + 4),
+    per_state = state_bytes + (4 if state_bytes != 4 else 0)
+    parts = {"states": r * k * T * D * per_state,
+             "attention": (r * k + pc) * H * T * T * 4 if attention else 0,
+             "prelude_coda_states": pc * T * D * per_state,
              "logits": T * V * 4, "lens_chunk": min(r * k * T * V * 4, max(LENS_CHUNK_BYTES, T * V * 4))}
     parts["total"] = sum(parts.values())
     return parts
@@ -164,8 +166,7 @@ def trace_model(model, prompt: str, iterations: int | None = None, seed: int = 0
     meta = dict(model_name=getattr(model, "name", None), architecture=spec.describe(), seed=int(seed), iterations=r,
                 trained_iterations=spec.trained_mean, is_deep=spec.is_deep, fixed_point_iterations=n_fixed,
                 family=spec.family, storage_dtype=str(param.dtype).replace("torch.", ""),
-                config={"n_block": k, "d_model": D, "n_heads": H, "n_prelude": p, "n_coda": c,
-                        "vocab_size": spec.vocab_size}, **extra)
+                config=spec.config_dict(), **extra)
     meta.update(metadata or {})
     arrays = dict(tokens=np.asarray(ids, dtype=np.int64), states=_np(states),
                   initial_state=_np(cap.store["loop.hook_initial_state"][0]), injected=_np(cap.store["loop.hook_input"][0]),
