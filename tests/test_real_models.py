@@ -523,3 +523,15 @@ def test_trace_budget_refuses_before_running(tmp_path):
         trace_model(model, "The cat sat on the mat.", max_bytes=est["states"] + 1)
     tr = trace_model(model, "The cat sat on the mat.", attention=False, max_bytes=est["total"])
     assert tr.attention is None
+
+
+def test_untied_ouro_without_head_and_huginn_context(tmp_path):
+    from analysis.models.synthetic import ouro_tensors, write_safetensors
+
+    f = write_ouro_folder(tmp_path / "o")
+    (f / "model.safetensors").unlink()
+    write_safetensors(f, {k: v for k, v in ouro_tensors().items() if k != "lm_head.weight"})
+    with pytest.raises(ModelFolderError, match="missing.*lm_head.weight"):
+        load_folder(f)
+    # Huginn's context is its RoPE table (block_size); a retrofitted model's is max_position_embeddings
+    assert load_folder(write_huginn_folder(tmp_path / "h", block_size=48)).spec.context_length == 48

@@ -128,12 +128,14 @@ class HuginnConfig:
             raise ModelFolderError(f"{folder}: RoPE scaling is not defined for the Huginn block")
         tied_cfg = bool(first(cfg, "tie_embeddings", "tie_word_embeddings", default=False))
         tied = tied_cfg or "lm_head.weight" not in names  # the reference ties the head to wte when told to
-        ctx = int(first(cfg, "block_size", "max_position_embeddings", default=4096))
+        # Huginn's RoPE table has block_size rows; the retrofitted models use HF rotary (no table)
+        ctx = int(first(cfg, "block_size", "max_position_embeddings", default=4096) if variant == "huginn"
+                  else first(cfg, "max_position_embeddings", "block_size", default=4096))
         mbd = cfg.get("mean_backprop_depth")
         hc = cls(variant=variant, vocab_size=V, d_model=D, n_heads=H, n_kv_heads=Hk, head_dim=hd, d_mlp=I,
                  n_prelude=p, n_block=k, n_coda=c, norm_eps=float(first(cfg, "norm_eps", "rms_norm_eps", default=1e-6)),
                  rope_theta=theta, rope_scaling=scaling,
-                 qk_bias=bool(cfg.get("qk_bias", variant == "huginn")) and "transformer.core_block.0.attn.qk_bias" in names,
+                 qk_bias=bool(cfg.get("qk_bias", "transformer.core_block.0.attn.qk_bias" in names)),
                  adapter_bias=bool(cfg.get("bias", False)), embed_scale=embed_scale, init_std=std,
                  mean_recurrence=int(first(cfg, "mean_recurrence", default=32)),
                  mean_backprop_depth=int(mbd) if isinstance(mbd, int) else None, context_length=ctx,

@@ -85,7 +85,7 @@ class OuroConfig:
                  early_exit_threshold=None if thr is None else float(thr),
                  early_exit_step=None if step is None else int(step),
                  context_length=int(first(cfg, "max_position_embeddings", default=4096)),
-                 tied=bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in index)
+                 tied=bool(cfg.get("tie_word_embeddings", False)))  # untied: a missing lm_head is an error
         check_shapes(folder, index, oc.expected_shapes())
         return oc
 
