@@ -535,3 +535,16 @@ def test_untied_ouro_without_head_and_huginn_context(tmp_path):
         load_folder(f)
     # Huginn's context is its RoPE table (block_size); a retrofitted model's is max_position_embeddings
     assert load_folder(write_huginn_folder(tmp_path / "h", block_size=48)).spec.context_length == 48
+
+
+def test_registry_helpers(tmp_path):
+    from analysis.models.loading import declared_kind, folder_fingerprint, is_real_folder
+
+    h = write_huginn_folder(tmp_path / "h")
+    d = _hf_folder(tmp_path, "gpt2")[0]
+    assert is_real_folder(h) and is_real_folder(d) and not is_real_folder(tmp_path / "missing")
+    assert declared_kind(h) == "looped" and declared_kind(d) == "deep"
+    before = folder_fingerprint(h)
+    cfg = json.loads((h / "config.json").read_text())
+    (h / "config.json").write_text(json.dumps(dict(cfg, mean_recurrence=8)))
+    assert folder_fingerprint(h) != before

@@ -146,3 +146,41 @@ def inspect_folder(path) -> dict:
     except ModelFolderError as exc:
         info["tokenizer"] = f"missing: {exc}"
     return info
+
+
+def is_real_folder(path) -> bool:
+    """True when ``path`` holds a model this module loads (Huginn, Ouro or a transformers-native
+    causal LM); False for anything else, including loopscope's own checkpoints. Never raises."""
+    try:
+        return detect_family(path) in ("huginn", "ouro", "hf-deep")
+    except (ModelFolderError, OSError, ValueError):
+        return False
+
+
+def declared_kind(path) -> str | None:
+    """"looped" (Huginn, retrofitted, Ouro) or "deep" (transformers-native) from config.json alone;
+    None when the folder is not a real model folder."""
+    try:
+        cfg = read_config(Path(path).expanduser())
+    except ModelFolderError:
+        return None
+    mt = cfg.get("model_type")
+    if mt in LOOPED_TYPES:
+        return "looped"
+    if cfg.get("format") == "loopscope-checkpoint" or not isinstance(mt, str):
+        return None
+    from .hf_deep import native_model_types
+
+    return "deep" if mt in native_model_types() else None
+
+
+def folder_fingerprint(path) -> str:
+    """A cheap identity of a model folder (16 hex digits): sha256 over config.json, the safetensors
+    headers' names/shapes/dtypes and the files' sizes, not over gigabytes of weights."""
+    import hashlib
+
+    folder = Path(path).expanduser()
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for name, info in sorted(tensor_index(folder).items()):
+        h.update(f"{name}:{list(info.shape)}:{info.dtype}:{info.file.stat().st_size}".encode())
+    return h.hexdigest()[:16]
