@@ -4,6 +4,7 @@
                              [--fixed-point-iterations M] [--no-attention] [--threads N] --out FILE.npz
     python -m analysis metrics FILE.npz --out FILE.csv
     python -m analysis report --looped DIR [--deep DIR] --prompt TEXT [--iterations N] --out FILE.html
+    python -m analysis inspect DIR
 
 Subcommands are registered by functions ``add_parser(subparsers)`` that create their parser and
 ``set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status. To add one,
@@ -36,18 +37,25 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- trace
 def _cmd_trace(args) -> int:
+    from .models.loading import detect_family, load_folder
     from .models.registry import load
     from .tracing import trace
 
     import torch
 
     torch.set_num_threads(args.threads)  # deliberate: 1 by default (these models are small)
-    loaded = load(args.model)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
-    tr = trace(loaded, args.prompt, iterations=args.iterations, seed=args.seed, answer=args.answer,
-               attention=not args.no_attention, fixed_point_iterations=args.fixed_point_iterations)
+    if detect_family(args.model) == "loopscope":
+        tr = trace(load(args.model), args.prompt, iterations=args.iterations, seed=args.seed, answer=args.answer,
+                   attention=not args.no_attention, fixed_point_iterations=args.fixed_point_iterations)
+    else:  # a real model folder (Huginn, Ouro, a transformers causal LM)
+        from .models.trace_real import trace_model
+
+        model = load_folder(args.model, dtype=args.dtype)
+        tr = trace_model(model, args.prompt, iterations=args.iterations, seed=args.seed, answer=args.answer,
+                         attention=not args.no_attention, fixed_point_iterations=args.fixed_point_iterations or 0)
     tr.save(out)
     I, L, T, D = tr.states.shape
     print(f"wrote {out}: {I} iterations x {L} layers x {T} tokens (d_model {D}), "
@@ -71,8 +79,34 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="torch CPU threads (default 1: small models run fastest on one, and a busy "
                         "machine does not slow them down; more threads change results only by float rounding)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype for a real model folder (default: as stored)")
     p.add_argument("--out", required=True, metavar="FILE.npz")
     p.set_defaults(func=_cmd_trace)
+
+
+# ---------------------------------------------------------------- inspect
+def _cmd_inspect(args) -> int:
+    from .models.loading import inspect_folder
+
+    info = inspect_folder(args.folder)
+    for key, value in info.items():
+        if key == "bytes":
+            value = f"{value / 2**20:.1f} MiB"
+        elif key == "parameters":
+            value = f"{value:,}"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "none"
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+def add_inspect_parser(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="describe a model folder without loading its weights",
+                              description="Family, architecture (p, k⊗r, c), parameters, dtype, tokenizer and "
+                                          "trained iterations of a model folder (headers only).")
+    p.add_argument("folder", metavar="DIR")
+    p.set_defaults(func=_cmd_inspect)
 
 
 def positive_int(text: str) -> int:
@@ -113,7 +147,7 @@ def add_metrics_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------- registry
-SUBCOMMANDS = [add_trace_parser, add_metrics_parser, add_report_parser]
+SUBCOMMANDS = [add_trace_parser, add_metrics_parser, add_report_parser, add_inspect_parser]
 
 
 def add_subcommands(subparsers) -> None:
