@@ -333,3 +333,45 @@ def test_cli_prompts_audit_and_report(tmp_path, capsys):
     assert main(["audit", "--model", str(LOOPED), "--prompts", str(bad), "--iterations", "3", "--out",
                  str(tmp_path / "b"), "--engine", "inline"]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the Audit page
+def test_audit_page_opens_an_audit_and_runs_a_small_one(audit, tmp_path, monkeypatch):
+    """Opened through the app's navigation: the page shows the summary's numbers and a link per
+    prompt into the single-prompt pages; a folder outside the allowed roots is refused with a
+    message; a small inline audit runs from the page with a progress bar."""
+    from urllib.parse import parse_qs, urlparse
+
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.audit import store
+
+    def frame(at, column):
+        return next(d.value for d in at.dataframe if column in d.value.columns)
+
+    tmp, _ = audit
+    monkeypatch.setenv("LOOPSCOPE_AUDIT_ROOTS", str(tmp))
+    monkeypatch.setattr(store, "APP_AUDITS", tmp_path / "app-audits")
+    at = AppTest.from_file(str(ROOT / "app" / "app_pages" / "audit.py"), default_timeout=120)
+    at.run()
+    assert not at.exception and not at.error, [str(e.value) for e in at.exception]
+    opened = at.selectbox(key="au_found").value
+    assert Path(opened).name in ("full", "killed", "ray")
+    links = frame(at, "open")["open"].tolist()
+    q = parse_qs(urlparse(links[0]).query)
+    assert urlparse(links[0]).path == "overview" and q["looped"] == ["chain-looped"] and q["deep"] == ["chain-deep"]
+    assert q["iterations"] == [str(ITERATIONS)] and q["prompt"][0].endswith("=")
+    rules = frame(at, "rule")
+    assert rules["rule"].tolist() == [r.name for r in default_rules()]
+    # a folder outside the allowed roots
+    at.selectbox(key="au_found").set_value("other folder…").run()
+    at.text_input(key="au_path").input(str(tmp_path)).run()
+    assert at.error and "outside the folders" in at.error[0].value
+    # a small audit run here
+    at.radio(key="au_mode").set_value("Run a small audit here").run()
+    at.number_input(key="au_n").set_value(2)
+    at.number_input(key="au_iter").set_value(3)
+    at.button(key="au_run").click().run()
+    assert not at.exception and not at.error
+    assert len(frame(at, "open")) == 2
+    assert at.get("progress")[0].proto.value == 100

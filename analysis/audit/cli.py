@@ -4,12 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..tasks import N_STATEMENTS
+
 
 def _cmd_prompts(args) -> int:
     from .prompts import arithmetic_prompts, chain_prompts, parse_range, write_prompts
 
     if args.kind == "chains":
-        recs = chain_prompts(parse_range(args.hops), args.n, args.seed)
+        recs = chain_prompts(parse_range(args.hops), args.n, args.seed, args.statements)
     else:
         recs = arithmetic_prompts(args.n, args.seed, args.max_answer)
     if args.out in (None, "-"):
@@ -29,6 +31,9 @@ def add_prompts_parser(subparsers) -> None:
                                           "templated arithmetic word problems (tags: op, template).")
     p.add_argument("kind", choices=["chains", "arithmetic"])
     p.add_argument("--hops", default="1-6", help="chains: hop counts, a number or a range like 1-6 (default 1-6)")
+    p.add_argument("--statements", type=int, default=N_STATEMENTS,
+                   help=f"chains: statements per prompt (default {N_STATEMENTS}; a model's card says what it was "
+                        "evaluated on under heldout.n_statements)")
     p.add_argument("--n", type=int, default=200, help="number of prompts (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-answer", type=int, default=9, help="arithmetic: largest answer (default 9: one digit)")

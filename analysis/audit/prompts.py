@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..tasks import make_chain
+from ..tasks import N_STATEMENTS, make_chain
 
 
 class PromptSetError(ValueError):
@@ -115,9 +115,11 @@ def parse_range(text: str) -> tuple[int, int]:
     return a, b
 
 
-def chain_prompts(hops: tuple[int, int] = (1, 6), n: int = 200, seed: int = 0) -> list[PromptRecord]:
-    """``n`` chain prompts (``analysis.tasks.make_chain``), hop counts cycling through the
-    inclusive range so each count gets n / (number of counts) prompts; tags ``{"hops": h}``."""
+def chain_prompts(hops: tuple[int, int] = (1, 6), n: int = 200, seed: int = 0,
+                  n_statements: int = N_STATEMENTS) -> list[PromptRecord]:
+    """``n`` chain prompts (``analysis.tasks.make_chain`` with ``n_statements`` statements), hop
+    counts cycling through the inclusive range so each count gets n / (number of counts)
+    prompts; tags ``{"hops": h}``."""
     lo, hi = hops
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -125,7 +127,7 @@ def chain_prompts(hops: tuple[int, int] = (1, 6), n: int = 200, seed: int = 0) -
     out = []
     for i in range(n):
         h = lo + i % (hi - lo + 1)
-        ex = make_chain(rng, h)
+        ex = make_chain(rng, h, n_statements)
         out.append(PromptRecord(ex.prompt, ex.answer, {"hops": h}))
     return out
 

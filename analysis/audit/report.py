@@ -83,7 +83,7 @@ def exit_figure(s: dict) -> go.Figure:
                         marker={"size": 12, "symbol": "star" if r["rule"] in ("oracle", "full") else "circle"})
     fig.update_layout(title="Exit rules: accuracy at exit against compute", template=TEMPLATE, height=460,
                       xaxis_title="compute used (mean exit iteration / full run)", yaxis_title="accuracy at exit",
-                      showlegend=False)
+                      yaxis_range=[-0.02, 1.08], showlegend=False)
     return fig
 
 
@@ -181,8 +181,8 @@ def build_audit_report(folder, date: str | None = None) -> str:
         return f"<figure><div id='fig-{slug}'></div></figure>"
 
     parts += ["<h2>Accuracy by iteration</h2>", fig("accuracy")]
-    parts += ["<h2>Trajectory classes</h2>", _table([dict(cls=c, tokens=s["class_counts"][c], share=s["class_rates"][c])
-                                                     for c in s["class_counts"]], ["cls", "tokens", "share"]),
+    parts += ["<h2>Trajectory classes</h2>", _table([{"class": c, "tokens": s["class_counts"][c], "share": s["class_rates"][c]}
+                                                     for c in s["class_counts"]], ["class", "tokens", "share"]),
               fig("classes")]
     parts += ["<h2>Exit rules replayed</h2><p class='note'>Each rule is replayed per token on the full run; "
               "accuracy and exit iteration at the answer position; compute = mean exit iteration / full run.</p>",

@@ -171,6 +171,10 @@ class Progress:
         if self.callback is not None:
             self.callback(self.done, self.total, self.rate, self.eta)
 
+    def restart_clock(self):
+        """Measure the rate from now (called once the workers are ready, so start-up is not in the ETA)."""
+        self.t0 = time.perf_counter()
+
     def update(self, n: int):
         self.done += n
         self._emit()
@@ -303,9 +307,9 @@ def run_audit(cfg: AuditConfig, progress_stream=sys.stderr, progress_callback=No
     try:
         if chunks:
             if cfg.engine == "inline":
-                _run_inline(cfg, records, chunks, finish_chunk)
+                _run_inline(cfg, records, chunks, finish_chunk, prog.restart_clock)
             else:
-                _run_ray(cfg, records, chunks, finish_chunk)
+                _run_ray(cfg, records, chunks, finish_chunk, prog.restart_clock)
     finally:
         prog.close()
         manifest["runs"].append({"engine": cfg.engine, "workers": cfg.workers if cfg.engine == "ray" else 1,
@@ -320,12 +324,13 @@ def run_audit(cfg: AuditConfig, progress_stream=sys.stderr, progress_callback=No
                        seconds=time.perf_counter() - t0)
 
 
-def _run_inline(cfg, records, chunks, finish_chunk):
+def _run_inline(cfg, records, chunks, finish_chunk, ready):
     import torch
 
     threads = torch.get_num_threads()
     try:
         worker = AuditWorker(cfg.model, cfg.deep, cfg.iterations, cfg.seed, cfg.fixed_point_iterations, cfg.threads)
+        ready()
         for ids in chunks:
             finish_chunk(ids, worker.run_chunk([(i, records[i]) for i in ids]))
     finally:
@@ -344,7 +349,7 @@ def ray_init_kwargs(cfg: AuditConfig) -> dict:
             "log_to_driver": True, "configure_logging": False}
 
 
-def _run_ray(cfg, records, chunks, finish_chunk):
+def _run_ray(cfg, records, chunks, finish_chunk, ready):
     try:
         import ray
         from ray.exceptions import RayError
@@ -363,6 +368,7 @@ def _run_ray(cfg, records, chunks, finish_chunk):
         actors = [Actor.remote(model, deep, cfg.iterations, cfg.seed, cfg.fixed_point_iterations, cfg.threads)
                   for _ in range(min(cfg.workers, len(chunks)))]
         ray.get([a.ready.remote() for a in actors])
+        ready()
         queue = list(chunks)
         running = {}
         for a in actors:  # two chunks in flight per actor keeps it busy while the driver writes
