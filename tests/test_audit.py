@@ -151,10 +151,11 @@ def test_exit_rules_on_real_traces_match_brute_force(audit):
     tokens = pq.read_table(tmp / "full" / "tokens.parquet").to_pandas()
     for pid in (0, 3):
         tr = trace(m, recs[pid].prompt, iterations=ITERATIONS, attention=False, fixed_point_iterations=0)
-        kl, ent, arg, _ = iteration_outputs(m, tr.states, m.tokenizer.index[recs[pid].answer])
+        kl, ent, arg, _, gate = iteration_outputs(m, tr.states, m.tokenizer.index[recs[pid].answer])
         last = tr.states[:, -1]
         sig = ExitSignals(kl=kl, entropy=ent, argmax=arg, latent=step_sizes(last), cosine=cosine_steps(last),
                           correct=arg[:, -1] == m.tokenizer.index[recs[pid].answer])
+        assert gate is None
         mine = tokens[tokens.prompt_id == pid]
         for rule in default_rules():
             brute = _brute(rule, sig)
@@ -375,3 +376,51 @@ def test_audit_page_opens_an_audit_and_runs_a_small_one(audit, tmp_path, monkeyp
     assert not at.exception and not at.error
     assert len(frame(at, "open")) == 2
     assert at.get("progress")[0].proto.value == 100
+
+
+def test_gate_rules_use_the_models_exit_gate_and_unreadable_prompts_become_error_rows(tiny_model, chain_tokenizer):
+    """A model with an exit gate (Ouro's ``early_exit_gate``) gets the gate rules; their exits
+    equal a brute-force loop over gate logits read from plain forwards of 1..I iterations."""
+    from analysis.audit.prompts import PromptRecord
+    from analysis.audit.rows import RowSettings, prompt_rows, rules_for
+    from analysis.checkpoint import LoadedModel
+    from analysis.model import Capture
+
+    torch.manual_seed(1)
+    tiny_model.early_exit_gate = torch.nn.Linear(tiny_model.cfg.d_model, 1)
+    with torch.no_grad():
+        tiny_model.early_exit_gate.bias.fill_(-1.0)
+    m = LoadedModel(model=tiny_model, tokenizer=chain_tokenizer, config=tiny_model.cfg, card={}, task={},
+                    name="tiny", path="", sha256="0" * 16)
+    rules = rules_for(m)
+    assert [r.name for r in rules if r.kind == "gate"] == ["gate q=0.5", "gate q=0.7", "gate q=0.9"]
+    I, prompt = 7, "a=3;b=a;c=b;?c="
+    rows = prompt_rows(m, None, 0, PromptRecord(prompt, "3"), RowSettings(I, fixed_point_iterations=0), rules)
+    ids = torch.tensor([chain_tokenizer.encode(prompt)])
+    g = np.empty((I, len(prompt)))
+    with torch.no_grad():
+        for t in range(I):
+            cap = Capture([f"loop.{t}.hook_state_out"])
+            tiny_model(ids, iterations=t + 1, capture=cap, seed=0)
+            g[t] = tiny_model.early_exit_gate(cap.store[f"loop.{t}.hook_state_out"])[0, :, 0].numpy()
+    zeros = np.zeros_like(g)
+    sig = ExitSignals(kl=zeros, entropy=zeros, argmax=zeros.astype(int), latent=zeros, cosine=zeros, gate=g)
+    got = {r.name: [row[f"exit[{r.name}]"] for row in rows["tokens"]] for r in rules if r.kind == "gate"}
+    for r in rules:
+        if r.kind == "gate":
+            brute = [b + 1 for b in _brute(r, sig)]
+            assert got[r.name] == brute and rows["prompts"][0][f"exit[{r.name}]"] == brute[-1]
+    assert len({tuple(v) for v in got.values()}) > 1  # the thresholds make a difference here
+
+
+def test_unreadable_prompts_are_error_rows(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a=1;?a="}\n{"prompt": "A=1;?A=", "answer": "1"}\n{"prompt": "%s"}\n' % ("a=1;" * 20))
+    run_audit(AuditConfig(model=str(LOOPED), prompts=str(f), iterations=2, out=str(tmp_path / "o"),
+                          fixed_point_iterations=0), progress_stream=None)
+    p = pq.read_table(tmp_path / "o" / "prompts.parquet").to_pandas()
+    assert p.error.isna().tolist() == [True, False, False]
+    assert "'A'" in p.error[1] and "64" in p.error[2] and p.line.tolist() == [1, 2, 3]
+    assert p.answer[0] == "1" and bool(p.correct[0]) == (p.prediction[0] == "1")  # solved chain
+    tokens = pq.read_table(tmp_path / "o" / "tokens.parquet").to_pandas()
+    assert set(tokens.prompt_id) == {0}

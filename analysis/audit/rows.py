@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import LoadedModel
 from ..dynamics import classify_trajectories, cosine_steps, distance_to_fixed_point, step_sizes, _norm
 from ..trace import trace
+from .cost import spec_from_config
 from .exits import ExitRule, ExitSignals, default_rules, replay
 from .prompts import PromptRecord
 
@@ -47,20 +48,26 @@ def iteration_outputs(model: LoadedModel, states: np.ndarray, answer_id: int | N
     the last layer's state (through Ouro's pass norm) run through the coda, final norm and
     unembedding, i.e. the logits a forward of t + 1 iterations returns.
 
-    Returns (kl [I, T], entropy [I, T], argmax [I, T], answer_prob [I] or None), float64 nats;
-    the vocabulary axis is never kept for more than ``chunk`` iterations at once."""
+    Returns (kl [I, T], entropy [I, T], argmax [I, T], answer_prob [I] or None, gate [I, T] or
+    None), float64 nats; gate: the exit-gate logits ``early_exit_gate(s_t)`` of a model that has
+    one (Ouro), read from the state passed to the next iteration. The vocabulary axis is never
+    kept for more than ``chunk`` iterations at once."""
     net = model.model
+    gate_fn = getattr(net, "early_exit_gate", None)
     param = next(net.parameters())
     I, _, T, _ = states.shape
     kl = np.full((I, T), np.nan)
     ent = np.empty((I, T))
     arg = np.empty((I, T), dtype=np.int64)
     prob = np.empty(I) if answer_id is not None else None
+    gate = np.empty((I, T)) if gate_fn is not None else None
     prev = None
     for i in range(0, I, chunk):
         s = torch.as_tensor(np.array(states[i:i + chunk, -1]), dtype=param.dtype, device=param.device)
         if net.cfg.norm_layout == "ouro" and not net.cfg.is_deep:
             s = net.pass_norm(s)
+        if gate is not None:
+            gate[i:i + len(s)] = gate_fn(s)[..., 0].double().cpu().numpy()
         logp = net.decode(s).double().log_softmax(-1)              # [c, T, V]
         p = logp.exp()
         ent[i:i + len(s)] = (-(p * logp).sum(-1)).cpu().numpy()
@@ -71,7 +78,7 @@ def iteration_outputs(model: LoadedModel, states: np.ndarray, answer_id: int | N
         k = (seq[:-1].exp() * (seq[:-1] - seq[1:])).sum(-1).cpu().numpy()
         kl[i + (prev is None):i + len(s)] = k
         prev = logp[-1]
-    return kl, ent, arg, prob
+    return kl, ent, arg, prob, gate
 
 
 def _convergence_iteration(rel: np.ndarray, eps: float) -> np.ndarray:
@@ -106,9 +113,10 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
     prompts row: prompt_id, line, prompt, answer, tags (JSON), n_tokens, iterations,
     prediction (after I iterations), correct, correct_by_iteration (list[bool], None without an
     answer), prediction_by_iteration (list[str]), answer_prob_by_iteration, deep_prediction,
-    deep_correct, and per rule ``exit[NAME]`` (1-based iterations used at the answer position),
-    ``correct[NAME]`` (answer correct at that exit), ``token_exit[NAME]`` (mean over tokens),
-    error (None). Correctness compares the greedy next token with the answer's first token.
+    deep_correct, flops_full (matrix FLOPs of the forward over the prompt at I iterations, see
+    ``cost``), and per rule ``exit[NAME]`` (1-based iterations used at the answer position),
+    ``correct[NAME]`` (answer correct at that exit), ``flops[NAME]`` (the forward's FLOPs when
+    stopped there), ``token_exit[NAME]`` (mean over tokens), error (None). Correctness compares the greedy next token with the answer's first token.
     tokens rows: prompt_id, token, label, class, period, tail_step, straightness,
     convergence_iteration (1-based, -1 never), final_step (relative step at the last
     iteration), distance_to_fixed_point (||s_I - s*|| / ||s*|| at the block's last layer, NaN
@@ -119,6 +127,7 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
     Raises ValueError (tokenizer, length) for a prompt the model cannot read.
     """
     tok = model.tokenizer
+    spec = spec_from_config(model.config)
     answer = rec.answer
     answer_tok = None
     if answer is not None:
@@ -130,12 +139,12 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
     a_id = tok.index[answer_tok] if answer_tok is not None else None
     states = tr.states
     I, L, T, _ = states.shape
-    kl, ent, arg, aprob = iteration_outputs(model, states, a_id)
+    kl, ent, arg, aprob, gate = iteration_outputs(model, states, a_id)
     last = states[:, -1]
     latent = step_sizes(last)
     cosine = cosine_steps(last)
     correct = None if a_id is None else (arg[:, -1] == a_id)
-    sig = ExitSignals(kl=kl, entropy=ent, argmax=arg, latent=latent, cosine=cosine, correct=correct)
+    sig = ExitSignals(kl=kl, entropy=ent, argmax=arg, latent=latent, cosine=cosine, correct=correct, gate=gate)
     exits = {r.name: replay(r, sig) for r in rules}
 
     chars = tok.chars
@@ -146,10 +155,11 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
            "correct_by_iteration": None if correct is None else [bool(c) for c in correct],
            "prediction_by_iteration": preds,
            "answer_prob_by_iteration": None if aprob is None else [float(p) for p in aprob],
-           "deep_prediction": None, "deep_correct": None, "error": None}
+           "deep_prediction": None, "deep_correct": None, "flops_full": spec.forward_flops(I, T), "error": None}
     for name, ex in exits.items():
         e = int(ex[-1])
         row[f"exit[{name}]"] = e + 1 if e >= 0 else None
+        row[f"flops[{name}]"] = spec.forward_flops(e + 1, T) if e >= 0 else None
         row[f"correct[{name}]"] = None if (correct is None or e < 0) else bool(correct[e])
         valid = ex[ex >= 0]
         row[f"token_exit[{name}]"] = float(valid.mean() + 1) if len(valid) else None

@@ -232,7 +232,7 @@ def run_audit(cfg: AuditConfig, progress_stream=sys.stderr, progress_callback=No
     Raises AuditError for bad settings, a folder holding a different audit, or a failed worker
     (finished chunks stay; rerun to continue); PromptSetError for a malformed prompt file;
     CheckpointError for a model folder that does not load."""
-    from ..checkpoint import file_sha256, load_checkpoint
+    from ..checkpoint import load_checkpoint
     from .rows import rules_for
 
     if cfg.engine not in ENGINES:
@@ -276,7 +276,7 @@ def run_audit(cfg: AuditConfig, progress_stream=sys.stderr, progress_callback=No
         "format": AUDIT_FORMAT, "version": AUDIT_VERSION, "identity": ident,
         "settings": {k: v for k, v in asdict(cfg).items()},
         "model": {"path": str(Path(cfg.model).resolve()), "name": loaded.name, "sha256": loaded.sha256,
-                  "weights_sha256": file_sha256(Path(cfg.model) / "model.safetensors"),
+                  "weights_sha256_full": _sha256(Path(cfg.model) / "model.safetensors"),
                   "config": loaded.config.to_dict(), "card_accuracy_by_hops": loaded.card.get("accuracy_by_hops")},
         "deep": None if not cfg.deep else {"path": str(Path(cfg.deep).resolve()), "sha256": deep_sha,
                                            "config": deep_cfg},

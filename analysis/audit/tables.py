@@ -27,9 +27,9 @@ def schemas(rule_names: list[str]) -> dict[str, pa.Schema]:
     prompts = [("prompt_id", i64), ("line", i64), ("prompt", s), ("answer", s), ("tags", s), ("n_tokens", i64),
                ("iterations", i64), ("prediction", s), ("correct", b), ("correct_by_iteration", pa.list_(b)),
                ("prediction_by_iteration", pa.list_(s)), ("answer_prob_by_iteration", pa.list_(f64)),
-               ("deep_prediction", s), ("deep_correct", b)]
+               ("deep_prediction", s), ("deep_correct", b), ("flops_full", f64)]
     for n in rule_names:
-        prompts += [(f"exit[{n}]", i64), (f"correct[{n}]", b), (f"token_exit[{n}]", f64)]
+        prompts += [(f"exit[{n}]", i64), (f"correct[{n}]", b), (f"flops[{n}]", f64), (f"token_exit[{n}]", f64)]
     prompts.append(("error", s))
     tokens = [("prompt_id", i64), ("token", i64), ("label", s), ("class", s), ("period", i64), ("tail_step", f64),
               ("straightness", f64), ("convergence_iteration", i64), ("final_step", f64),
