@@ -228,12 +228,25 @@ def test_killed_run_resumes_without_loss_or_duplicates(audit):
         run_audit(_config(tmp, "killed", iterations=4), progress_stream=None)
 
 
-def test_ray_engine_gives_the_inline_tables(audit):
-    pytest.importorskip("ray")
+def test_ray_engine_gives_the_inline_tables_even_when_a_worker_dies(audit):
+    """Local Ray, 2 workers (2 CPUs); after the first chunk one worker is killed as if it
+    crashed: Ray restarts it, its chunk is retried, and the tables equal the inline run's."""
+    ray = pytest.importorskip("ray")
+    from analysis.audit.run import WORKER_NAME
+
     tmp, _ = audit
-    run_audit(_config(tmp, "ray", engine="ray", workers=2), progress_stream=None)
+    killed = []
+
+    def kill_a_worker(ids):
+        if not killed:
+            killed.append(ids)
+            ray.kill(ray.get_actor(f"{WORKER_NAME}0"), no_restart=False)
+
+    run_audit(_config(tmp, "ray", engine="ray", workers=2, chunk_size=2), progress_stream=None, on_chunk=kill_a_worker)
+    assert killed
     _assert_same_tables(tmp / "ray", tmp / "full")
-    assert json.loads((tmp / "ray" / "manifest.json").read_text())["runs"][-1]["engine"] == "ray"
+    run = json.loads((tmp / "ray" / "manifest.json").read_text())["runs"][-1]
+    assert run["engine"] == "ray" and run["finished"] and run["prompts"] == N_PROMPTS
 
 
 # ---------------------------------------------------------------- cost card
@@ -415,12 +428,14 @@ def test_gate_rules_use_the_models_exit_gate_and_unreadable_prompts_become_error
 
 def test_unreadable_prompts_are_error_rows(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "a=1;?a="}\n{"prompt": "A=1;?A=", "answer": "1"}\n{"prompt": "%s"}\n' % ("a=1;" * 20))
+    f.write_text('{"prompt": "a=1;?a="}\n{"prompt": "A=1;?A=", "answer": "1"}\n{"prompt": "%s"}\n'
+                 '{"prompt": "a=1;?a=", "answer": "X"}\n' % ("a=1;" * 20))
     run_audit(AuditConfig(model=str(LOOPED), prompts=str(f), iterations=2, out=str(tmp_path / "o"),
                           fixed_point_iterations=0), progress_stream=None)
     p = pq.read_table(tmp_path / "o" / "prompts.parquet").to_pandas()
-    assert p.error.isna().tolist() == [True, False, False]
-    assert "'A'" in p.error[1] and "64" in p.error[2] and p.line.tolist() == [1, 2, 3]
+    assert p.error.isna().tolist() == [True, False, False, True]
+    assert "'A'" in p.error[1] and "64" in p.error[2] and p.line.tolist() == [1, 2, 3, 4]
     assert p.answer[0] == "1" and bool(p.correct[0]) == (p.prediction[0] == "1")  # solved chain
+    assert p.answer[3] == "X" and list(p.correct_by_iteration[3]) == [False, False]  # a token it cannot write
     tokens = pq.read_table(tmp_path / "o" / "tokens.parquet").to_pandas()
-    assert set(tokens.prompt_id) == {0}
+    assert set(tokens.prompt_id) == {0, 3}

@@ -116,7 +116,8 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
     deep_correct, flops_full (matrix FLOPs of the forward over the prompt at I iterations, see
     ``cost``), and per rule ``exit[NAME]`` (1-based iterations used at the answer position),
     ``correct[NAME]`` (answer correct at that exit), ``flops[NAME]`` (the forward's FLOPs when
-    stopped there), ``token_exit[NAME]`` (mean over tokens), error (None). Correctness compares the greedy next token with the answer's first token.
+    stopped there), ``token_exit[NAME]`` (mean over tokens), error (None). Correctness compares the greedy next
+    token with the answer's first token (always wrong when that token is not in the vocabulary).
     tokens rows: prompt_id, token, label, class, period, tail_step, straightness,
     convergence_iteration (1-based, -1 never), final_step (relative step at the last
     iteration), distance_to_fixed_point (||s_I - s*|| / ||s*|| at the block's last layer, NaN
@@ -137,13 +138,17 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
     if answer is None and tr.answer is not None:  # a chain prompt solved by the tracer
         answer, answer_tok = tr.answer, tr.answer
     a_id = tok.index[answer_tok] if answer_tok is not None else None
+    lens_answer = a_id is not None and tr.answer == answer_tok  # the trace's answer_rank/prob are ours
     states = tr.states
     I, L, T, _ = states.shape
     kl, ent, arg, aprob, gate = iteration_outputs(model, states, a_id)
     last = states[:, -1]
     latent = step_sizes(last)
     cosine = cosine_steps(last)
-    correct = None if a_id is None else (arg[:, -1] == a_id)
+    if a_id is not None:
+        correct = arg[:, -1] == a_id
+    else:  # no answer (None), or one this model cannot write (never right)
+        correct = None if answer is None else np.zeros(I, dtype=bool)
     sig = ExitSignals(kl=kl, entropy=ent, argmax=arg, latent=latent, cosine=cosine, correct=correct, gate=gate)
     exits = {r.name: replay(r, sig) for r in rules}
 
@@ -193,22 +198,22 @@ def prompt_rows(model: LoadedModel, deep: LoadedModel | None, prompt_id: int, re
                                "step_size": float(np.mean(steps[i, l])) if i else float("nan"),
                                "cosine_step": float(np.mean(cos[i, l])) if i else float("nan"),
                                "distance_to_fixed_point": float(dist[i, l].mean()) if dist is not None else float("nan"),
-                               "answer_prob": float(tr.answer_prob[i, l]) if tr.answer_prob is not None else float("nan"),
-                               "answer_rank": float(tr.answer_rank[i, l]) if tr.answer_rank is not None else float("nan")})
+                               "answer_prob": float(tr.answer_prob[i, l]) if lens_answer else float("nan"),
+                               "answer_rank": float(tr.answer_rank[i, l]) if lens_answer else float("nan")})
     del tr
     if deep is not None:
-        if answer_tok is not None and answer_tok not in deep.tokenizer.index:
-            raise ValueError(f"answer {answer_tok!r} is not in the deep model's vocabulary")
-        dtr = trace(deep, rec.prompt, iterations=1, seed=settings.seed, answer=answer_tok, attention=False,
+        deep_tok = answer[0] if answer is not None and answer[0] in deep.tokenizer.index else None
+        dtr = trace(deep, rec.prompt, iterations=1, seed=settings.seed, answer=deep_tok, attention=False,
                     fixed_point_iterations=0)
         dpred = dtr.prediction()
         row["deep_prediction"] = dpred
-        row["deep_correct"] = None if answer_tok is None else dpred == answer_tok
+        row["deep_correct"] = None if answer is None else (deep_tok is not None and dpred == deep_tok)
+        deep_lens = deep_tok is not None and dtr.answer == deep_tok
         dn = _norm(dtr.states)
         for l in range(dtr.n_layers):
             layers.append({"prompt_id": prompt_id, "model": "deep", "iteration": 1, "layer": l,
                            "norm": float(dn[0, l].mean()), "step_size": float("nan"), "cosine_step": float("nan"),
                            "distance_to_fixed_point": float("nan"),
-                           "answer_prob": float(dtr.answer_prob[0, l]) if dtr.answer_prob is not None else float("nan"),
-                           "answer_rank": float(dtr.answer_rank[0, l]) if dtr.answer_rank is not None else float("nan")})
+                           "answer_prob": float(dtr.answer_prob[0, l]) if deep_lens else float("nan"),
+                           "answer_rank": float(dtr.answer_rank[0, l]) if deep_lens else float("nan")})
     return {"prompts": [row], "tokens": tokens, "layers": layers}

@@ -29,6 +29,7 @@ from .prompts import PromptRecord, read_prompts
 from .tables import TABLES, clean_partial, finished_ids, merge_parts, schemas, write_chunk, write_json_atomic
 
 MANIFEST = "manifest.json"
+WORKER_NAME = "loopscope-audit-worker-"
 AUDIT_FORMAT = "loopscope-audit"
 AUDIT_VERSION = 1
 ENGINES = ("inline", "ray")
@@ -309,7 +310,7 @@ def run_audit(cfg: AuditConfig, progress_stream=sys.stderr, progress_callback=No
             if cfg.engine == "inline":
                 _run_inline(cfg, records, chunks, finish_chunk, prog.restart_clock)
             else:
-                _run_ray(cfg, records, chunks, finish_chunk, prog.restart_clock)
+                _run_ray(cfg, records, chunks, finish_chunk, prog.restart_clock, rule_names)
     finally:
         prog.close()
         manifest["runs"].append({"engine": cfg.engine, "workers": cfg.workers if cfg.engine == "ray" else 1,
@@ -349,7 +350,7 @@ def ray_init_kwargs(cfg: AuditConfig) -> dict:
             "log_to_driver": True, "configure_logging": False}
 
 
-def _run_ray(cfg, records, chunks, finish_chunk, ready):
+def _run_ray(cfg, records, chunks, finish_chunk, ready, rule_names):
     try:
         import ray
         from ray.exceptions import RayError
@@ -357,7 +358,11 @@ def _run_ray(cfg, records, chunks, finish_chunk, ready):
         raise AuditError("the ray engine needs the 'ray' package (pip install ray); or use --engine inline") from None
     started = False
     if not ray.is_initialized():
-        ray.init(**ray_init_kwargs(cfg))
+        try:
+            ray.init(**ray_init_kwargs(cfg))
+        except Exception as exc:  # ray raises plain Exception/ConnectionError when a node cannot start
+            raise AuditError(f"Ray could not start{' or connect to ' + cfg.address if cfg.address else ''}: "
+                             f"{' '.join(str(exc).split())[:300]}; try again, or use --engine inline") from None
         started = True
     try:
         model, deep = cfg.model, cfg.deep
@@ -365,9 +370,14 @@ def _run_ray(cfg, records, chunks, finish_chunk, ready):
             model = ray.put(_folder_files(cfg.model))
             deep = ray.put(_folder_files(cfg.deep)) if cfg.deep else None
         Actor = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(AuditWorker)
-        actors = [Actor.remote(model, deep, cfg.iterations, cfg.seed, cfg.fixed_point_iterations, cfg.threads)
-                  for _ in range(min(cfg.workers, len(chunks)))]
-        ray.get([a.ready.remote() for a in actors])
+        # named (in this driver's own namespace) so a test can kill one as if it crashed
+        actors = [Actor.options(name=f"{WORKER_NAME}{i}").remote(model, deep, cfg.iterations, cfg.seed,
+                                                                 cfg.fixed_point_iterations, cfg.threads)
+                  for i in range(min(cfg.workers, len(chunks)))]
+        names = ray.get([a.ready.remote() for a in actors])
+        if any(n != rule_names for n in names):
+            raise AuditError("a Ray worker runs different loopscope code (its exit rules differ); "
+                             "check the cluster's environment")
         ready()
         queue = list(chunks)
         running = {}
@@ -377,8 +387,8 @@ def _run_ray(cfg, records, chunks, finish_chunk, ready):
                     ids = queue.pop(0)
                     running[a.run_chunk.remote([(i, records[i]) for i in ids])] = (a, ids)
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            ref = ready[0]
+            finished, _ = ray.wait(list(running), num_returns=1)
+            ref = finished[0]
             a, ids = running.pop(ref)
             try:
                 rows = ray.get(ref)
