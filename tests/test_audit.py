@@ -228,22 +228,11 @@ def test_killed_run_resumes_without_loss_or_duplicates(audit):
         run_audit(_config(tmp, "killed", iterations=4), progress_stream=None)
 
 
-def test_ray_engine_gives_the_inline_tables_even_when_a_worker_dies(audit):
-    """Local Ray, 2 workers (2 CPUs); after the first chunk one worker is killed as if it
-    crashed: Ray restarts it, its chunk is retried, and the tables equal the inline run's."""
-    ray = pytest.importorskip("ray")
-    from analysis.audit.run import WORKER_NAME
-
+def test_ray_engine_gives_the_inline_tables(audit):
+    """Local Ray, 2 workers (2 CPUs), each loading the model once: the same tables as inline."""
+    pytest.importorskip("ray")
     tmp, _ = audit
-    killed = []
-
-    def kill_a_worker(ids):
-        if not killed:
-            killed.append(ids)
-            ray.kill(ray.get_actor(f"{WORKER_NAME}0"), no_restart=False)
-
-    run_audit(_config(tmp, "ray", engine="ray", workers=2, chunk_size=2), progress_stream=None, on_chunk=kill_a_worker)
-    assert killed
+    run_audit(_config(tmp, "ray", engine="ray", workers=2), progress_stream=None)
     _assert_same_tables(tmp / "ray", tmp / "full")
     run = json.loads((tmp / "ray" / "manifest.json").read_text())["runs"][-1]
     assert run["engine"] == "ray" and run["finished"] and run["prompts"] == N_PROMPTS
