@@ -5,6 +5,9 @@
     python -m analysis metrics FILE.npz --out FILE.csv
     python -m analysis report --looped DIR [--deep DIR] --prompt TEXT [--iterations N] --out FILE.html
     python -m analysis inspect DIR
+    python -m analysis prompts chains|arithmetic [--hops 1-6] [--n 200] [--seed 0] [--out FILE.jsonl]
+    python -m analysis audit --model DIR [--deep DIR] --prompts FILE.jsonl --iterations N --out DIR
+                             [--engine ray|inline] [--address ADDR] [--workers N]
 
 Subcommands are registered by functions ``add_parser(subparsers)`` that create their parser and
 ``set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status. To add one,
@@ -147,7 +150,10 @@ def add_metrics_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------- registry
-SUBCOMMANDS = [add_trace_parser, add_metrics_parser, add_report_parser, add_inspect_parser]
+from .audit.cli import add_audit_parser, add_prompts_parser  # noqa: E402
+
+SUBCOMMANDS = [add_trace_parser, add_metrics_parser, add_report_parser, add_inspect_parser, add_audit_parser,
+               add_prompts_parser]
 
 
 def add_subcommands(subparsers) -> None:

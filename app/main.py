@@ -28,6 +28,7 @@ PAGES = [
     ("stages.py", "Stages", ":material/stacked_line_chart:"),
     ("correspondence.py", "Correspondence", ":material/compare_arrows:"),
     ("lab.py", "Architecture lab", ":material/science:"),
+    ("audit.py", "Audit", ":material/fact_check:"),
     ("report.py", "Report", ":material/description:"),
 ]
 

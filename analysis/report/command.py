@@ -1,6 +1,7 @@
 """The ``report`` subcommand of ``python -m analysis``::
 
     python -m analysis report --looped DIR --deep DIR --prompt TEXT --iterations N [--seed S] --out report.html
+    python -m analysis report --audit DIR --out audit.html      (an audit folder, analysis.audit.report)
 """
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def report_for_checkpoints(looped_dir, deep_dir, prompt: str, iterations: int | 
 def _run(args) -> int:
     import torch
 
+    if args.audit:  # an audit folder's report (analysis.audit.report)
+        from ..audit.report import build_audit_report
+
+        html_text = build_audit_report(args.audit)
+        out = Path(args.out)
+        out.write_text(html_text, encoding="utf-8")
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if not args.looped or not args.prompt:
+        print("error: the report needs --looped and --prompt (or --audit DIR)", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     try:
         html_text = report_for_checkpoints(args.looped, args.deep, args.prompt, args.iterations, args.seed,
@@ -53,9 +65,11 @@ def add_parser(subparsers):
     p = subparsers.add_parser("report", help="write a self-contained HTML audit report for a prompt",
                               description="Trace PROMPT with a looped and a deep checkpoint and write one "
                                           "self-contained HTML report (opens offline).")
-    p.add_argument("--looped", required=True, help="looped model checkpoint folder")
+    p.add_argument("--looped", default=None, help="looped model checkpoint folder (required without --audit)")
     p.add_argument("--deep", default=None, help="deep model checkpoint folder (optional)")
-    p.add_argument("--prompt", required=True, help="the prompt, e.g. 'a=7;b=a;?b='")
+    p.add_argument("--prompt", default=None, help="the prompt, e.g. 'a=7;b=a;?b=' (required without --audit)")
+    p.add_argument("--audit", default=None, metavar="DIR",
+                   help="instead: the report of an audit folder (python -m analysis audit)")
     p.add_argument("--iterations", type=int, default=None, help="looped iterations (default: the trained count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial state (default 0)")
     p.add_argument("--fixed-point-iterations", type=int, default=FIXED_POINT_ITERATIONS,

@@ -12,7 +12,7 @@ from analysis.cli import main
 from analysis.models.synthetic import write_huginn_folder, write_ouro_folder
 from analysis.trace import Trace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args):
