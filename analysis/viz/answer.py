@@ -93,24 +93,31 @@ def answer_figure(trace, trained: int | None = None, log_y: bool = False, title:
     return theme(fig, template, title or f"Probability of the answer '{trace.answer}' {who}")
 
 def accuracy_data(cards: dict) -> pd.DataFrame:
+    """One row per (model, hops): held-out accuracy (0-1), its standard error (NaN when the card
+    has none) and the best answer-free shortcut on the same prompts, from each card."""
     rows = []
     for name, card in cards.items():
         for h, acc in (card.get("accuracy_by_hops") or {}).items():
             sc = (card.get("shortcut_by_hops") or {}).get(h)
             best = max(sc.values()) if isinstance(sc, dict) and sc else (sc if isinstance(sc, (int, float)) else None)
-            rows.append({"model": name, "hops": int(h), "accuracy": float(acc), "best_shortcut": best})
-    return pd.DataFrame(rows, columns=["model", "hops", "accuracy", "best_shortcut"])
+            se = (card.get("accuracy_se_by_hops") or {}).get(h)
+            rows.append({"model": name, "hops": int(h), "accuracy": float(acc),
+                         "standard_error": float(se) if isinstance(se, (int, float)) else np.nan,
+                         "best_shortcut": best})
+    return pd.DataFrame(rows, columns=["model", "hops", "accuracy", "standard_error", "best_shortcut"])
 
 def accuracy_figure(cards: dict, trained_hops: tuple | None = None, title: str | None = None,
                     template: str = "normal") -> go.Figure:
     """Held-out accuracy by hops from each model's card.json (bars), and the best answer-free
-    shortcut (dotted). ``cards``: {model name: card dict}."""
+    shortcut (dotted); error bars are the cards' standard errors. ``cards``: {model name: card dict}."""
     df = accuracy_data(cards)
     if df.empty:
         return _empty("No accuracy-by-hops numbers in these model cards.", template, title)
     fig = go.Figure()
     for i, (name, g) in enumerate(df.groupby("model", sort=False)):
+        err = g["standard_error"]
         fig.add_trace(go.Bar(x=g["hops"], y=g["accuracy"], name=name,
+                             error_y=dict(type="data", array=err.fillna(0).values, visible=bool(err.notna().any())),
                              marker_color=[LOOPED_COLOR, DEEP_COLOR, *PALETTE][i % (len(PALETTE) + 2)]))
     sc = df.dropna(subset=["best_shortcut"]).groupby("hops")["best_shortcut"].max()
     if len(sc):

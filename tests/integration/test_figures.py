@@ -619,3 +619,19 @@ def test_readability_ticks_hover_colour_range_and_words(traces):
     for fig in (F.step_size_figure(step_sizes(t.states), t),):
         for text in (fig.layout.title.text or "", *(ax.title.text or "" for ax in (fig.layout.yaxis,))):
             assert "‖" not in text and "_{" not in text, text
+
+
+def test_accuracy_bars_carry_the_shipped_cards_standard_errors():
+    import json
+    import math
+
+    from analysis.models.registry import SAMPLE_DIR
+
+    cards = {n: json.loads((SAMPLE_DIR / n / "card.json").read_text()) for n in ("chain-looped", "chain-deep")}
+    fig = F.accuracy_figure(cards, trained_hops=tuple(cards["chain-looped"]["trained_hops"]))
+    looped = cards["chain-looped"]
+    n = looped["evaluation"]["prompts_per_hops"]
+    for h, err in zip(fig.data[0].x, fig.data[0].error_y.array):
+        p = looped["accuracy_by_hops"][str(h)]
+        assert err == pytest.approx(math.sqrt(p * (1 - p) / n))  # binomial standard error, recomputed
+    assert fig.data[0].error_y.visible

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from analysis.models.native import CheckpointError, load_checkpoint, save_checkpoint
 from analysis.models.transformer import LoopConfig, LoopedTransformer
-from analysis.tasks import CHAIN_CHARS, make_chain, shortcut_accuracy, solve_chain, text_chars, text_corpus
+from analysis.tasks import N_STATEMENTS, CHAIN_CHARS, make_chain, shortcut_accuracy, solve_chain, text_chars, text_corpus
 from analysis.models.tokenizers import CharTokenizer, TokenizerError
 
 V = len(CHAIN_CHARS)
@@ -171,7 +171,7 @@ def test_chain_generator_is_seeded_and_answers_are_right():
     for _ in range(300):
         hops = rng.randint(1, 6)
         ex = make_chain(rng, hops)
-        assert len(ex.prompt) == 6 * 4 + 3
+        assert len(ex.prompt) == N_STATEMENTS * 4 + 3
         assert solve_chain(ex.prompt) == (ex.answer, hops)  # independent solver agrees
         digits = [c for c in ex.prompt if c.isdigit()]
         assert len(digits) == ex.n_chains == len(set(digits))
