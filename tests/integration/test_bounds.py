@@ -369,7 +369,14 @@ def test_app_overview_shows_a_broken_card_as_a_note_and_warms_umap(tmp_path, sam
     monkeypatch.setenv("LOOPSCOPE_WARM_UMAP", "1")
     monkeypatch.setattr(projections, "warm_umap", lambda *a, **k: warmed.append(1))
     state.warm_umap_in_background.clear()
-    at = _app(looped=str(_bad_card_folder(tmp_path, sample_dir)))
+    import shutil
+
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.move(str(_bad_card_folder(tmp_path, sample_dir)), root / "weird-card")
+    shutil.copytree(sample_dir / "chain-deep", root / "chain-deep")
+    monkeypatch.setenv("LOOPSCOPE_SAMPLE_DIR", str(root))  # URLs name models inside the configured folder only
+    at = _app(looped="weird-card")
     at.run()
     _clean(at)  # was a raw traceback
     assert "card.json is a JSON list, not an object" in "\n".join(c.value for c in at.caption)
