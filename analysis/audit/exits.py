@@ -80,13 +80,13 @@ class ExitSignals:
     gate [I, T]      exit-gate logits g_t (None: the model has no gate)
     """
 
-    kl: np.ndarray
-    entropy: np.ndarray
-    argmax: np.ndarray
-    latent: np.ndarray
-    cosine: np.ndarray
-    correct: np.ndarray | None = None
-    gate: np.ndarray | None = None
+    kl: np.ndarray                     # [I, T] nats, NaN at t = 0
+    entropy: np.ndarray                # [I, T] nats
+    argmax: np.ndarray                 # [I, T] token ids
+    latent: np.ndarray                 # [I, T] relative state change
+    cosine: np.ndarray                 # [I, T] 1 - cosine of successive states
+    correct: np.ndarray | None = None  # [I] answer right after iteration t
+    gate: np.ndarray | None = None     # [I, T] exit-gate logits
 
     @property
     def shape(self) -> tuple[int, int]:

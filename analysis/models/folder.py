@@ -24,6 +24,15 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+class FolderConfig:
+    """Base of a family's config dataclass: ``to_dict()`` for the Trace's metadata."""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
 class ModelFolderError(ValueError):
     """A folder cannot be opened as a model; the message names the folder, what was found and why."""
 

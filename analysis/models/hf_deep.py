@@ -79,6 +79,10 @@ class HFDeepLM(nn.Module):
             except (ValueError, ImportError):
                 self.hf.set_attn_implementation("eager")
 
+    def initial_state(self, e, seed=None):
+        """s₀ = the embeddings."""
+        return e
+
     def encode(self, idx, capture=None):
         """idx [B, T] -> token embeddings [B, T, D] (position embeddings, if the family has them,
         are added inside the layers' forward, as transformers does for ``inputs_embeds``)."""
@@ -87,10 +91,6 @@ class HFDeepLM(nn.Module):
         e = self.hf.get_input_embeddings()(idx)
         record(capture, "embed.hook_out", e)
         record(capture, "loop.hook_input", e)
-        return e
-
-    def initial_state(self, e, seed=None):
-        """s₀ = the embeddings."""
         return e
 
     def step(self, s, e=None, t=0, capture=None):

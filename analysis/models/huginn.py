@@ -19,14 +19,14 @@ the caller (the reference draws from the global RNG), so a trace records and rep
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .folder import ModelFolderError, TensorInfo, check_shapes, first, load_tensors, rope_settings
-from .layers import (RMSNorm, apply_rope_half, apply_rope_interleaved, build_on_meta, causal_attention,
+from .folder import FolderConfig, ModelFolderError, TensorInfo, check_shapes, first, load_tensors, rope_settings
+from .layers import (build_from_folder, rope_angles_for, RMSNorm, apply_rope_half, apply_rope_interleaved, build_on_meta, causal_attention,
                      record, rope_angles, rope_inv_freq)
 from .spec import ModelSpec, TrainedSchedule
 
@@ -34,7 +34,7 @@ VARIANTS = ("huginn", "llama", "olmo")
 
 
 @dataclass
-class HuginnConfig:
+class HuginnConfig(FolderConfig):
     """Architecture of a Huginn-format checkpoint (read from config.json and the weight names)."""
 
     variant: str
@@ -145,8 +145,6 @@ class HuginnConfig:
         check_shapes(folder, index, hc.expected_shapes())
         return hc
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Attention(nn.Module):
@@ -253,11 +251,7 @@ class HuginnLM(nn.Module):
         return self.transformer.wte.weight if self.config.tied else self.lm_head.weight
 
     def _angles(self, T: int, device) -> torch.Tensor:
-        if T > self.config.context_length:
-            raise ValueError(f"{T} tokens exceed this model's context of {self.config.context_length}")
-        if self.inv_freq is None:
-            self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
-        return rope_angles(T, self.inv_freq, device)
+        return rope_angles_for(self, T, device)
 
     def initial_state_info(self) -> dict:
         """How s₀ is drawn: truncated normal, its σ and cut (in the scaled units of the state)."""
@@ -344,14 +338,4 @@ def load_huginn(folder, cfg: dict, index: dict[str, TensorInfo], dtype=None, dev
     """Build a HuginnLM from a checked folder: tensors go straight into the model (no random
     init), in their stored dtype or ``dtype``. A stray ``freqs_cis`` and a duplicate
     ``lm_head.weight`` of a tied model are accepted (the RoPE table is recomputed)."""
-    hc = HuginnConfig.from_folder(cfg, index, folder)
-    model = build_on_meta(HuginnLM, hc)
-    model.inv_freq = rope_inv_freq(hc.head_dim, hc.rope_theta, hc.rope_scaling)
-    names = list(hc.expected_shapes())
-    state = load_tensors(index, names, dtype=dtype, device=device)
-    model.load_state_dict(state, strict=True, assign=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.ignored_tensors = sorted(set(index) - set(names))
-    model.eval()
-    return model
+    return build_from_folder(HuginnLM, HuginnConfig.from_folder(cfg, index, folder), index, dtype, device)

@@ -105,3 +105,31 @@ def build_on_meta(cls, *args):
     """Instantiate ``cls(*args)`` without allocating weights (meta device)."""
     with torch.device("meta"):
         return cls(*args)
+
+
+def build_from_folder(model_cls, config, index, dtype=None, device="cpu"):
+    """``model_cls(config)`` built on the meta device, its RoPE table computed, and every tensor
+    of ``config.expected_shapes()`` loaded straight from the checked safetensors ``index`` (in
+    its stored dtype or ``dtype``); frozen, in eval mode, ``ignored_tensors`` listing the rest."""
+    from .folder import load_tensors
+
+    model = build_on_meta(model_cls, config)
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    names = list(config.expected_shapes())
+    model.load_state_dict(load_tensors(index, names, dtype=dtype, device=device), strict=True, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.ignored_tensors = sorted(set(index) - set(names))
+    model.eval()
+    return model
+
+
+def rope_angles_for(model, T: int, device) -> torch.Tensor:
+    """RoPE angles for T positions of a family model whose ``config`` has ``context_length``,
+    ``head_dim``, ``rope_theta``, ``rope_scaling``; its ``inv_freq`` table is made once."""
+    c = model.config
+    if T > c.context_length:
+        raise ValueError(f"{T} tokens exceed this model's context of {c.context_length}")
+    if model.inv_freq is None:
+        model.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+    return rope_angles(T, model.inv_freq, device)

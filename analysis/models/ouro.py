@@ -13,20 +13,20 @@ gate's dtype, as the reference does, so they can round to 1 before the last step
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .folder import ModelFolderError, TensorInfo, check_shapes, first, load_tensors, rope_settings
-from .layers import (RMSNorm, apply_rope_half, build_on_meta, causal_attention, record, rope_angles,
+from .folder import FolderConfig, ModelFolderError, TensorInfo, check_shapes, first, load_tensors, rope_settings
+from .layers import (build_from_folder, rope_angles_for, RMSNorm, apply_rope_half, build_on_meta, causal_attention, record, rope_angles,
                      rope_inv_freq)
 from .spec import ModelSpec, TrainedSchedule
 
 
 @dataclass
-class OuroConfig:
+class OuroConfig(FolderConfig):
     """Architecture of an Ouro checkpoint (config.json, checked against the weight shapes)."""
 
     vocab_size: int
@@ -89,8 +89,17 @@ class OuroConfig:
         check_shapes(folder, index, oc.expected_shapes())
         return oc
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+
+class _MLP(nn.Module):
+    def __init__(self, c: OuroConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.d_model, c.d_mlp, bias=False)
+        self.up_proj = nn.Linear(c.d_model, c.d_mlp, bias=False)
+        self.down_proj = nn.Linear(c.d_mlp, c.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _Attention(nn.Module):
@@ -111,17 +120,6 @@ class _Attention(nn.Module):
         q, k = apply_rope_half(q, angles), apply_rope_half(k, angles)
         y = causal_attention(q, k, v, capture, name + ".attn", eager)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
-
-
-class _MLP(nn.Module):
-    def __init__(self, c: OuroConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.d_model, c.d_mlp, bias=False)
-        self.up_proj = nn.Linear(c.d_model, c.d_mlp, bias=False)
-        self.down_proj = nn.Linear(c.d_mlp, c.d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _Layer(nn.Module):
@@ -215,12 +213,8 @@ class OuroLM(nn.Module):
     def head_weight(self):
         return self.model.embed_tokens.weight if self.config.tied else self.lm_head.weight
 
-    def _angles(self, T, device):
-        if T > self.config.context_length:
-            raise ValueError(f"{T} tokens exceed this model's context of {self.config.context_length}")
-        if self.inv_freq is None:
-            self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
-        return rope_angles(T, self.inv_freq, device)
+    def _angles(self, T: int, device) -> torch.Tensor:
+        return rope_angles_for(self, T, device)
 
     def initial_state_info(self) -> dict:
         return {"kind": "embed"}
@@ -233,7 +227,7 @@ class OuroLM(nn.Module):
         return x
 
     def initial_state(self, e, seed=None):
-        """s₀ = the embeddings (no randomness)."""
+        """s₀ = e, the embeddings [B, T, D]: Ouro starts every pass stack from them (no randomness)."""
         return e
 
     def step(self, s, e=None, t=0, capture=None):
@@ -306,14 +300,4 @@ class OuroLM(nn.Module):
 
 def load_ouro(folder, cfg: dict, index: dict[str, TensorInfo], dtype=None, device="cpu") -> OuroLM:
     """Build an OuroLM from a checked folder, tensors straight from the safetensors files."""
-    oc = OuroConfig.from_folder(cfg, index, folder)
-    model = build_on_meta(OuroLM, oc)
-    model.inv_freq = rope_inv_freq(oc.head_dim, oc.rope_theta, oc.rope_scaling)
-    names = list(oc.expected_shapes())
-    state = load_tensors(index, names, dtype=dtype, device=device)
-    model.load_state_dict(state, strict=True, assign=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.ignored_tensors = sorted(set(index) - set(names))
-    model.eval()
-    return model
+    return build_from_folder(OuroLM, OuroConfig.from_folder(cfg, index, folder), index, dtype, device)

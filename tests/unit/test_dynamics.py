@@ -341,7 +341,12 @@ def test_contraction_rate_matches_the_jacobian_radius_on_the_sample_model():
     if not (path / "model.safetensors").exists():
         pytest.skip("sample checkpoint missing")
     m = load_checkpoint(path)
-    tr = trace(m, "a=7;?a=", iterations=128, attention=False, fixed_point_iterations=128)
+    # a 3-hop chain: its slowest mode is excited well above float32 rounding. (On a one-lookup
+    # prompt such as "a=7;?a=" the retrained model's steps fall at 0.22 per iteration while
+    # |lambda| = 0.28: the leading mode carries too little of the step to dominate before the
+    # steps reach the float32 floor at iteration ~11, so no window of float32 steps shows it;
+    # the page shows the Jacobian radius beside the empirical rate for that reason.)
+    tr = trace(m, "a=3;b=a;c=b;?c=", iterations=128, attention=False, fixed_point_iterations=128)
     dense = _dense_float64_radius(m.model, tr)
     assert jacobian_spectral_radius(m.model, tr).radius == pytest.approx(dense, rel=1e-3)
     x = tr.states[:, -1].astype(np.float64).reshape(128, -1)
