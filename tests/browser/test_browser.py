@@ -182,7 +182,7 @@ def test_offline_favicon_upload_provenance_and_iteration_change_in_chromium(tmp_
     from playwright.sync_api import sync_playwright
 
     from analysis.models.native import load_checkpoint
-    from analysis.trace import trace
+    from analysis.tracing import trace
 
     contrast = load_checkpoint(ROOT / "sample_checkpoints" / "chain-contrast")
     saved = trace(contrast, "y=1;f=g;o=7;q=o;s=q;g=2;?s=", iterations=5, seed=3,
