@@ -57,7 +57,7 @@ def step_size_figure(steps, trace, tokens=None, layer: int | None = None, facet_
         fig.update_xaxes(title=x_name, row=1, col=col)
     if floor is not None and np.isfinite(floor) and floor > 0:
         fig.add_hline(y=float(floor), line_dash="dash", line_color="grey",
-                      annotation_text="noise floor: smaller steps are float rounding", annotation_position="bottom left")
+                      annotation_text="noise floor", annotation_position="bottom left")  # the caption explains it; a long label overlaps the next panel
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
         fig.update_yaxes(type="log", exponentformat="power")
