@@ -287,7 +287,8 @@ class Trace:
     def prediction(self) -> str:
         """The model's final greedy next token after the prompt."""
         i = int(np.nanargmax(self.logits[-1])) if np.isfinite(self.logits[-1]).any() else 0
-        return self.vocabulary[i] if i < len(self.vocabulary) else str(i)
+        labels = self.metadata.get("id_labels") or {}  # a real model's token labels (the app adds them)
+        return self.vocabulary[i] if i < len(self.vocabulary) else labels.get(str(i), str(i))
 
     def capture_names(self) -> list[str]:
         """The capture point names this trace holds, e.g. ``loop.3.blocks.1.hook_resid_post``

@@ -11,13 +11,15 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import streamlit as st
 
 from analysis.lab import LabSettings, lab_verdict, run_lab
 from analysis.measures.correspondence import cka_matrix
 from analysis.measures.dynamics import jacobian_spectral_radius, layer_cosine_matrix, step_sizes
-from analysis.models import registry
+from analysis.models import discovery, registry
+from analysis.models.discovery import ModelEntry
 from analysis.models.native import LoadedModel
 from analysis.trace import Trace
 from analysis.tracing import continue_to_fixed_point
@@ -51,10 +53,49 @@ def configure_torch() -> int:
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")
-def load_model(path: str, mtime: float) -> LoadedModel:
-    """The model in ``path`` (any family the registry knows); ``mtime`` of its weights keys the cache."""
+def load_model(path: str, mtime) -> LoadedModel:
+    """The model in ``path`` (any family the registry knows); ``mtime`` (the modification times of
+    its config and weights) keys the cache. A folder that fails to load raises and leaves nothing
+    cached (st.cache_* never stores an exception)."""
     configure_torch()
     return registry.load(path)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def describe_folder(path: str, signature: tuple) -> ModelEntry | str:
+    """``discovery.describe_folder(path)``, or the reason it is not offered (a string);
+    ``signature`` (``folder_signature``) keys it, so an edited folder is described again."""
+    try:
+        return discovery.describe_folder(Path(path))
+    except (ValueError, OSError) as exc:
+        return str(exc)
+
+
+def folder_signature(path) -> tuple:
+    """(name, size, mtime) of config.json and the weight files: a cheap key that changes when a folder does."""
+    folder = Path(path)
+    out = []
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        try:
+            st_ = f.stat()
+            out.append((f.name, st_.st_size, st_.st_mtime_ns))
+        except OSError:
+            pass
+    return tuple(out)
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def models(roots_env: str) -> discovery.Discovery:
+    """Every checkpoint the app offers (``analysis.models.discovery.discover``) for the model roots
+    of ``roots_env`` ($LOOPSCOPE_MODEL_DIRS); listed again after 10 s, each folder described
+    from its headers once per change."""
+    def describe(folder):
+        got = describe_folder(str(folder), folder_signature(folder))
+        if isinstance(got, str):
+            raise ValueError(got)
+        return got
+
+    return discovery.discover(discovery.model_roots(roots_env), describe=describe)
 
 
 @st.cache_resource(show_spinner=False)
@@ -155,3 +196,126 @@ def lab_results(settings_json: str, progress=None) -> dict:
         while len(store) > LAB_STORE_SIZE:
             store.popitem(last=False)
     return res
+
+
+# ---------------------------------------------------------------- real models: traces as cancellable jobs
+# A real model's trace can take minutes, so it runs in a worker thread while the page draws its
+# progress and a Cancel button; the finished Trace is kept in a small bounded store shared by the
+# server's sessions (like the Lab's results: st.cache_* would replay the progress elements).
+REAL_STORE_SIZE = 4
+FLOPS_PER_S = 2e10  # the first estimate's assumed CPU speed; each finished job corrects it
+_REAL_LOCK = threading.Lock()
+
+
+class Cancelled(Exception):
+    """A real-model job was cancelled from the page."""
+
+
+class _Stepping:
+    """A protocol model seen through its ``step`` calls: each counts one step of the job, and a
+    cancelled job stops at the next one. Everything else is the model's own attribute."""
+
+    def __init__(self, net, job: "RealJob"):
+        self._net, self._job = net, job
+
+    def step(self, *args, **kwargs):
+        if self._job.cancel.is_set():
+            raise Cancelled()
+        out = self._net.step(*args, **kwargs)
+        self._job.steps_done += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+
+@dataclasses.dataclass
+class RealJob:
+    """One trace (or s* continuation) of a real model, running or finished. steps_total: the
+    model ``step`` calls it makes; estimate_s: the time guessed before it started (s)."""
+
+    key: str
+    steps_total: int
+    estimate_s: float
+    flops: float
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    steps_done: int = 0
+    result: object = None
+    error: BaseException | None = None
+    seconds: float | None = None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def status(self) -> tuple[float, str]:
+        """(fraction done in [0, 1], "step 3 of 32 · 4 s, about 12 s left")."""
+        elapsed = time.perf_counter() - self.t0
+        frac = self.steps_done / max(1, self.steps_total)
+        if self.steps_done:  # measured: time per step so far (the lens after the loop is not counted)
+            left = elapsed / self.steps_done * (self.steps_total - self.steps_done)
+        else:
+            left = max(0.0, self.estimate_s - elapsed)
+        where = f"step {min(self.steps_done + 1, self.steps_total)} of {self.steps_total}" if frac < 1 else "the logit lens"
+        return min(frac, 0.99), f"{where} · {elapsed:.0f} s, about {left:.0f} s left"
+
+
+@st.cache_resource(show_spinner=False)
+def _real_store() -> dict:
+    """{"jobs": OrderedDict key -> RealJob (newest last), "rate": measured FLOP/s} for the server."""
+    return {"jobs": OrderedDict(), "rate": FLOPS_PER_S}
+
+
+def estimate_flops(model: LoadedModel, tokens: int, steps: int, lens: bool = True) -> float:
+    """A rough FLOP count: 2·params·T for the layers run once, 2·block-params·T per step, the
+    attention's 4·T²·D per layer call, and the logit lens's 2·T·D·V per captured state."""
+    spec = model.spec
+    n_params = int(model.card.get("parameters") or sum(p.numel() for p in model.model.parameters()))
+    V, D, T = spec.vocab_size, spec.d_model, tokens
+    layers = spec.n_prelude + spec.n_block + spec.n_coda
+    per_layer = max(0, n_params - 2 * V * D) / max(1, layers)
+    per_step = spec.n_block * (2 * per_layer * T + 4 * T * T * D)
+    once = (spec.n_prelude + spec.n_coda) * (2 * per_layer * T + 4 * T * T * D) + 2 * T * D * V
+    lens_flops = 2 * T * D * V * spec.n_block * steps if lens else 0
+    return float(once + per_step * steps + lens_flops)
+
+
+def real_job(key: str, model: LoadedModel, steps: int, flops: float, fn) -> RealJob:
+    """The job for ``key``: the stored one (running or finished), else ``fn(stepping_model)`` started
+    in a worker thread. Failed and cancelled jobs are removed from the store when read
+    (``drop_job``), so nothing half-computed stays."""
+    store = _real_store()
+    with _REAL_LOCK:
+        job = store["jobs"].get(key)
+        if job is not None and (job.cancel.is_set() or (job.done.is_set() and job.error is not None)):
+            job = None  # a cancelled or failed job is never handed out again: start afresh
+        if job is not None:
+            store["jobs"].move_to_end(key)
+            return job
+        job = RealJob(key=key, steps_total=max(1, steps), estimate_s=flops / store["rate"], flops=flops)
+        store["jobs"][key] = job
+        while len(store["jobs"]) > REAL_STORE_SIZE:
+            old = next(iter(store["jobs"]))
+            if not store["jobs"][old].done.is_set():
+                break  # never drop a running job
+            store["jobs"].popitem(last=False)
+
+    configure_torch()
+
+    def run():
+        try:
+            job.result = fn(_Stepping(model.model, job))
+            job.seconds = time.perf_counter() - job.t0
+            if job.seconds > 0.5:
+                store["rate"] = max(1e8, job.flops / job.seconds)
+        except BaseException as exc:  # shown on the page by whoever reads the job
+            job.error = exc
+        finally:
+            job.done.set()
+
+    threading.Thread(target=run, name=f"loopscope-real-{key[:12]}", daemon=True).start()
+    return job
+
+
+def drop_job(key: str) -> None:
+    """Remove a job from the store (after a failure or a cancel, or to recompute it)."""
+    with _REAL_LOCK:
+        _real_store()["jobs"].pop(key, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -85,8 +86,37 @@ def page_intro(text: str, paper_note: str | None = None) -> None:
         where.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
 
 
+MAX_TICK_LABELS = 48  # more explicit tick labels than this on one axis (long prompts) are thinned
+
+
+def thin_ticks(fig: go.Figure, max_labels: int = MAX_TICK_LABELS) -> go.Figure:
+    """Keep every n-th label of any axis with more than ``max_labels`` explicit tick labels (a
+    long prompt's tokens), so they stay readable; hover still names every cell. In place; returns ``fig``."""
+    for name in list(fig.layout.to_plotly_json()):
+        if not (name.startswith("xaxis") or name.startswith("yaxis")):
+            continue
+        axis = fig.layout[name]
+        vals, text = axis.tickvals, axis.ticktext
+        if axis.tickmode == "array" and vals is not None and len(vals) > max_labels:
+            step = -(-len(vals) // max_labels)
+            axis.update(tickvals=list(vals)[::step], ticktext=None if text is None else list(text)[::step])
+    return fig
+
+
+def token_picker(label: str, key: str, trace, default: int | None = None, help: str | None = None) -> int:
+    """A token position picked by its label ("12 ␣Paris"), kept in the URL as ``?key=12``;
+    default: the last position."""
+    from app import url_state
+
+    n = trace.n_tokens
+    labels = trace.token_labels
+    return url_state.view_option(label, key, list(range(n)), n - 1 if default is None else default,
+                                 widget="selectbox", help=help, format_func=lambda i: f"{i} {labels[i]}")
+
+
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
+    thin_ticks(fig)
     st.plotly_chart(fig, key=key, width="stretch", theme=None)  # our own theme (bigger fonts when projecting)
     figure_export_row(fig, key, data)
 
@@ -137,6 +167,23 @@ def model_label(trace, model, session=None) -> str:
 def prompts_differ(session) -> bool:
     """Whether the looped and the deep side show different prompts."""
     return session.looped is not None and session.deep is not None and session.looped.prompt != session.deep.prompt
+
+
+def tokens_differ(session) -> str | None:
+    """Why token-level comparisons of the two sides (CKA, correspondence, per-token overlays,
+    side-by-side positions) are off, or None when both sides read the same tokens: the two
+    models split the prompt differently (another tokenizer), so position i is not the same text."""
+    lt, dt = session.looped, session.deep
+    if lt is None or dt is None or lt.prompt != dt.prompt:
+        return None
+    if tuple(lt.token_labels) == tuple(dt.token_labels) and np.array_equal(lt.tokens, dt.tokens):
+        return None
+    if not app_session.same_tokenizer(session.looped_model, session.deep_model) and tuple(lt.token_labels) == tuple(dt.token_labels):
+        return None  # two tokenizers that split this prompt identically: positions still match
+    return (f"The two models use different tokenizers: the looped model reads the prompt as {lt.n_tokens} tokens, "
+            f"the deep model as {dt.n_tokens}, so position i is not the same text on both sides and token-level "
+            "comparisons are not drawn. Pick two models with the same tokenizer (e.g. Ouro beside SmolLM2, or two "
+            "loopscope models of one task) to compare them token by token.")
 
 
 def trained_of(trace, model) -> int | None:
@@ -213,6 +260,8 @@ def model_card(model, template: str = "normal") -> None:
     architecture, size, training, held-out numbers. Template "presentation": short labels and
     the parameter count as "1.87 M"."""
     facts = summary.model_facts(model)
+    if model.card.get("family"):  # a real model folder: facts from its headers and spec
+        return real_model_card(model, facts, template)
     cfg = model.config
     st.markdown(f"**{md_text(facts.name)}** — `{facts.architecture}`")
     if model.card.get("warning"):
@@ -236,6 +285,26 @@ def model_card(model, template: str = "normal") -> None:
         metric(c3, "Held-out bits/char", f"{facts.heldout_bits_per_char:.2f}", short="Bits/char", template=template)
     st.caption(f"d_model {cfg.d_model}, {cfg.n_heads} heads, norm {cfg.norm_layout}, injection {cfg.injection}, "
                f"initial state {cfg.initial_state}, context {cfg.context_length} · weights sha256 {model.sha256}")
+
+
+def real_model_card(model, facts, template: str = "normal") -> None:
+    """The card of a real model folder (Huginn, Ouro, a transformers model): family, parameters,
+    dtype, trained iterations, shape, and the Python files that were ignored."""
+    spec, card = model.spec, model.card
+    st.markdown(f"**{md_text(facts.name)}** — `{facts.architecture}` · {md_text(card['family'])}")
+    c1, c2, c3 = st.columns(3)
+    metric(c1, "Parameters", compact_number(facts.parameters), template=template, help=f"{facts.parameters:,} parameters")
+    if spec.is_deep:
+        c2.metric("Layers", spec.n_block)
+    else:
+        metric(c2, "Trained iterations", facts.trained_label, short="Trained iters", template=template,
+               help=f"From config.json: {facts.trained.words()} iterations")
+    metric(c3, "Weights", f"{card.get('weights_bytes', 0) / 2**30:.2f} GiB" if card.get("weights_bytes", 0) >= 2**28
+           else f"{card.get('weights_bytes', 0) / 2**20:.1f} MiB", template=template, help=f"dtype {card.get('dtype')}")
+    ignored = card.get("ignored_files") or []
+    st.caption(f"d_model {spec.d_model}, {spec.n_heads} heads, vocabulary {spec.vocab_size:,}, context "
+               f"{spec.context_length:,}, dtype {md_text(card.get('dtype'))} · folder fingerprint {model.sha256}"
+               + (f" · ignored (never run): {md_text(', '.join(ignored))}" if ignored else ""))
 
 
 # ---------------------------------------------------------------- exports under figures and in the sidebar

@@ -14,14 +14,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
-from analysis.models import registry
-from analysis.models.native import CheckpointError, LoadedModel
+from analysis.models import discovery, registry
+from analysis.models.native import LoadedModel
 from analysis.trace import Trace, TraceFormatError
 from analysis.tracing import FIXED_POINT_ITERATIONS
 from app import caching
@@ -72,12 +73,22 @@ def _md(text) -> str:
 
 
 # ---------------------------------------------------------------- checkpoints
-def default_models(found: dict[str, Path]) -> tuple[str, str]:
-    """The default (looped, deep) pair among ``found``: the shipped pair when present, else the
-    first folder of each declared kind ("" when there is none)."""
-    kind = {n: registry.declared_kind(p) for n, p in found.items()}
-    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next((n for n in found if kind[n] == "looped"), "")
-    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n in found if kind[n] == "deep"), "")
+def available() -> dict:
+    """Every checkpoint the app offers, name -> ``ModelEntry`` (family, kind, parameters, dtype):
+    the sample checkpoints and the folders under ``$LOOPSCOPE_MODEL_DIRS``."""
+    return caching.models(os.environ.get(discovery.ROOTS_ENV, "")).models
+
+
+def skipped_folders() -> dict:
+    """Folders under the model roots that are not offered, path -> the reason."""
+    return caching.models(os.environ.get(discovery.ROOTS_ENV, "")).skipped
+
+
+def default_models(found: dict) -> tuple[str, str]:
+    """The default (looped, deep) pair among ``found`` (name -> ModelEntry): the shipped pair when
+    present, else the first folder of each declared kind ("" when there is none)."""
+    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next((n for n, e in found.items() if e.kind == "looped"), "")
+    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n, e in found.items() if e.kind == "deep"), "")
     return looped, deep
 
 
@@ -85,17 +96,13 @@ def resolve(name: str) -> Path | None:
     """A Settings.looped/deep value -> folder path (None for "")."""
     if not name:
         return None
-    found = registry.sample_checkpoints()
+    samples = registry.sample_checkpoints()
+    if name in samples:
+        return samples[name]
+    found = available()
     if name in found:
-        return found[name]
+        return found[name].path
     return Path(name).expanduser()
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return (path / "model.safetensors").stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def load_model(name: str) -> tuple[LoadedModel | None, str | None]:
@@ -103,18 +110,38 @@ def load_model(name: str) -> tuple[LoadedModel | None, str | None]:
     path = resolve(name)
     if path is None:
         return None, None
-    if not path.is_absolute() and name not in registry.sample_checkpoints():
-        return None, f"{name!r} is neither a sample checkpoint nor an absolute folder path"
+    if not path.is_absolute() and name not in registry.sample_checkpoints() and name not in available():
+        return None, f"{name!r} is neither a listed checkpoint nor an absolute folder path"
+    if not path.is_dir():
+        return None, f"{path} is not a folder"
     try:
-        return caching.load_model(str(path), _mtime(path)), None
-    except CheckpointError as exc:
+        return caching.load_model(str(path), caching.folder_signature(path)), None
+    except ValueError as exc:  # CheckpointError, ModelFolderError: the message names the folder and the problem
         return None, str(exc)
     except Exception as exc:  # anything else a broken folder can throw (permissions, torch): shown, not raised
         return None, f"{path} could not be loaded: {type(exc).__name__}: {exc}"
 
 
+def same_tokenizer(a: LoadedModel | None, b: LoadedModel | None) -> bool:
+    """Whether two models split text the same way (same characters, or the same tokenizer.json)."""
+    if a is None or b is None:
+        return False
+    ta, tb = a.tokenizer, b.tokenizer
+    if hasattr(ta, "chars") and hasattr(tb, "chars"):
+        return ta.chars == tb.chars
+    pa, pb = getattr(ta, "path", None), getattr(tb, "path", None)
+    if not pa or not pb:
+        return False
+    try:
+        return Path(pa).read_bytes() == Path(pb).read_bytes()
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------- traces
 def _capped_prompt(prompt: str, model: LoadedModel, who: str, warnings: list[str]) -> str:
+    if registry.is_real(model):  # counted in tokens: trace_model refuses an overlong prompt with a message
+        return prompt
     n = model.config.context_length
     if len(prompt) > n:
         warnings.append(f"The prompt has {len(prompt)} characters; the {who} model ({model.name}) reads at most {n}, "
@@ -145,6 +172,20 @@ class _Progress:
 
     def finish(self) -> None:
         self.done += 1
+
+    def within(self, fraction: float, text: str) -> None:
+        """Move the bar inside the current step (a real model's job: ``fraction`` of its steps done)."""
+        if self.bar is not None:
+            label = self.steps[min(self.done, len(self.steps) - 1)][1]
+            self.bar.progress(min(1.0, (self.done + fraction) / len(self.steps)),
+                              text=f"Step {self.done + 1} of {len(self.steps)}: {label} · {text}")
+
+    def cancel_button(self, key: str, on_click, args) -> None:
+        """A Cancel button in the progress box (once per key and run)."""
+        if self.box is not None:
+            with self.box:
+                st.button("Cancel", key=key, on_click=on_click, args=args, icon=":material/cancel:",
+                          help="Stop this run at its next step. Press Run to start it again.")
 
     def close(self, failed: bool) -> None:
         if self.box is None:
@@ -193,10 +234,91 @@ def fits(model: LoadedModel, prompt: str) -> bool:
         return False
 
 
+def _cancel_job(key: str) -> None:
+    """The Cancel button: stop the job at its next step, and do not start it again until Run."""
+    store = caching._real_store()["jobs"]
+    job = store.get(key)
+    if job is not None:
+        job.cancel.set()
+    st.session_state.setdefault("_cancelled", set()).add(key)
+
+
+JOB_POLL_S = 0.25
+
+
+def _wait_job(key: str, model: LoadedModel, steps: int, flops: float, fn, who: str, progress: _Progress):
+    """Run (or pick up) the real-model job ``key`` and draw its progress until it ends; its result,
+    or raise what it raised (Cancelled when cancelled). A rerun while it runs (any click) leaves
+    it running: the next run picks it up and draws its progress again."""
+    job = caching.real_job(key, model, steps, flops, fn)
+    if not job.done.is_set():
+        progress.start(who)
+        progress.cancel_button(f"cancel_{who}", _cancel_job, (key,))
+        while not job.done.wait(JOB_POLL_S):
+            progress.within(*job.status())
+    if job.error is not None:
+        caching.drop_job(key)  # nothing half-computed stays in the store
+        raise job.error
+    return job.result
+
+
+def _label_ids(trace: Trace, tokenizer) -> Trace:
+    """The trace with ``metadata["id_labels"]``: a readable label for every token id its lens and
+    logits name (the figures show these instead of ids)."""
+    import numpy as np
+
+    ids = set(np.unique(trace.lens_top_ids).tolist()) | {int(np.nanargmax(trace.logits[-1]))}
+    ids |= set(trace.metadata.get("coda_lens_top_ids") or ())
+    labels = {str(i): tokenizer.label(int(i)) for i in sorted(ids)}
+    return dataclasses.replace(trace, metadata=dict(trace.metadata, id_labels=labels))
+
+
+def _run_real(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int,
+              who: str, progress: _Progress) -> Trace:
+    """A real model's trace (``analysis.models.trace_real.trace_model``) as a cancellable job with
+    progress, continued to ``fp`` iterations for s* as a second job (looped models only)."""
+    from analysis.models.trace_real import trace_model
+    from analysis.tracing import continue_to_fixed_point
+
+    spec = model.spec
+    r = 1 if spec.is_deep else (spec.trained_mean if iterations is None else iterations)
+    base = ("real", model.sha256, model.path, prompt, r, seed)
+    key = repr(("trace",) + base)
+    if key in st.session_state.get("_cancelled", set()):
+        raise caching.Cancelled()
+    T = len(model.tokenizer.encode(prompt))
+    meta = {"checkpoint_sha256": model.sha256}
+
+    def run(net):
+        tr = trace_model(net, prompt, iterations=r, seed=seed, fixed_point_iterations=0, metadata=meta)
+        return _label_ids(tr, model.tokenizer)
+
+    t = _step(progress, who, key, lambda: _wait_job(key, model, r, caching.estimate_flops(model, T, r), run, who, progress))
+    if fp and not spec.is_deep and fp > r:
+        fkey = repr(("fixed_point", fp) + base)
+        if fkey in st.session_state.get("_cancelled", set()):
+            raise caching.Cancelled()
+        t = _step(progress, f"{who}_fp", fkey,
+                  lambda: _wait_job(fkey, model, fp - r, caching.estimate_flops(model, T, fp - r, lens=False),
+                                    lambda net: continue_to_fixed_point(net, t, fp), f"{who}_fp", progress))
+    return t
+
+
 def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: int, fp: int,
                who: str, errors: list[str], progress: _Progress) -> Trace | None:
     """The model's trace (and, for fp > 0, continued to ``fp`` iterations for s*); problems -> errors."""
     base = (model.sha256, model.path, prompt, iterations, seed)
+    if registry.is_real(model):
+        try:
+            return _run_real(model, prompt, iterations, seed, fp, who, progress)
+        except caching.Cancelled:
+            errors.append(f"{who.capitalize()} model ({_md(model.name)}): the run was cancelled. Press **Run** "
+                          "in the sidebar to start it again.")
+        except ValueError as exc:  # overlong prompt, memory budget (TraceBudgetError), iterations
+            errors.append(f"{who.capitalize()} model ({_md(model.name)}): {_md(exc)}")
+        except Exception as exc:
+            errors.append(f"{who.capitalize()} model ({_md(model.name)}) failed to run: {type(exc).__name__}: {_md(exc)}")
+        return None
     try:
         t = _step(progress, f"{who}", repr(("trace",) + base), lambda: caching.trace(*base, _model=model))
         if fp:

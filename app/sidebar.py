@@ -14,7 +14,9 @@ import streamlit as st
 from analysis.models import registry
 from analysis.tasks import expected_answer, make_chain, solve_chain
 from app import caching
-from app.session import LOCAL, MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings, default_models, fits, load_model
+from app.components import md_text
+from app.session import (LOCAL, MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings, available, default_models, fits,
+                         load_model, same_tokenizer, skipped_folders)
 from app.url_state import _settings_from_url, _url_params, _write_url
 
 
@@ -35,7 +37,7 @@ def embed_requested() -> bool:
     return bool(st.context.is_embedded) or bool(ss.get("w_present"))
 
 def _defaults() -> dict:
-    found = registry.sample_checkpoints()
+    found = available()
     looped, deep = default_models(found)
     task, iters = "chain", 16
     model, _ = load_model(looped) if looped else (None, None)
@@ -85,6 +87,7 @@ def _apply() -> None:
     st.session_state["applied"] = _widget_settings()
     st.session_state["w_prompt"] = st.session_state["applied"]["prompt"]
     st.session_state["_url_notes"] = []
+    st.session_state["_cancelled"] = set()  # Run starts a cancelled real-model run again
 
 def _fill_example() -> None:
     title = st.session_state.get("w_example")
@@ -100,8 +103,8 @@ def _task_of(name: str) -> str | None:
 
 
 def _looped_changed() -> None:
-    """A looped model of another task (chain -> text): switch to that task's first example and to
-    a deep model of the same task and vocabulary (none when there is none)."""
+    """A looped model of another task (chain -> text, or a real model): switch to that task's first
+    example and to a deep model of the same task and tokenizer (none when there is none)."""
     ss = st.session_state
     model, _ = load_model(ss.get("w_looped")) if ss.get("w_looped") not in (LOCAL, NONE) else (None, None)
     if model is None:
@@ -118,12 +121,24 @@ def _looped_changed() -> None:
                 ss["w_hops"] = ex["hops"]
     deep = ss.get("w_deep")
     if deep != LOCAL:
-        dm, _ = load_model(deep) if deep != NONE else (None, None)
-        wrong = dm is None or dm.task.get("name", "chain") != task or dm.tokenizer.chars != model.tokenizer.chars
+        found = available()
+        real = registry.is_real(model)
+        entry = found.get(deep)
+        # a real looped model keeps a real deep partner (another tokenizer is allowed: the pages say
+        # where a comparison needs the same tokens); loopscope's own models need the same characters
+        if real:
+            wrong = entry is None or entry.family == "loopscope"
+        else:
+            dm, _ = load_model(deep) if deep != NONE else (None, None)
+            wrong = dm is None or dm.task.get("name", "chain") != task or not same_tokenizer(dm, model)
         if (deep != NONE and wrong) or (deep == NONE and switched):
-            found = registry.sample_checkpoints()
-            matching = [n for n, p in found.items() if registry.declared_kind(p) == "deep" and _task_of(n) == task
-                        and load_model(n)[0].tokenizer.chars == model.tokenizer.chars]
+            deeps = [n for n, e in found.items() if e.kind == "deep" and (e.family != "loopscope") == real]
+            if real:
+                mine = Path(model.tokenizer.path).read_bytes() if getattr(model.tokenizer, "path", "") else b""
+                matching = [n for n in deeps if (found[n].path / "tokenizer.json").is_file()
+                            and (found[n].path / "tokenizer.json").read_bytes() == mine]
+            else:
+                matching = [n for n in deeps if _task_of(n) == task and same_tokenizer(load_model(n)[0], model)]
             ss["w_deep"] = matching[0] if matching else NONE
 
 
@@ -138,7 +153,7 @@ def sidebar() -> Settings:
     """Draw the sidebar (the same on every page) and return the applied settings."""
     ss = st.session_state
     params = _url_params()
-    found = registry.sample_checkpoints()
+    found = available()
     if "applied" not in ss:
         defaults = _defaults()
         applied, notes = _settings_from_url(params, found, defaults)
@@ -147,25 +162,36 @@ def sidebar() -> Settings:
     embed = embed_requested()
     sb = st.sidebar
     sb.markdown("### Models")
-    # each picker lists the models that fit it: looped models on the left, deep (one pass) on the right
-    kind = {n: registry.declared_kind(p) for n, p in found.items()}
-    opts = [n for n in found if kind[n] != "deep"] + [LOCAL]
+    # each picker lists the models that fit it, as declared: looped models on the left, deep (one
+    # pass) on the right, each with its family, parameter count and dtype
+    def shown(name: str) -> str:
+        return found[name].label() if name in found else name
+
+    opts = [n for n, e in found.items() if e.kind == "looped"] + [LOCAL]
     if ss.get("w_looped") not in opts:
         ss["w_looped"] = opts[0]
-    sb.selectbox("Looped model", opts, key="w_looped", on_change=_looped_changed,
-                 help="The looped (weight-tied) sample checkpoints, or a checkpoint folder on this machine. "
-                      "Switching to a model of another task also switches the example prompt and the deep model.")
+    sb.selectbox("Looped model", opts, key="w_looped", on_change=_looped_changed, format_func=shown,
+                 help="The looped (weight-tied) checkpoints: the samples and every supported folder under "
+                      "$LOOPSCOPE_MODEL_DIRS (Huginn / retrofitted recurrence, Ouro), or a checkpoint folder on "
+                      "this machine. Switching to a model of another task also switches the example prompt and "
+                      "the deep model.")
     if ss["w_looped"] == LOCAL:
         sb.text_input("Looped model folder", key="w_looped_path", placeholder="/path/to/checkpoint")
-    dopts = [n for n in found if kind[n] == "deep"] + [LOCAL, NONE]
+    dopts = [n for n, e in found.items() if e.kind == "deep"] + [LOCAL, NONE]
     if ss.get("w_deep") not in dopts:
         ss["w_deep"] = NONE
-    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep",
-                 help="The deep (one pass through distinct layers) sample checkpoints, a checkpoint folder, or none. "
+    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep", format_func=shown,
+                 help="The deep (one pass through distinct layers) checkpoints: the samples and every "
+                      "transformers causal-LM folder under $LOOPSCOPE_MODEL_DIRS, a checkpoint folder, or none. "
                       "A looped checkpoint chosen here runs once at its own configured iteration count.")
     if ss["w_deep"] == LOCAL:
         sb.text_input("Deep model folder", key="w_deep_path", placeholder="/path/to/checkpoint")
 
+    skipped = skipped_folders()
+    if skipped:
+        with sb.expander(f"{len(skipped)} folder{'s' if len(skipped) > 1 else ''} not offered"):
+            for path, why in skipped.items():
+                st.caption(f"{md_text(path, 200)}: {md_text(why, 400)}")
     pending = _widget_settings()
     lm, lerr = load_model(pending["looped"])
     if lerr:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.models import registry
+from pathlib import Path
+
+from analysis.models import discovery
 
 from app.session import MAX_HOPS, MAX_ITERATIONS, MAX_SEED, NONE, Settings, _md
 
@@ -33,13 +35,17 @@ def parse_int(raw, lo: int, hi: int) -> int | None:
 def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict, list[str]]:
     """Validated settings from URL parameters; invalid values fall back with a note."""
     out, notes = dict(defaults), []
-    kinds = {"looped": [n for n, p in found.items() if registry.declared_kind(p) != "deep"],
-             "deep": [n for n, p in found.items() if registry.declared_kind(p) == "deep"]}
+    kinds = {"looped": [n for n, e in found.items() if e.kind == "looped"],
+             "deep": [n for n, e in found.items() if e.kind == "deep"]}
     for key in ("looped", "deep"):
         if key in params:
             raw = str(params[key] or "")
-            # only the configured models: a URL never names a folder on the server (a shared server
-            # must not load, or say whether it has, whatever path a visitor types)
+            # only the configured models: a URL never names a folder outside the model roots (a shared
+            # server must not load, or say whether it has, whatever path a visitor types); a path to a
+            # listed model inside the roots (what a local-folder choice writes) opens that model
+            by_path = _listed_path(raw, found, kinds[key])
+            if by_path is not None:
+                raw = by_path
             if raw in kinds[key] or (key == "deep" and raw in ("", "none", NONE)):
                 out[key] = "" if raw in ("none", NONE) else raw
             elif raw in found:
@@ -61,6 +67,14 @@ def _settings_from_url(params: dict, found: dict, defaults: dict) -> tuple[dict,
             else:
                 out[key] = v
     return out, notes
+
+def _listed_path(raw: str, found: dict, names: list[str]) -> str | None:
+    """The listed model name whose folder ``raw`` (an absolute path) is, when it lies inside the
+    model roots; None otherwise (nothing is read from a path outside them)."""
+    if not raw or not (raw.startswith("/") or raw.startswith("~") or "\\" in raw) or not discovery.inside_roots(raw):
+        return None
+    target = Path(raw).expanduser().resolve()
+    return next((n for n in names if found[n].path.resolve() == target), None)
 
 def _write_url(settings: Settings) -> None:
     """Keep the applied settings in the URL (only what differs from it, to avoid churn)."""
@@ -204,3 +218,25 @@ def view_bool(label: str, key: str, default: bool = False, *, help: str | None =
     value = container.checkbox(label, key=key, help=help, **kw)
     keep_in_url(key, str(bool(value)).lower())
     return bool(value)
+
+def view_multi(label: str, key: str, options: list, default: list, *, max_selections: int | None = None,
+               format_func=str, help: str | None = None, container=None) -> list:
+    """A multiselect view option kept in the URL as ``?key=a,b,c``; unknown URL values are dropped
+    with a note (all unknown: ``default``)."""
+    container = container or st
+    options = list(options)
+    raw = _take_url_value(key)
+    if raw is not None:
+        parts = [p.strip() for p in str(raw).split(",") if p.strip()]
+        picked = [o for p in parts for o in options if str(o) == p][:max_selections]
+        if len(picked) < len(parts):
+            st.warning(f"URL value {key}={_md(repr(raw))} names values that are not among the options; "
+                       f"using {[str(o) for o in (picked or default)]}.")
+        st.session_state[key] = picked or list(default)
+    if key in st.session_state:
+        st.session_state[key] = [v for v in st.session_state[key] if v in options] or list(default)
+    kw = {} if key in st.session_state else {"default": list(default)}
+    value = container.multiselect(label, options, key=key, format_func=format_func, help=help,
+                                  max_selections=max_selections, **kw)
+    keep_in_url(key, ",".join(str(v) for v in value))
+    return list(value)

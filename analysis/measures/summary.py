@@ -168,7 +168,7 @@ def model_facts(model=None, trace=None) -> ModelFacts:
     if model is not None:
         spec = model.spec
         name, arch, kind, path, sha = model.name, spec.describe(), spec.kind, model.path, model.sha256
-        params = card.get("parameters", model.model.num_parameters())
+        params = card["parameters"] if "parameters" in card else model.model.num_parameters()
         schedule = spec.schedule
     else:
         name, arch = md.get("model_name", "unknown"), md.get("architecture")

@@ -23,6 +23,9 @@ def _head_maps(att: np.ndarray, head) -> tuple[np.ndarray, list[str]]:
         return att, [f"head {h}" for h in range(H)]
     if head is None:
         return att.mean(axis=0, keepdims=True), ["mean of heads"]
+    if isinstance(head, (list, tuple)):  # a chosen few heads, in this order
+        hs = [int(h) % H for h in head]
+        return att[hs], [f"head {h}" for h in hs]
     h = int(head) % H
     return att[h:h + 1], [f"head {h}"]
 
@@ -104,7 +107,7 @@ def attention_grid_figure(trace, layer: int = 0, rows=None, head="all", max_rows
     Looped trace: rows = iterations (0-based ``rows``, default ``pick_iterations(I, max_rows)``)
     of block layer ``layer``. Deep trace: rows = layers (``rows``, default evenly spaced).
     head: "all" (one column per head, at most ``max_heads``), None (one column, the mean over
-    heads) or an int. zmax: top of the colour scale (default: the largest value shown outside the
+    heads), an int, or a list of heads (one column each, at most ``max_heads``). zmax: top of the colour scale (default: the largest value shown outside the
     first query row, whose single weight is always 1; larger values saturate). width: the width
     the figure will be drawn at, for its height (``attention_grid_height``: square tiles that fill it).
     Traces: one heatmap, tile (r, c) at ``z[r*(T+1):r*(T+1)+T, c*(T+1):c*(T+1)+T]``."""

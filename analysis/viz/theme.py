@@ -66,6 +66,8 @@ def _vocab(trace) -> str:
 
 def _char(trace, i: int) -> str:
     v = _vocab(trace)
+    if not v and trace.metadata.get("id_labels"):  # a real model's tokens, labelled by the app
+        return trace.metadata["id_labels"].get(str(int(i)), str(int(i)))
     c = v[int(i)] if 0 <= int(i) < len(v) else "?"
     return {" ": "␣", "\n": "⏎", "\t": "⇥"}.get(c, c)
 

@@ -24,6 +24,9 @@ def attention_page_same_cross(trace, metric: str = "frobenius", head: int | None
     return att.same_vs_cross_layer(attention_page_distances(trace, metric=metric, head=head), trace.n_layers)
 
 
+GRID_HEADS = 8     # heads side by side in the grid at most
+DEFAULT_HEADS = 4  # evenly spaced heads shown first when a model has more than GRID_HEADS
+
 METRICS = {"frobenius": "Frobenius ‖A − B‖ (the paper's)", "js": "Jensen–Shannon (row-wise, nats)",
            "cosine": "1 − cosine"}
 
@@ -47,11 +50,21 @@ c1, c2, c3 = st.columns([2, 3, 2])
 with c1:
     layer = url_state.view_option("Layer of the block", "attention_layer", list(range(L)), 0,
                               format_func=lambda v: f"layer {v}")
+many = max_heads > GRID_HEADS  # a real model's 16–55 heads: the grid shows a chosen few
 with c2:
     head_opts = ["all", "mean"] + list(range(max_heads))
     head_choice = url_state.view_option("Heads", "attention_head", head_opts, "all", widget="selectbox",
-                                    format_func=lambda v: {"all": "every head (one column each)",
+                                    format_func=lambda v: {"all": "chosen heads (one column each)" if many else
+                                                           "every head (one column each)",
                                                            "mean": "mean over heads"}.get(v, f"head {v}"))
+chosen = None
+if head_choice == "all" and many:
+    spread = sorted({round(i * (max_heads - 1) / (DEFAULT_HEADS - 1)) for i in range(DEFAULT_HEADS)})
+    chosen = url_state.view_multi(f"Heads in the grid (at most {GRID_HEADS} of {max_heads})", "attention_heads",
+                                  list(range(max_heads)), spread, max_selections=GRID_HEADS,
+                                  format_func=lambda v: f"head {v}",
+                                  help="This model has more heads than fit side by side; the grid shows these "
+                                       "(default: evenly spaced). 'mean over heads' averages all of them.") or spread
 with c3:
     n_rows = url_state.view_int("Iterations shown", "attention_rows", 1, min(I, 8), min(I, 6),
                             help="First, last and evenly spaced iterations between them (rows of the grid).")
@@ -59,7 +72,7 @@ with c3:
 
 def grid_head(n_heads: int):
     if head_choice == "all":
-        return "all"
+        return "all" if chosen is None else list(dict.fromkeys(h % n_heads for h in chosen))
     if head_choice == "mean":
         return None
     return int(head_choice) % n_heads

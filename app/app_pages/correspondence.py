@@ -33,6 +33,8 @@ t = ui.require_looped(s)
 st.subheader("Linear CKA: looped states vs deep layers")
 if s.deep is None:
     st.info(f"No deep trace to compare with: {ui.why_missing(s, 'deep')}")
+elif ui.tokens_differ(s):
+    st.info(ui.tokens_differ(s), icon=":material/token:")
 else:
     try:
         cka = caching.cka(session.trace_key(t), session.trace_key(s.deep), _looped=t, _deep=s.deep)

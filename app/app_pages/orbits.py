@@ -45,10 +45,9 @@ o1, o2, o3 = st.columns([2, 2, 3])
 with o1:
     if proj == "token" and ref is not None:
         n = ref.n_tokens
-        token = url_state.view_int("Token position", "o_token", 0, n - 1, n - 1, widget="number",
-                               help="0 is the first character; the default is the last position, where the "
-                                    "answer is predicted.")
-        st.caption(f"token {token}: {ui.md_code(ref.token_labels[token])}")
+        token = ui.token_picker("Token", "o_token", ref,
+                                help="0 is the first token; the default is the last position, where the "
+                                     "answer is predicted.")
     elif proj == "pca":
         center = url_state.view_bool("Centre each path on its own mean", "o_center", False,
                                  help="Overlaps the paths so their shapes (cycles, spirals) can be compared.")
@@ -141,6 +140,8 @@ with right:
     st.subheader(f"Deep: {ui.model_label(d, s.deep_model, s)}")
     if d is None:
         st.info(f"No deep trace: {ui.why_missing(s, 'deep')}")
+    elif proj == "token" and ui.tokens_differ(s):
+        st.info(ui.tokens_differ(s))
     else:
         draw(d, "orbit_deep", f"{PROJ[proj]}: the deep model's {d.n_layers} layers",
              "token" if color_by == "token" else "layer",
