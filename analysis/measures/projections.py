@@ -55,6 +55,29 @@ def _center_trajectories(X: np.ndarray) -> np.ndarray:
     return X - mean
 
 
+LARGE_SVD = 512  # above this many rows and features, PCA computes only its leading components
+
+
+def _leading_svd(centred: np.ndarray, C: int, oversample: int = 20, power: int = 6,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """The C largest singular values (descending) and right singular vectors [C, D] of
+    ``centred`` [n, D] by a seeded randomized range finder (Halko et al. 2011: ``power``
+    orthonormalised power iterations over C + ``oversample`` directions, then an exact SVD of the
+    small projected matrix), and the total sum of squares (for the explained-variance ratio).
+    Cost ~ 2·(power + 1)·n·D·(C + oversample) instead of a full SVD's n·D·min(n, D); the leading
+    components agree with the full SVD to working precision when the spectrum decays (states of a
+    model do), and closely otherwise."""
+    n, D = centred.shape
+    width = min(C + oversample, n, D)
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(centred @ rng.standard_normal((D, width)))
+    for _ in range(power):
+        W, _ = np.linalg.qr(centred.T @ Q)
+        Q, _ = np.linalg.qr(centred @ W)
+    _, s, vt = np.linalg.svd(Q.T @ centred, full_matrices=False)
+    return s[:C], vt[:C], float(np.einsum("ij,ij->", centred, centred))
+
+
 class PCAProjection:
     """Principal components by numpy SVD, with a deterministic sign per component.
 
@@ -101,9 +124,15 @@ class PCAProjection:
             raise ValueError("no finite rows to fit")
         mean = rows.mean(axis=0)
         centred = rows - mean
-        # full_matrices only when the data have fewer rows than components (tiny inputs)
-        _, s, vt = np.linalg.svd(centred, full_matrices=n < C)
-        s_all = np.zeros(vt.shape[0])
+        if min(n, D) > LARGE_SVD and C < min(n, D) // 4:
+            # d_model in the thousands: only the C leading components (seeded randomized SVD); a
+            # full SVD of n × D would take minutes
+            s, vt, total_ss = _leading_svd(centred, C)
+        else:
+            # full_matrices only when the data have fewer rows than components (tiny inputs)
+            _, s, vt = np.linalg.svd(centred, full_matrices=n < C)
+            total_ss = float((s ** 2).sum())
+        s_all = np.zeros(max(vt.shape[0], C))
         s_all[:s.shape[0]] = s
         comps = vt[:C].copy()
         big = np.argmax(np.abs(comps), axis=1)
@@ -111,7 +140,7 @@ class PCAProjection:
         signs[signs == 0] = 1.0
         comps *= signs[:, None]
         var = s_all ** 2 / max(n - 1, 1)
-        total = var.sum() if s.size else 0.0
+        total = total_ss / max(n - 1, 1) if s.size else 0.0
         self.components_ = comps
         self.mean_ = mean
         self.singular_values_ = s_all[:C]

@@ -131,3 +131,18 @@ def test_umap_fit_enables_the_numba_cache(monkeypatch):
     UMAPProjection(n_neighbors=5).fit(X)
     assert len(calls) == 1 and projections._UMAP_CACHE_DIR is not None  # once per process, then idempotent
     assert os.environ["NUMBA_CACHE_DIR"] == str(projections._UMAP_CACHE_DIR)
+
+
+def test_pca_of_thousands_of_features_matches_full_svd():
+    # d_model in the thousands takes the leading-components path; same answer as numpy's full SVD
+    from analysis.measures import projections
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((530, 600)) @ np.diag(0.97 ** np.arange(600)) + 2.0  # a decaying spectrum
+    pca = PCAProjection(4).fit(X)
+    assert min(X.shape) > projections.LARGE_SVD
+    centred = X - X.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(pca.singular_values_, s[:4], rtol=1e-6)
+    np.testing.assert_allclose(np.abs(pca.components_ @ vt[:4].T), np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(pca.explained_variance_ratio_, s[:4] ** 2 / (s ** 2).sum(), rtol=1e-9)
