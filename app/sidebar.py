@@ -175,6 +175,8 @@ def sidebar() -> Settings:
                       "$LOOPSCOPE_MODEL_DIRS (Huginn / retrofitted recurrence, Ouro), or a checkpoint folder on "
                       "this machine. Switching to a model of another task also switches the example prompt and "
                       "the deep model.")
+    if ss["w_looped"] in found:
+        sb.caption(md_text(found[ss["w_looped"]].details()))
     if ss["w_looped"] == LOCAL:
         sb.text_input("Looped model folder", key="w_looped_path", placeholder="/path/to/checkpoint")
     dopts = [n for n, e in found.items() if e.kind == "deep"] + [LOCAL, NONE]
@@ -184,6 +186,8 @@ def sidebar() -> Settings:
                  help="The deep (one pass through distinct layers) checkpoints: the samples and every "
                       "transformers causal-LM folder under $LOOPSCOPE_MODEL_DIRS, a checkpoint folder, or none. "
                       "A looped checkpoint chosen here runs once at its own configured iteration count.")
+    if ss["w_deep"] in found:
+        sb.caption(md_text(found[ss["w_deep"]].details()))
     if ss["w_deep"] == LOCAL:
         sb.text_input("Deep model folder", key="w_deep_path", placeholder="/path/to/checkpoint")
 

@@ -22,7 +22,7 @@ from . import native, registry
 from .folder import ModelFolderError, tensor_index
 
 ROOTS_ENV = "LOOPSCOPE_MODEL_DIRS"
-FAMILY_NAMES = {"loopscope": "loopscope", "huginn": "Huginn / retrofitted", "ouro": "Ouro", "hf-deep": "transformers"}
+FAMILY_NAMES = {"loopscope": "loopscope", "huginn": "Huginn", "ouro": "Ouro", "hf-deep": "transformers"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,13 @@ class ModelEntry:
     dtype: str
 
     def label(self) -> str:
-        """``name · family · 1.2 M params · bfloat16`` (what the sidebar pickers show)."""
-        return f"{self.name} · {FAMILY_NAMES.get(self.family, self.family)} · {compact(self.parameters)} params · {self.dtype}"
+        """``name · family · 1.2 M`` (a picker option: short enough for the sidebar)."""
+        return f"{self.name} · {FAMILY_NAMES.get(self.family, self.family)} · {compact(self.parameters)}"
+
+    def details(self) -> str:
+        """``Ouro · 1.2 M parameters · bfloat16 · 2.3 GiB`` (the caption under a picker)."""
+        size = f"{self.bytes / 2**30:.2f} GiB" if self.bytes >= 2**28 else f"{self.bytes / 2**20:.1f} MiB"
+        return f"{FAMILY_NAMES.get(self.family, self.family)} · {self.parameters:,} parameters · {self.dtype} · {size}"
 
 
 @dataclass
@@ -101,10 +106,32 @@ def describe_folder(path) -> ModelEntry:
             pass  # the header count stands; loading names the problem
     else:
         kind = declared_kind(folder)
+        params = _real_parameters(folder, family, index, params)
     if kind not in ("looped", "deep"):
         raise ModelFolderError(f"{folder}: does not declare whether it is looped or deep")
     return ModelEntry(name=folder.name, path=folder, family=family, kind=kind, parameters=int(params),
                       bytes=int(nbytes), dtype="/".join(dtypes) or "?")
+
+
+def _real_parameters(folder: Path, family: str, index: dict, header_count: int) -> int:
+    """Parameters of the model a real folder builds, without building it: the shapes its config
+    needs (Huginn, Ouro: a duplicate ``lm_head`` of tied embeddings and a stray ``freqs_cis`` are
+    not parameters), else every tensor but a tied ``lm_head``."""
+    import math
+
+    from .folder import read_config
+
+    cfg = read_config(folder)
+    if family in ("huginn", "ouro"):
+        if family == "huginn":
+            from .huginn import HuginnConfig as Cfg
+        else:
+            from .ouro import OuroConfig as Cfg
+        return sum(math.prod(shape) for shape in Cfg.from_folder(cfg, index, folder).expected_shapes().values())
+    if cfg.get("tie_word_embeddings", True) and "lm_head.weight" in index:
+        info = index["lm_head.weight"]
+        return header_count - math.prod(info.shape)
+    return header_count
 
 
 def _candidates(root: Path) -> list[Path]:

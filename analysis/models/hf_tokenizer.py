@@ -94,7 +94,11 @@ class HFTokenizer:
         if m:
             text = bytes([int(m.group(1), 16)]).decode("latin-1")
         elif self.byte_level and all(ch in _BYTES for ch in piece):
-            text = bytes(_BYTES[ch] for ch in piece).decode("utf-8", errors="replace")
+            raw = bytes(_BYTES[ch] for ch in piece)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # part of a multi-byte character: its bytes, not "�"
+                text = "".join(chr(b) if b < 0x80 else f"<0x{b:02X}>" for b in raw)
         else:
             text = piece.replace("▁", " ")
         if text and not text.strip(" "):

@@ -722,8 +722,8 @@ def test_pickers_list_models_where_they_fit_and_switching_task_switches_prompt_a
     at.run()
     # each option reads "name · family · parameters · dtype"
     looped_opts, deep_opts = ([o.split(" · ")[0] for o in at.selectbox(key=k).options] for k in ("w_looped", "w_deep"))
-    assert any(o.startswith("chain-looped · loopscope · ") and o.endswith("params · float32")
-               for o in at.selectbox(key="w_looped").options)
+    assert "chain-looped · loopscope · 583 k" in at.selectbox(key="w_looped").options
+    assert "loopscope · 582,656 parameters" in texts(at.sidebar.caption) and "parameters · float32" in texts(at.sidebar.caption)
     assert "chain-looped" in looped_opts and "text-looped" in looped_opts and "chain-deep" not in looped_opts
     assert "chain-deep" in deep_opts and "chain-looped" not in deep_opts and "text-looped" not in deep_opts
     at.selectbox(key="w_looped").set_value("text-looped").run()

@@ -49,7 +49,12 @@ def test_huginn_beside_llama_every_page(roots):
     looped_box = at.sidebar.selectbox(key="w_looped")
     deep_box = at.sidebar.selectbox(key="w_deep")
     # listed with family, size and dtype; each in the picker of its declared kind
-    assert any(o.startswith("huginn-tiny · Huginn") and "params · float32" in o for o in looped_box.options)
+    from analysis.models.loading import load_folder
+
+    n = sum(p.numel() for p in load_folder(roots / "huginn-tiny").parameters())  # counted on the built model
+    assert any(o.startswith("huginn-tiny · Huginn · ") for o in looped_box.options)
+    shown = texts(at.sidebar.caption)
+    assert f"Huginn · {n:,} parameters · float32" in shown and "transformers · " in shown
     assert any(o.startswith("ouro-tiny · Ouro") for o in looped_box.options)
     assert any(o.startswith("llama-tiny · transformers") for o in deep_box.options)
     assert not any("llama-tiny" in o for o in looped_box.options)
