@@ -86,19 +86,23 @@ def page_intro(text: str, paper_note: str | None = None) -> None:
         where.info(f"**What the paper found.** {paper_note}", icon=":material/menu_book:")
 
 
-MAX_TICK_LABELS = 48  # more explicit tick labels than this on one axis (long prompts) are thinned
+MAX_X_TICK_LABELS = 20  # explicit tick labels kept side by side on an x axis (long prompts)
+TICK_LABEL_PX = 16      # vertical room one stacked y label needs
 
 
-def thin_ticks(fig: go.Figure, max_labels: int = MAX_TICK_LABELS) -> go.Figure:
-    """Keep every n-th label of any axis with more than ``max_labels`` explicit tick labels (a
-    long prompt's tokens), so they stay readable; hover still names every cell. In place; returns ``fig``."""
+def thin_ticks(fig: go.Figure, max_x: int = MAX_X_TICK_LABELS) -> go.Figure:
+    """Keep every n-th label of any axis with more explicit tick labels than fit (a long
+    prompt's tokens): ``max_x`` on an x axis, one per ``TICK_LABEL_PX`` of the figure's height on
+    a y axis; hover still names every cell. In place; returns ``fig``."""
+    limits = {"x": max_x, "y": max(8, int(0.8 * (fig.layout.height or 450) / TICK_LABEL_PX))}
     for name in list(fig.layout.to_plotly_json()):
         if not (name.startswith("xaxis") or name.startswith("yaxis")):
             continue
         axis = fig.layout[name]
         vals, text = axis.tickvals, axis.ticktext
-        if axis.tickmode == "array" and vals is not None and len(vals) > max_labels:
-            step = -(-len(vals) // max_labels)
+        limit = limits[name[0]]
+        if axis.tickmode == "array" and vals is not None and len(vals) > limit:
+            step = -(-len(vals) // limit)
             axis.update(tickvals=list(vals)[::step], ticktext=None if text is None else list(text)[::step])
     return fig
 

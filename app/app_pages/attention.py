@@ -72,7 +72,9 @@ with c3:
 
 def grid_head(n_heads: int):
     if head_choice == "all":
-        return "all" if chosen is None else list(dict.fromkeys(h % n_heads for h in chosen))
+        if chosen is None or n_heads <= GRID_HEADS:  # few heads (the deep side's, say): every one
+            return "all"
+        return [h for h in chosen if h < n_heads] or "all"
     if head_choice == "mean":
         return None
     return int(head_choice) % n_heads

@@ -77,7 +77,8 @@ model_column(right, s.deep, s.deep_model, "deep")
 
 st.divider()
 st.subheader("Model cards")
-cards = {m.name: m.card for m in (s.looped_model, s.deep_model) if m is not None}
+# held-out accuracy by hops: loopscope's own chain models' cards (a real folder has none)
+cards = {m.name: m.card for m in (s.looped_model, s.deep_model) if m is not None and not m.card.get("family")}
 cc = st.columns(2, gap="large")
 for col, m, t, who in zip(cc, (s.looped_model, s.deep_model), (s.looped, s.deep), ("looped", "deep")):
     with col:
