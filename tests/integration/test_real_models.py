@@ -398,7 +398,8 @@ def test_tokenizer_labels_and_answer(tmp_path):
     assert len(labels) == len(ids)
     shown = "".join(lab if set(lab) != {"␣"} else " " * len(lab) for lab in labels)
     assert shown.replace("⏎", "\n").replace("⇥", "\t") == text   # markers (Ġ, Ċ) shown as the text they stand for
-    assert tok.label(tok.encode("é", add_special_tokens=False)[0]) in ("é", "\ufffd")
+    # é is two bytes; a tokenizer that splits it labels each piece by its byte
+    assert tok.label(tok.encode("é", add_special_tokens=False)[0]) in ("é", "<0xC3>")
     assert tok.decode(ids) == text
     first = tok.answer_token(" world")
     assert first == tok.encode(" world", add_special_tokens=False)[0]
