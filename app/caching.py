@@ -22,6 +22,7 @@ from analysis.models.native import LoadedModel
 from analysis.trace import Trace
 from analysis.tracing import continue_to_fixed_point
 from analysis.tracing import trace as capture_trace
+from app import heavy
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -57,13 +58,56 @@ def load_model(path: str, mtime: float) -> LoadedModel:
     return registry.load(path)
 
 
+_POOL_LOCK = threading.Lock()
+_POOL: dict = {}
+
+
+def heavy_pool():
+    """The server's pool of heavy-measurement workers (``app/heavy.py``), made on first use; None
+    when ``$LOOPSCOPE_HEAVY_WORKERS`` is 0 (heavy work then runs in the page's thread). A plain
+    module-level holder rather than st.cache_resource: a pool whose worker died is replaced."""
+    n = heavy.worker_count()
+    if n == 0:
+        return None
+    with _POOL_LOCK:
+        if "pool" not in _POOL:
+            _POOL["pool"] = heavy.make_pool(n)
+        return _POOL["pool"]
+
+
+def _drop_pool(pool) -> None:
+    with _POOL_LOCK:
+        if _POOL.get("pool") is pool:
+            del _POOL["pool"]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_measurement(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``: in a heavy-measurement worker when ``heavy.is_heavy`` says so (the
+    traces among ``args`` are the work's size), else in this thread. A worker that died (killed,
+    out of memory) is replaced and the measurement runs here once, so the page still draws."""
+    pool = heavy_pool() if heavy.is_heavy(fn, *args) else None
+    if pool is None:
+        return fn(*args, **kwargs)
+    try:
+        return heavy.run(pool, fn, *args, **kwargs)
+    except heavy.BrokenProcessPool:
+        _drop_pool(pool)
+        return fn(*args, **kwargs)
+
+
 @st.cache_resource(show_spinner=False)
 def warm_umap_in_background() -> bool:
     """Once per server process (the first page run after ``streamlit run``): compile UMAP's code,
-    or load it from numba's on-disk cache, in a background thread, so that no viewer's first UMAP
+    or load it from numba's on-disk cache, where UMAP will run — in the heavy-measurement worker,
+    or in a background thread of this process when there is none — so that no viewer's first UMAP
     view pays for it. $LOOPSCOPE_WARM_UMAP=0 turns it off (the tests do). True when started."""
     if os.environ.get("LOOPSCOPE_WARM_UMAP", "1").strip() in ("0", "false", "no"):
         return False
+    pool = heavy_pool()
+    if pool is not None:
+        pool.submit(heavy.warm_worker)  # not waited for: the first UMAP view queues behind it
+        return True
     from analysis.measures.projections import warm_umap as warm
 
     def run():
@@ -99,8 +143,9 @@ def upload(digest: str, _data: bytes) -> Trace:
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def measure(name: str, key: str, kwargs_json: str, _fn, _trace, _kwargs):
-    """``_fn(_trace, **_kwargs)``, keyed by the function's name, the trace key and the kwargs."""
-    return _fn(_trace, **_kwargs)
+    """``_fn(_trace, **_kwargs)``, keyed by the function's name, the trace key and the kwargs; heavy
+    ones run in a worker process (``run_measurement``)."""
+    return run_measurement(_fn, _trace, **_kwargs)
 
 
 @st.cache_data(max_entries=32, show_spinner="Estimating the Jacobian's spectral radius…")
@@ -111,13 +156,16 @@ def jacobian(sha256: str, key: str, _model, _trace):
 
 @st.cache_data(max_entries=32, show_spinner="Comparing the two models' representations (CKA)…")
 def cka(looped_key: str, deep_key: str, _looped, _deep):
-    """``analysis.measures.correspondence.cka_matrix(looped, deep)``."""
-    return cka_matrix(_looped, _deep)
+    """``analysis.measures.correspondence.cka_matrix(looped, deep)`` (in a worker when heavy)."""
+    return run_measurement(cka_matrix, _looped, _deep)
 
 
 @st.cache_resource(show_spinner=False)
 def warm_umap() -> bool:
-    """Compile (or load from numba's cache) UMAP once per server process."""
+    """Compile (or load from numba's cache) UMAP once per server process, where UMAP runs: nothing
+    to do here when a heavy-measurement worker runs it (it warms itself at start)."""
+    if heavy_pool() is not None:
+        return False
     from analysis.measures.projections import warm_umap as warm
 
     warm()
