@@ -200,10 +200,13 @@ def _cmd_metrics(args) -> int:
     src = Path(args.trace)
     if not src.is_file():
         raise CLIError(f"{src} does not exist or is not a file")
-    tr = Trace.load(src)
+    tr = Trace.load(src) if args.max_gib is None else Trace.load(src, max_bytes=int(args.max_gib * 2**30))
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CLIError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not tr.is_complete or tr.lens_top_ids is None:
+        raise CLIError(f"{src} keeps only part of its run (metadata capture: {tr.metadata['capture']['iterations'][:6]}"
+                       " … iterations, or no lens); the metrics table needs every iteration, layer and token with the lens")
     table = state_metrics_table(tr)
     table.to_csv(out, index=False)
     print(f"wrote {out}: {len(table)} rows x {table.shape[1]} columns")
@@ -214,6 +217,8 @@ def add_metrics_parser(subparsers) -> None:
     p = subparsers.add_parser("metrics", help="per-state metrics table of a trace as CSV",
                               description="Write one row per token x iteration x layer of a trace.")
     p.add_argument("trace", metavar="FILE.npz")
+    p.add_argument("--max-gib", type=float, default=None, metavar="G",
+                   help="read traces up to G GiB as stored (default: analysis.trace.MAX_TRACE_BYTES, 256 MiB)")
     p.add_argument("--out", required=True, metavar="FILE.csv")
     p.set_defaults(func=_cmd_metrics)
 

@@ -74,6 +74,9 @@ def continue_to_fixed_point(model, tr: Trace, n: int) -> Trace:
     net = model.model if isinstance(model, LoadedModel) else model
     if tr.is_deep:
         raise ValueError("a deep model has no fixed point s*")
+    if not tr.is_complete:
+        raise ValueError("continuing to s* needs a trace of every iteration, layer and position "
+                         "(this one keeps part of its run: metadata['capture'])")
     r = tr.n_iterations
     if not isinstance(n, numbers.Integral) or not r <= n <= MAX_ITERATIONS:
         raise ValueError(f"n must be an integer from the trace's {r} iterations to {MAX_ITERATIONS}, got {n!r}")

@@ -58,6 +58,11 @@ def test_partial_plan_equals_slices_of_the_full_trace(models, family, tmp_path):
             want = model(ids, iterations=7, input_states=torch.from_numpy(full.initial_state.copy())[None])[0]
         torch.testing.assert_close(torch.from_numpy(full.coda_lens_top_ids[-1, :, 0].copy()), want.argmax(-1))
     else:
+        # Ouro's lens is lm_head(norm(state)), written out here: RMS norm with the final norm's weight
+        h = torch.from_numpy(full.states[3, 0].copy()).double()
+        w = model.model.norm.weight.double()
+        ref = (w * h / torch.sqrt((h * h).mean(-1, keepdim=True) + 1e-6)) @ model.lm_head.weight.double().T
+        np.testing.assert_array_equal(full.lens_top_ids[3, 0, :, 0], ref.argmax(-1).numpy())
         g_full, g_part = full.metadata["exit_gate"], part.metadata["exit_gate"]
         assert list(g_part["exit_step"]) == [g_full["exit_step"][i] for i in ps]
         assert [list(row) for row in g_part["lambda"]] == [[row[i] for i in ps] for row in g_full["lambda"]]
@@ -180,3 +185,15 @@ def test_real_size_shapes_load_back(tmp_path):
                injected=z((T, D), np.float32), logits=z((T, V), np.float32), lens_top_ids=z((I, L, T, K), np.int64),
                lens_top_probs=z((I, L, T, K), np.float32), lens_kl=z((I, T), np.float32))
     assert Trace.load(tr.save(tmp_path / "big.npz")).states.shape == (I, L, T, D)
+
+
+def test_metrics_and_fixed_point_refuse_partial_traces(models, tmp_path, capsys, monkeypatch):
+    from analysis.tracing import continue_to_fixed_point
+
+    monkeypatch.delenv("LOOPSCOPE_DEBUG", raising=False)
+    part = trace_model(models["huginn"], PROMPT, iterations=4, plan=CapturePlan(every=2))
+    with pytest.raises(ValueError, match="every iteration"):
+        continue_to_fixed_point(models["huginn"], part, 8)
+    path = part.save(tmp_path / "p.npz")
+    assert main(["metrics", str(path), "--out", str(tmp_path / "m.csv")]) == 2
+    assert "keeps only part of its run" in capsys.readouterr().err
