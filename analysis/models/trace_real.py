@@ -41,7 +41,8 @@ def estimate_trace_bytes(spec, tokens: int, iterations: int, attention: bool = T
                          plan: ResolvedPlan | None = None, fixed_point: bool = False) -> dict:
     """Bytes of one trace (all float32 in memory, whatever the storage dtype): kept block states
     I·L·P·D·4, attention (I·L (+ p + c)) ·H·T²·4, prelude/coda states (p + c)·P·D·4, s₀ and e,
-    logits T·V·4 (the forward makes all of them), the largest lens chunk, s* L·P·D·4. ``plan``
+    logits T·V·4 (the forward makes all of them), the largest lens chunk (about
+    ``LENS_CHUNK_BYTES``, at least one position's row of P·V·4), s* L·P·D·4. ``plan``
     (resolved) gives I, L, P and the fields; without one, everything is kept (``attention`` as
     given). Returns a dict of parts and ``total``."""
     if plan is None:
@@ -49,13 +50,14 @@ def estimate_trace_bytes(spec, tokens: int, iterations: int, attention: bool = T
     I, L, P, T = len(plan.iterations), len(plan.layers), len(plan.positions), tokens
     D, H, V = spec.d_model, spec.n_heads, spec.vocab_size
     pc = (spec.n_prelude + spec.n_coda) if plan.outside else 0
-    lens_rows = max(LENS_CHUNK_BYTES, P * V * 4)
+    lens_rows = min(I * L, max(1, LENS_CHUNK_BYTES // (P * V * 4))) * P * V * 4   # one chunk of lens logits
+    kl_rows = min(P, max(1, LENS_CHUNK_BYTES // (V * 8))) * V * 8 * 3                # two log-softmax tables + a product
     parts = {"states": I * L * P * D * 4,
              "attention": (I * L + pc) * H * T * T * 4 if plan.attention else 0,
              "prelude_coda_states": pc * P * D * 4,
              "initial_state_and_input": 2 * P * D * 4,
              "logits": T * V * 4,
-             "lens_chunk": min(I * L * P * V * 4, lens_rows) + 2 * P * V * 8 if plan.lens else 0,
+             "lens_chunk": max(lens_rows, kl_rows) if plan.lens else 0,
              "fixed_point": L * P * D * 4 if fixed_point else 0}
     parts["total"] = sum(parts.values())
     return parts
