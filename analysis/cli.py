@@ -42,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- trace
-PLAN_DEFAULTS = {"every": 1, "iterations_list": None, "layers": None, "positions": None, "store_dtype": "float32",
-                 "no_lens": False, "attention": False, "max_gib": None}
+PLAN_DEFAULTS = {"every": 1, "iterations_list": None, "layers": None, "positions": None, "no_lens": False,
+                 "attention": False, "max_gib": None}
 
 
 def _plan_from_args(args):
@@ -74,11 +74,12 @@ def _cmd_trace(args) -> int:
                    or type(getattr(args, f)) is not type(d)]
         if planned:
             raise CLIError(f"{', '.join(planned)}: capture plans are for real model folders (Huginn, Ouro, "
-                           "transformers); loopscope's own checkpoints always keep everything")
+                           "transformers); loopscope's own checkpoints always keep everything (--store-dtype works)")
         if args.device == "cuda":
             raise CLIError("loopscope's own checkpoints run on the CPU (--device auto or cpu)")
         tr = trace(load(args.model), args.prompt, iterations=args.iterations, seed=args.seed, answer=args.answer,
-                   attention=not args.no_attention, fixed_point_iterations=args.fixed_point_iterations)
+                   attention=not args.no_attention, fixed_point_iterations=args.fixed_point_iterations,
+                   store_dtype=args.store_dtype)
     else:  # a real model folder (Huginn, Ouro, a transformers causal LM)
         from .models.trace_real import DEFAULT_MAX_BYTES, format_bytes, preview, trace_model
 

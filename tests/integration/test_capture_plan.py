@@ -197,3 +197,20 @@ def test_metrics_and_fixed_point_refuse_partial_traces(models, tmp_path, capsys,
     path = part.save(tmp_path / "p.npz")
     assert main(["metrics", str(path), "--out", str(tmp_path / "m.csv")]) == 2
     assert "keeps only part of its run" in capsys.readouterr().err
+
+
+def test_native_trace_storage_dtype(tmp_path):
+    from analysis.models.registry import load
+    from analysis.tracing import trace
+
+    model = load("sample_checkpoints/chain-looped")
+    full = trace(model, "a=7;b=a;?b=", iterations=3, fixed_point_iterations=5)
+    half = trace(model, "a=7;b=a;?b=", iterations=3, fixed_point_iterations=5, store_dtype="bfloat16")
+    assert "capture" not in full.metadata and full.storage_dtype == "float32"
+    for name in ("states", "attention", "fixed_point"):
+        want = torch.from_numpy(getattr(full, name).copy()).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(getattr(half, name), want)
+    np.testing.assert_array_equal(half.logits, full.logits)
+    back = Trace.load(half.save(tmp_path / "n.npz"))
+    assert back.storage_dtype == "bfloat16" and back.is_complete
+    np.testing.assert_array_equal(back.states, half.states)
