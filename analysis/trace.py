@@ -327,10 +327,11 @@ class Trace:
     def is_complete(self) -> bool:
         """True when the trace holds every iteration, block layer and token of its run."""
         plan = self.metadata.get("capture")
-        if not plan:
+        if not plan:  # no plan: a trace of everything
             return True
-        return (len(plan["iterations"]) == plan["run_iterations"] and len(plan["positions"]) == plan["prompt_tokens"]
-                and len(plan["layers"]) == (self.metadata.get("config") or {}).get("n_block", len(plan["layers"])))
+        runs = plan.get("run_iterations", self.n_iterations)
+        return (self.n_iterations == runs and self.n_tokens == plan.get("prompt_tokens", self.n_tokens)
+                and self.n_layers == (self.metadata.get("config") or {}).get("n_block", self.n_layers))
 
     @property
     def vocabulary(self) -> str:
