@@ -23,24 +23,26 @@ import numpy as np
 
 from . import names
 from .models.base import MAX_ITERATIONS
+from .plan import STORAGE_DTYPES, STORED_FIELDS
 
 TRACE_FORMAT = "loopscope-trace"
 TRACE_VERSION = 1
 
 # What ``Trace.load`` accepts, checked on every member's .npy header before any member is read
-# (so a small file that declares huge arrays costs nothing). Sized by what ``trace()`` writes and
-# the pages draw: up to MAX_ITERATIONS (1024) iterations, prompts of at most a model's context
-# (64 for the samples), blocks and heads of a few dozen; the byte limits bound one upload's memory.
+# (so a small file that declares huge arrays costs nothing). Sized by what ``trace()`` and
+# ``trace_model`` write: up to MAX_ITERATIONS (1024) iterations, prompts up to Huginn's RoPE table
+# (4096 tokens), real models' shapes (Huginn-0125: d_model 5280, 55 heads, vocabulary 65,536;
+# Llama-3: vocabulary 128,256; Ouro-2.6B: 48 layers); the byte limit bounds one file's memory.
 LOAD_LIMITS = {
     "iteration": MAX_ITERATIONS,  # the most iterations trace() runs
-    "token": 1024,                # prompt tokens (query and key axes too)
-    "layer": 64, "prelude_layer": 64, "coda_layer": 64,
-    "head": 64,
-    "d_model": 4096,
-    "vocab": 65536,
+    "token": 4096,                # prompt tokens (query and key axes too)
+    "layer": 128, "prelude_layer": 128, "coda_layer": 128,
+    "head": 128,
+    "d_model": 16384,
+    "vocab": 262144,              # the logits [token, vocab]; the lens keeps only top-k
     "k": 65536,                   # logit-lens top-k (at most the vocabulary)
 }
-MAX_TRACE_BYTES = 256 * 2**20     # all arrays together, uncompressed
+MAX_TRACE_BYTES = 256 * 2**20     # all arrays together as stored (uncompressed), unless load(max_bytes=) says more
 MAX_METADATA_BYTES = 16 * 2**20   # the metadata JSON string as stored (4 bytes per character)
 
 # name -> (axes, dtype, required); the npz keys are these names, plus "metadata" (a JSON string).
@@ -63,13 +65,16 @@ ARRAYS = {
     "answer_rank": (("iteration", "layer"), np.int64, False),
     "answer_prob": (("iteration", "layer"), np.float32, False),
     "fixed_point": (("layer", "token", "d_model"), np.float32, False),
+    "coda_lens_top_ids": (("iteration", "token", "k"), np.int64, False),
+    "coda_lens_top_probs": (("iteration", "token", "k"), np.float32, False),
 }
+LENS_FIELDS = ("lens_top_ids", "lens_top_probs", "lens_kl")  # required unless metadata capture says lens off
 
 # metadata entries with a known meaning -> the types they may have (None is always allowed)
 _META_TYPES = {"model_name": str, "checkpoint_sha256": str, "architecture": str, "tokenizer_chars": str,
                "config": Mapping, "seed": numbers.Integral, "iterations": numbers.Integral,
                "trained_iterations": numbers.Integral, "trained_low": numbers.Integral, "trained_high": numbers.Integral, "is_deep": bool,
-               "fixed_point_iterations": numbers.Integral, "answer_hops": numbers.Integral}
+               "fixed_point_iterations": numbers.Integral, "answer_hops": numbers.Integral, "capture": Mapping}
 # config entry -> the array axis it must equal
 _CONFIG_AXES = {"n_block": "layer", "d_model": "d_model", "n_heads": "head", "n_prelude": "prelude_layer",
                 "n_coda": "coda_layer", "vocab_size": "vocab"}
@@ -167,6 +172,16 @@ class Trace:
     answer_prob     [I, L]           its lens probability
     fixed_point     [L, T, D]        block states after ``metadata["fixed_point_iterations"]`` iterations (s*);
                                      None if not computed
+    coda_lens_top_ids, coda_lens_top_probs  [I, T, K]   Huginn's own lens (ln_f → coda → ln_f → head) of
+                                     the state after each iteration; None for other models
+
+    ``metadata["capture"]`` (traces of real models; see ``analysis.plan``) says what the axes
+    hold when only part of a run was kept: ``iterations`` (0-based run iterations, one per
+    iteration-axis index), ``layers``, ``positions`` (token indices of the prompt; tokens,
+    labels and every token axis hold those positions), ``storage_dtype`` (float32, float16 or
+    bfloat16: the precision of ``STORED_FIELDS`` and their dtype in the file), ``lens`` (False:
+    the lens fields are None), ``attention``, ``attention_note``, ``run_iterations``,
+    ``prompt_tokens``. Without it, a trace holds every iteration, layer and token in float32.
 
     Required: tokens, states, initial_state, injected, logits, lens_top_ids, lens_top_probs,
     lens_kl. Float arrays are stored as float32, integer arrays as int64 (other numeric floats or
@@ -191,9 +206,9 @@ class Trace:
     initial_state: np.ndarray
     injected: np.ndarray
     logits: np.ndarray
-    lens_top_ids: np.ndarray
-    lens_top_probs: np.ndarray
-    lens_kl: np.ndarray
+    lens_top_ids: np.ndarray | None = None  # required unless metadata["capture"]["lens"] is False
+    lens_top_probs: np.ndarray | None = None
+    lens_kl: np.ndarray | None = None
     prelude_states: np.ndarray | None = None
     coda_states: np.ndarray | None = None
     attention: np.ndarray | None = None
@@ -202,6 +217,8 @@ class Trace:
     answer_rank: np.ndarray | None = None
     answer_prob: np.ndarray | None = None
     fixed_point: np.ndarray | None = None
+    coda_lens_top_ids: np.ndarray | None = None
+    coda_lens_top_probs: np.ndarray | None = None
 
     def __post_init__(self):
         put = partial(object.__setattr__, self)
@@ -221,10 +238,12 @@ class Trace:
             raise ValueError(f"states must be [iteration, layer, token, d_model], got shape {np.shape(self.states)}")
         I, L, T, D = self.states.shape
         sizes = {"iteration": I, "layer": L, "token": T, "d_model": D, "query": T, "key": T}
+        plan = self.metadata.get("capture")
+        lens_off = isinstance(plan, Mapping) and plan.get("lens") is False
         for name, (axes, dtype, required) in ARRAYS.items():
             arr = getattr(self, name)
             if arr is None:
-                if required:
+                if required and not (lens_off and name in LENS_FIELDS):
                     raise ValueError(f"Trace.{name} is required")
                 continue
             arr = _checked_array(name, arr, dtype)
@@ -238,10 +257,10 @@ class Trace:
             raise ValueError(f"{len(labels)} token labels for {T} tokens")
         if (self.answer_rank is None) != (self.answer_prob is None):
             raise ValueError("Trace.answer_rank and Trace.answer_prob come together (both or neither)")
-        V, K = sizes["vocab"], sizes["k"]
+        V, K = sizes["vocab"], sizes.get("k", 1)
         if not 1 <= K <= V:
             raise ValueError(f"the logit lens keeps top-{K} of a vocabulary of {V}")
-        for name in ("tokens", "lens_top_ids", "answer_rank"):
+        for name in ("tokens", "lens_top_ids", "answer_rank", "coda_lens_top_ids"):
             arr = getattr(self, name)
             if arr is not None and arr.size and not (0 <= arr.min() and arr.max() < V):
                 raise ValueError(f"Trace.{name} has values outside [0, {V}) (vocabulary {V})")
@@ -249,7 +268,11 @@ class Trace:
         if chars and len(chars) != V:
             raise ValueError(f"metadata tokenizer_chars has {len(chars)} characters for a vocabulary of {V}")
         cfg = self.metadata.get("config") or {}
+        if plan is not None:
+            _check_plan(plan, sizes, cfg, self.metadata.get("iterations"))
         for key, ax in _CONFIG_AXES.items():
+            if key == "n_block" and plan is not None:  # a layer subset: checked against the plan above
+                continue
             if key in cfg and ax in sizes and cfg[key] != sizes[ax]:
                 raise ValueError(f"metadata config {key} = {cfg[key]!r} but the arrays' {ax} axis is {sizes[ax]}")
 
@@ -274,6 +297,41 @@ class Trace:
     @property
     def is_deep(self) -> bool:
         return bool(self.metadata.get("is_deep"))
+
+    @property
+    def storage_dtype(self) -> str:
+        """Precision of the state and attention fields: "float32" (default), "float16" or "bfloat16"."""
+        plan = self.metadata.get("capture") or {}
+        return plan.get("storage_dtype", "float32")
+
+    def _axis_numbers(self, key: str, n: int) -> np.ndarray:
+        plan = self.metadata.get("capture") or {}
+        return np.asarray(plan[key] if key in plan else range(n), dtype=np.int64)
+
+    @property
+    def iteration_numbers(self) -> np.ndarray:
+        """[I] the 0-based run iteration each index of the iteration axis holds."""
+        return self._axis_numbers("iterations", self.n_iterations)
+
+    @property
+    def layer_numbers(self) -> np.ndarray:
+        """[L] the block layer each index of the layer axis holds."""
+        return self._axis_numbers("layers", self.n_layers)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """[T] the prompt position (token index) each index of the token axis holds."""
+        return self._axis_numbers("positions", self.n_tokens)
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the trace holds every iteration, block layer and token of its run."""
+        plan = self.metadata.get("capture")
+        if not plan:  # no plan: a trace of everything
+            return True
+        runs = plan.get("run_iterations", self.n_iterations)
+        return (self.n_iterations == runs and self.n_tokens == plan.get("prompt_tokens", self.n_tokens)
+                and self.n_layers == (self.metadata.get("config") or {}).get("n_block", self.n_layers))
 
     @property
     def vocabulary(self) -> str:
@@ -307,22 +365,27 @@ class Trace:
     # files --------------------------------------------------------------
     def save(self, path) -> Path:
         """Write a ``.npz``: one key per array in ``ARRAYS`` (absent ones omitted), plus
-        ``metadata``, a JSON string holding prompt, token_labels, answer and the metadata dict."""
+        ``metadata``, a JSON string holding prompt, token_labels, answer and the metadata dict.
+        ``STORED_FIELDS`` go in the storage dtype (float16; bfloat16 as uint16 bit patterns,
+        rounded to nearest as torch rounds)."""
         path = Path(path)
         meta = dict(self.metadata, prompt=self.prompt, token_labels=list(self.token_labels), answer=self.answer,
                     format=TRACE_FORMAT, format_version=TRACE_VERSION)
         arrays = {name: getattr(self, name) for name in ARRAYS if getattr(self, name) is not None}
+        arrays.update({name: to_storage(arrays[name], self.storage_dtype) for name in STORED_FIELDS if name in arrays})
         with open(path, "wb") as f:
             np.savez_compressed(f, metadata=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod
-    def load(cls, source) -> "Trace":
+    def load(cls, source, max_bytes: int = MAX_TRACE_BYTES) -> "Trace":
         """Read a file written by ``save`` (a path or a binary file object); never unpickles.
         Raises TraceFormatError, and only that, for anything that is not such a file (not a zip,
         truncated, pickled objects, bad or missing metadata, missing or misshapen arrays) or
-        that exceeds the size limits (``LOAD_LIMITS`` per axis, ``MAX_TRACE_BYTES`` in all,
-        ``MAX_METADATA_BYTES``), which are checked on each member's header before it is read."""
+        that exceeds the size limits (``LOAD_LIMITS`` per axis, ``max_bytes`` (default
+        ``MAX_TRACE_BYTES``) for all arrays as stored, ``MAX_METADATA_BYTES``), which are checked
+        on each member's header before it is read. Fields stored in float16 / bfloat16 come back
+        as float32 (twice their stored bytes in memory)."""
         try:
             z = np.load(source, allow_pickle=False)
         except Exception:  # zip, header or pickle errors all mean the same to a user; numpy's own
@@ -337,7 +400,7 @@ class Trace:
             unknown = set(z.files) - set(ARRAYS) - {"metadata"}
             if unknown:
                 raise TraceFormatError(f"unexpected arrays in trace: {sorted(unknown)}")
-            _check_member_headers(z)
+            _check_member_headers(z, max_bytes)
             try:
                 data = {k: z[k] for k in z.files}
             except Exception as exc:  # truncated members, object arrays (need pickle), bad headers
@@ -366,6 +429,14 @@ class Trace:
         meta.pop("format"), meta.pop("format_version")
         if not isinstance(labels, list):
             raise TraceFormatError("trace metadata token_labels must be a list of strings")
+        plan = meta.get("capture")
+        stored = plan.get("storage_dtype", "float32") if isinstance(plan, dict) else "float32"
+        for name in STORED_FIELDS:
+            if name in data:
+                try:
+                    data[name] = from_storage(data[name], stored)
+                except ValueError as exc:
+                    raise TraceFormatError(f"trace array {name!r}: {exc}") from None
         try:
             return cls(prompt=prompt, token_labels=tuple(labels), answer=answer, metadata=meta,
                        **{k: _own(v) for k, v in data.items()})
@@ -387,8 +458,9 @@ def _member_header(zf, name: str):
     return shape, dtype, info.file_size
 
 
-def _check_member_headers(z) -> None:
-    """TraceFormatError unless every member's declared dtype, shape and size is within the limits."""
+def _check_member_headers(z, max_bytes: int = MAX_TRACE_BYTES) -> None:
+    """TraceFormatError unless every member's declared dtype, shape and size (in its stored dtype)
+    is within the limits."""
     total = 0
     for name in z.files:
         try:
@@ -411,9 +483,70 @@ def _check_member_headers(z) -> None:
                     raise TraceFormatError(f"trace array {name!r} has {n:,} along its {ax} axis; loopscope "
                                            f"reads at most {lim:,} (shape {tuple(shape)})")
         total += max(nbytes, declared)
-        if total > MAX_TRACE_BYTES:
-            raise TraceFormatError(f"trace arrays take more than {MAX_TRACE_BYTES // 2**20} MiB uncompressed "
-                                   f"(at {name!r}, shape {tuple(shape)}); loopscope reads smaller traces")
+        if total > max_bytes:
+            raise TraceFormatError(f"trace arrays take more than {max_bytes // 2**20} MiB uncompressed "
+                                   f"(at {name!r}, shape {tuple(shape)}); loopscope reads smaller traces "
+                                   "(Trace.load(path, max_bytes=...) reads larger ones on purpose)")
+
+
+def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 array as it is written in ``dtype``: float32 itself, float16, or bfloat16 as the
+    uint16 bit patterns of torch's round-to-nearest-even cast."""
+    if dtype == "float32":
+        return arr
+    if dtype == "float16":
+        return arr.astype(np.float16)
+    if dtype == "bfloat16":
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # a read-only array: torch warns, but only reads it here
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(np.ascontiguousarray(arr))
+        return src.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+
+
+def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values of an array read from a file whose storage dtype is ``dtype``;
+    ValueError when the array's dtype does not match it."""
+    want = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}.get(dtype)
+    if want is None:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    if arr.dtype != want:
+        raise ValueError(f"stored as {arr.dtype} but the metadata's storage dtype is {dtype}")
+    if dtype == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def round_to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """``arr`` (float32) rounded to ``dtype``'s precision, still float32 (what save and load give back)."""
+    return from_storage(to_storage(arr, dtype), dtype)
+
+
+def _check_plan(plan, sizes: dict, cfg, run_iterations) -> None:
+    """ValueError unless ``metadata["capture"]`` describes the arrays: one sorted, unique, in-range
+    index per axis entry, a known storage dtype."""
+    if not isinstance(plan, Mapping):
+        raise ValueError("metadata capture must be a dict (see analysis.plan)")
+    if plan.get("storage_dtype", "float32") not in STORAGE_DTYPES:
+        raise ValueError(f"metadata capture storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, "
+                         f"got {plan.get('storage_dtype')!r}")
+    limits = {"iterations": ("iteration", plan.get("run_iterations", run_iterations)),
+              "layers": ("layer", cfg.get("n_block")), "positions": ("token", plan.get("prompt_tokens"))}
+    for key, (axis, bound) in limits.items():
+        idx = plan.get(key)
+        if idx is None:
+            continue
+        if not isinstance(idx, (list, tuple)) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                         for v in idx):
+            raise ValueError(f"metadata capture {key} must be a list of integers")
+        if len(idx) != sizes[axis]:
+            raise ValueError(f"metadata capture lists {len(idx)} {key} but the arrays' {axis} axis is {sizes[axis]}")
+        if list(idx) != sorted(set(idx)) or (idx and (idx[0] < 0 or (bound is not None and idx[-1] >= bound))):
+            raise ValueError(f"metadata capture {key} must be sorted unique indices in [0, {bound}), got {list(idx)[:8]}")
 
 
 def _checked_metadata(metadata) -> FrozenDict:

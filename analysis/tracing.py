@@ -20,7 +20,8 @@ from .capture import BufferCapture, Capture
 from .models.base import MAX_ITERATIONS, LoopedLM, check_iterations, run
 from .models.native import LoadedModel
 from .models.transformer import LoopedTransformer
-from .trace import Trace, _own
+from .plan import STORAGE_DTYPES, STORED_FIELDS
+from .trace import Trace, _own, round_to_storage
 
 LENS_TOP_K = 5
 FIXED_POINT_ITERATIONS = 128  # s* comes from max(this, iterations) iterations unless told otherwise
@@ -74,6 +75,9 @@ def continue_to_fixed_point(model, tr: Trace, n: int) -> Trace:
     net = model.model if isinstance(model, LoadedModel) else model
     if tr.is_deep:
         raise ValueError("a deep model has no fixed point s*")
+    if not tr.is_complete:
+        raise ValueError("continuing to s* needs a trace of every iteration, layer and position "
+                         "(this one keeps part of its run: metadata['capture'])")
     r = tr.n_iterations
     if not isinstance(n, numbers.Integral) or not r <= n <= MAX_ITERATIONS:
         raise ValueError(f"n must be an integer from the trace's {r} iterations to {MAX_ITERATIONS}, got {n!r}")
@@ -152,7 +156,8 @@ def _lens(model: LoopedLM, states: torch.Tensor, K: int, answer_id: int | None):
 
 def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answer: str | None = None,
           tokenizer=None, attention: bool = True, fixed_point_iterations: int | None = None,
-          lens_top_k: int = LENS_TOP_K, names=None, metadata: dict | None = None) -> Trace:
+          lens_top_k: int = LENS_TOP_K, names=None, metadata: dict | None = None,
+          store_dtype: str = "float32") -> Trace:
     """Run ``prompt`` through ``model`` (a LoadedModel, or a LoopedLM with its ``tokenizer``)
     for ``iterations`` (default: the trained schedule's mean) and capture everything asked for.
 
@@ -175,6 +180,8 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
     string; CaptureError when the model does not record a capture point the Trace needs.
     seed: an integer in [0, MAX_SEED] (a bool, a float or a negative seed raises ValueError).
     lens_top_k: an integer >= 1 (capped at the vocabulary).
+    store_dtype: "float32" (default) | "float16" | "bfloat16": the state and map fields are rounded
+    to it and saved in it; the Trace then records ``metadata["capture"]`` (see ``analysis.plan``).
     """
     if not isinstance(prompt, str):
         raise TypeError(f"the prompt must be a string, got {type(prompt).__name__}")
@@ -182,6 +189,8 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
     if isinstance(lens_top_k, bool) or not isinstance(lens_top_k, numbers.Integral) or lens_top_k < 1:
         raise ValueError(f"lens_top_k must be an integer >= 1, got {lens_top_k!r}")
+    if store_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {store_dtype!r}")
     patterns = names  # the parameter; the module is capnames
     meta: dict = {}
     if isinstance(model, LoadedModel):
@@ -264,6 +273,13 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
         lens_kl=_np(kl), answer_rank=None if rank is None else rank.numpy().astype(np.int64),
         answer_prob=None if prob is None else _np(prob), fixed_point=fixed,
     )
+    if store_dtype != "float32":
+        arrays.update({f: round_to_storage(arrays[f], store_dtype) for f in STORED_FIELDS if arrays.get(f) is not None})
+        meta["capture"] = dict(iterations=list(range(r)), layers=list(range(k)), positions=list(range(T)),
+                               attention="attention" in chosen, attention_note=None, lens=True,
+                               outside=any(f.startswith(("prelude", "coda")) for f in chosen),
+                               storage_dtype=store_dtype, run_iterations=r, prompt_tokens=T)
+        meta.update(metadata or {})
     # the arrays are new and held by no one else: the Trace adopts them without copying
     arrays = {name: None if a is None else _own(a) for name, a in arrays.items()}
     return Trace(prompt=prompt, token_labels=tuple(tokenizer.token_labels(prompt)), answer=answer, metadata=meta,

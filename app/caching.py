@@ -24,6 +24,7 @@ from analysis.models.native import LoadedModel
 from analysis.trace import Trace
 from analysis.tracing import continue_to_fixed_point
 from analysis.tracing import trace as capture_trace
+from app import heavy
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -98,13 +99,56 @@ def models(roots_env: str) -> discovery.Discovery:
     return discovery.discover(discovery.model_roots(roots_env), describe=describe)
 
 
+_POOL_LOCK = threading.Lock()
+_POOL: dict = {}
+
+
+def heavy_pool():
+    """The server's pool of heavy-measurement workers (``app/heavy.py``), made on first use; None
+    when ``$LOOPSCOPE_HEAVY_WORKERS`` is 0 (heavy work then runs in the page's thread). A plain
+    module-level holder rather than st.cache_resource: a pool whose worker died is replaced."""
+    n = heavy.worker_count()
+    if n == 0:
+        return None
+    with _POOL_LOCK:
+        if "pool" not in _POOL:
+            _POOL["pool"] = heavy.make_pool(n)
+        return _POOL["pool"]
+
+
+def _drop_pool(pool) -> None:
+    with _POOL_LOCK:
+        if _POOL.get("pool") is pool:
+            del _POOL["pool"]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_measurement(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``: in a heavy-measurement worker when ``heavy.is_heavy`` says so (the
+    traces among ``args`` are the work's size), else in this thread. A worker that died (killed,
+    out of memory) is replaced and the measurement runs here once, so the page still draws."""
+    pool = heavy_pool() if heavy.is_heavy(fn, *args) else None
+    if pool is None:
+        return fn(*args, **kwargs)
+    try:
+        return heavy.run(pool, fn, *args, **kwargs)
+    except heavy.BrokenProcessPool:
+        _drop_pool(pool)
+        return fn(*args, **kwargs)
+
+
 @st.cache_resource(show_spinner=False)
 def warm_umap_in_background() -> bool:
     """Once per server process (the first page run after ``streamlit run``): compile UMAP's code,
-    or load it from numba's on-disk cache, in a background thread, so that no viewer's first UMAP
+    or load it from numba's on-disk cache, where UMAP will run — in the heavy-measurement worker,
+    or in a background thread of this process when there is none — so that no viewer's first UMAP
     view pays for it. $LOOPSCOPE_WARM_UMAP=0 turns it off (the tests do). True when started."""
     if os.environ.get("LOOPSCOPE_WARM_UMAP", "1").strip() in ("0", "false", "no"):
         return False
+    pool = heavy_pool()
+    if pool is not None:
+        pool.submit(heavy.warm_worker)  # not waited for: the first UMAP view queues behind it
+        return True
     from analysis.measures.projections import warm_umap as warm
 
     def run():
@@ -140,8 +184,9 @@ def upload(digest: str, _data: bytes) -> Trace:
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def measure(name: str, key: str, kwargs_json: str, _fn, _trace, _kwargs):
-    """``_fn(_trace, **_kwargs)``, keyed by the function's name, the trace key and the kwargs."""
-    return _fn(_trace, **_kwargs)
+    """``_fn(_trace, **_kwargs)``, keyed by the function's name, the trace key and the kwargs; heavy
+    ones run in a worker process (``run_measurement``)."""
+    return run_measurement(_fn, _trace, **_kwargs)
 
 
 @st.cache_data(max_entries=32, show_spinner="Estimating the Jacobian's spectral radius…")
@@ -152,13 +197,16 @@ def jacobian(sha256: str, key: str, _model, _trace):
 
 @st.cache_data(max_entries=32, show_spinner="Comparing the two models' representations (CKA)…")
 def cka(looped_key: str, deep_key: str, _looped, _deep):
-    """``analysis.measures.correspondence.cka_matrix(looped, deep)``."""
-    return cka_matrix(_looped, _deep)
+    """``analysis.measures.correspondence.cka_matrix(looped, deep)`` (in a worker when heavy)."""
+    return run_measurement(cka_matrix, _looped, _deep)
 
 
 @st.cache_resource(show_spinner=False)
 def warm_umap() -> bool:
-    """Compile (or load from numba's cache) UMAP once per server process."""
+    """Compile (or load from numba's cache) UMAP once per server process, where UMAP runs: nothing
+    to do here when a heavy-measurement worker runs it (it warms itself at start)."""
+    if heavy_pool() is not None:
+        return False
     from analysis.measures.projections import warm_umap as warm
 
     warm()
@@ -203,7 +251,6 @@ def lab_results(settings_json: str, progress=None) -> dict:
 # progress and a Cancel button; the finished Trace is kept in a small bounded store shared by the
 # server's sessions (like the Lab's results: st.cache_* would replay the progress elements).
 REAL_STORE_SIZE = 4
-FLOPS_PER_S = 2e10  # the first estimate's assumed CPU speed; each finished job corrects it
 _REAL_LOCK = threading.Lock()
 
 
@@ -237,7 +284,6 @@ class RealJob:
     key: str
     steps_total: int
     estimate_s: float
-    flops: float
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     steps_done: int = 0
     result: object = None
@@ -260,28 +306,15 @@ class RealJob:
 
 @st.cache_resource(show_spinner=False)
 def _real_store() -> dict:
-    """{"jobs": OrderedDict key -> RealJob (newest last), "rate": measured FLOP/s} for the server."""
-    return {"jobs": OrderedDict(), "rate": FLOPS_PER_S}
+    """{"jobs": OrderedDict key -> RealJob (newest last)} for the server's sessions."""
+    return {"jobs": OrderedDict()}
 
 
-def estimate_flops(model: LoadedModel, tokens: int, steps: int, lens: bool = True) -> float:
-    """A rough FLOP count: 2·params·T for the layers run once, 2·block-params·T per step, the
-    attention's 4·T²·D per layer call, and the logit lens's 2·T·D·V per captured state."""
-    spec = model.spec
-    n_params = int(model.card.get("parameters") or sum(p.numel() for p in model.model.parameters()))
-    V, D, T = spec.vocab_size, spec.d_model, tokens
-    layers = spec.n_prelude + spec.n_block + spec.n_coda
-    per_layer = max(0, n_params - 2 * V * D) / max(1, layers)
-    per_step = spec.n_block * (2 * per_layer * T + 4 * T * T * D)
-    once = (spec.n_prelude + spec.n_coda) * (2 * per_layer * T + 4 * T * T * D) + 2 * T * D * V
-    lens_flops = 2 * T * D * V * spec.n_block * steps if lens else 0
-    return float(once + per_step * steps + lens_flops)
-
-
-def real_job(key: str, model: LoadedModel, steps: int, flops: float, fn) -> RealJob:
+def real_job(key: str, model: LoadedModel, steps: int, estimate_s: float, fn) -> RealJob:
     """The job for ``key``: the stored one (running or finished), else ``fn(stepping_model)`` started
-    in a worker thread. Failed and cancelled jobs are removed from the store when read
-    (``drop_job``), so nothing half-computed stays."""
+    in a worker thread; ``estimate_s``: the time expected before any step has run (trace_model's
+    ``preview`` estimate). Cancelled or failed jobs are never handed out again, and are removed
+    from the store when read (``drop_job``), so nothing half-computed stays."""
     store = _real_store()
     with _REAL_LOCK:
         job = store["jobs"].get(key)
@@ -290,7 +323,7 @@ def real_job(key: str, model: LoadedModel, steps: int, flops: float, fn) -> Real
         if job is not None:
             store["jobs"].move_to_end(key)
             return job
-        job = RealJob(key=key, steps_total=max(1, steps), estimate_s=flops / store["rate"], flops=flops)
+        job = RealJob(key=key, steps_total=max(1, steps), estimate_s=float(estimate_s))
         store["jobs"][key] = job
         while len(store["jobs"]) > REAL_STORE_SIZE:
             old = next(iter(store["jobs"]))
@@ -304,8 +337,6 @@ def real_job(key: str, model: LoadedModel, steps: int, flops: float, fn) -> Real
         try:
             job.result = fn(_Stepping(model.model, job))
             job.seconds = time.perf_counter() - job.t0
-            if job.seconds > 0.5:
-                store["rate"] = max(1e8, job.flops / job.seconds)
         except BaseException as exc:  # shown on the page by whoever reads the job
             job.error = exc
         finally:

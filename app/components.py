@@ -486,3 +486,6 @@ def umap_coords(trace, n_components: int = 2, seed: int = 0):
 
     its = umap_iterations(trace)
     return UMAPProjection(n_components=n_components, seed=seed).fit_transform(trace.states[its])
+
+
+umap_coords.heavy = True  # always run by a heavy-measurement worker when the server has one (app/heavy.py)

@@ -246,11 +246,11 @@ def _cancel_job(key: str) -> None:
 JOB_POLL_S = 0.25
 
 
-def _wait_job(key: str, model: LoadedModel, steps: int, flops: float, fn, who: str, progress: _Progress):
+def _wait_job(key: str, model: LoadedModel, steps: int, estimate_s: float, fn, who: str, progress: _Progress):
     """Run (or pick up) the real-model job ``key`` and draw its progress until it ends; its result,
     or raise what it raised (Cancelled when cancelled). A rerun while it runs (any click) leaves
     it running: the next run picks it up and draws its progress again."""
-    job = caching.real_job(key, model, steps, flops, fn)
+    job = caching.real_job(key, model, steps, estimate_s, fn)
     if not job.done.is_set():
         progress.start(who)
         progress.cancel_button(f"cancel_{who}", _cancel_job, (key,))
@@ -277,7 +277,7 @@ def _run_real(model: LoadedModel, prompt: str, iterations: int | None, seed: int
               who: str, progress: _Progress) -> Trace:
     """A real model's trace (``analysis.models.trace_real.trace_model``) as a cancellable job with
     progress, continued to ``fp`` iterations for s* as a second job (looped models only)."""
-    from analysis.models.trace_real import trace_model
+    from analysis.models.trace_real import preview, trace_model
     from analysis.tracing import continue_to_fixed_point
 
     spec = model.spec
@@ -286,20 +286,22 @@ def _run_real(model: LoadedModel, prompt: str, iterations: int | None, seed: int
     key = repr(("trace",) + base)
     if key in st.session_state.get("_cancelled", set()):
         raise caching.Cancelled()
-    T = len(model.tokenizer.encode(prompt))
+    # trace_model's own check and estimate (bytes, seconds) before anything runs; ValueError for a
+    # prompt too long for the model; TraceBudgetError when it passes the memory budget
+    seconds = preview(model.model, prompt, r)["estimate"]["seconds"]
     meta = {"checkpoint_sha256": model.sha256}
 
     def run(net):
         tr = trace_model(net, prompt, iterations=r, seed=seed, fixed_point_iterations=0, metadata=meta)
         return _label_ids(tr, model.tokenizer)
 
-    t = _step(progress, who, key, lambda: _wait_job(key, model, r, caching.estimate_flops(model, T, r), run, who, progress))
+    t = _step(progress, who, key, lambda: _wait_job(key, model, r, seconds, run, who, progress))
     if fp and not spec.is_deep and fp > r:
         fkey = repr(("fixed_point", fp) + base)
         if fkey in st.session_state.get("_cancelled", set()):
             raise caching.Cancelled()
         t = _step(progress, f"{who}_fp", fkey,
-                  lambda: _wait_job(fkey, model, fp - r, caching.estimate_flops(model, T, fp - r, lens=False),
+                  lambda: _wait_job(fkey, model, fp - r, seconds * (fp - r) / max(1, r),
                                     lambda net: continue_to_fixed_point(net, t, fp), f"{who}_fp", progress))
     return t
 

@@ -5,6 +5,7 @@ kept beyond its prompt).
 
     .venv/bin/python bench/audit.py [--model sample_checkpoints/chain-looped] [--iterations 32]
                                     [--prompts 64] [--memory 100,1000] [--quick]
+                                    [--only throughput|memory]
 
 ``--quick`` shrinks everything (12 prompts at 8 iterations, memory after 10 and 40 prompts) for
 a smoke run on a busy machine. Ray's start-up (``ray.init``) is timed separately; the rates
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--memory", default="100,1000", help="prompt counts at which to read memory")
     ap.add_argument("--fixed-point-iterations", type=int, default=128)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=("throughput", "memory"), help="run one part (memory is load-independent)")
     args = ap.parse_args()
     if args.quick:
         args.iterations, args.prompts, args.memory, args.fixed_point_iterations = 8, 12, "10,40", 16
@@ -66,40 +68,50 @@ def main() -> int:
             base.update(kw)
             return AuditConfig(**base)
 
-        inline = timed(cfg("inline"))
-        results["inline_prompts_per_s"] = args.prompts / inline
-        try:
-            import ray
-
-            for workers in (1, 2):
-                c = cfg(f"ray{workers}", engine="ray", workers=workers)
-                t = time.perf_counter()
-                ray.init(**ray_init_kwargs(c))
-                results[f"ray{workers}_init_s"] = time.perf_counter() - t
-                try:
-                    results[f"ray{workers}_prompts_per_s"] = args.prompts / timed(c)
-                finally:
-                    ray.shutdown()
-                results[f"ray{workers}_vs_inline"] = results[f"ray{workers}_prompts_per_s"] / results["inline_prompts_per_s"]
-        except ImportError:
-            results["ray"] = "not installed"
-
-        # memory: one inline audit over marks[-1] prompts, RSS read as the done count passes each mark
-        mem, done = {}, [0]
-
-        def on_chunk(ids):
-            done[0] += len(ids)
-            for m in marks:
-                if m not in mem and done[0] >= m:
-                    mem[m] = rss_mb()
-
-        run_audit(cfg("memory", prompts=str(pfile)), progress_stream=None, on_chunk=on_chunk)
-        results["rss_mb_after"] = {str(k): round(v, 1) for k, v in mem.items()}
-        results["rss_growth_mb"] = round(mem[marks[-1]] - mem[marks[0]], 1)
+        if args.only != "memory":
+            throughput(args, cfg, results)
+        if args.only != "throughput":
+            memory(marks, cfg, pfile, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))
     return 0
+
+
+def throughput(args, cfg, results: dict) -> None:
+    """Inline against local Ray with 1 and 2 workers, on the same prompts."""
+    inline = timed(cfg("inline"))
+    results["inline_prompts_per_s"] = args.prompts / inline
+    try:
+        import ray
+
+        for workers in (1, 2):
+            c = cfg(f"ray{workers}", engine="ray", workers=workers)
+            t = time.perf_counter()
+            ray.init(**ray_init_kwargs(c))
+            results[f"ray{workers}_init_s"] = time.perf_counter() - t
+            try:
+                results[f"ray{workers}_prompts_per_s"] = args.prompts / timed(c)
+            finally:
+                ray.shutdown()
+            results[f"ray{workers}_vs_inline"] = results[f"ray{workers}_prompts_per_s"] / results["inline_prompts_per_s"]
+    except ImportError:
+        results["ray"] = "not installed"
+
+
+def memory(marks, cfg, pfile, results: dict) -> None:
+    """One inline audit over marks[-1] prompts, RSS read as the done count passes each mark."""
+    mem, done = {}, [0]
+
+    def on_chunk(ids):
+        done[0] += len(ids)
+        for m in marks:
+            if m not in mem and done[0] >= m:
+                mem[m] = rss_mb()
+
+    run_audit(cfg("memory", prompts=str(pfile)), progress_stream=None, on_chunk=on_chunk)
+    results["rss_mb_after"] = {str(k): round(v, 1) for k, v in mem.items()}
+    results["rss_growth_mb"] = round(mem[marks[-1]] - mem[marks[0]], 1)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--one"]:
         print(json.dumps(one_url(argv[1], json.loads(argv[2]))))
         return
-    worst_url()
+    if "--light-only" not in argv:
+        worst_url()
     if "--skip-browser" not in argv:
         light_beside_heavy()
 

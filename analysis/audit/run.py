@@ -12,6 +12,8 @@ Only the driver writes: each finished chunk goes to ``parts/`` atomically (see `
 manifest lists the finished prompt ids, and a rerun of the same command skips them, so a crash
 or a killed worker loses nothing finished and duplicates nothing. When every prompt is done the
 parts are merged into ``prompts.parquet``, ``tokens.parquet`` and ``layers.parquet``.
+One cohesive module (about 400 lines): the driver, the worker and the progress line share the
+chunk protocol above.
 """
 from __future__ import annotations
 

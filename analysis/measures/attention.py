@@ -151,6 +151,18 @@ def matrix_iterations(n_iterations: int, max_iterations: int = MAX_MATRIX_ITERAT
     return sorted({int(i) for i in np.round(np.linspace(0, n - 1, m))})
 
 
+def trace_distance_matrix(trace, metric: str = "frobenius", head: int | None = None) -> np.ndarray:
+    """``attention_distance_matrix`` of a trace's maps at ``matrix_iterations(I)`` (all of them up
+    to MAX_MATRIX_ITERATIONS, else evenly spaced ones): [n*L, n*L], rows in (iteration, layer) order."""
+    its = matrix_iterations(trace.n_iterations)
+    return attention_distance_matrix(trace.attention[its], metric=metric, head=head)
+
+
+def trace_same_vs_cross_layer(trace, metric: str = "frobenius", head: int | None = None) -> dict:
+    """``same_vs_cross_layer`` of ``trace_distance_matrix(trace, metric, head)``."""
+    return same_vs_cross_layer(trace_distance_matrix(trace, metric=metric, head=head), trace.n_layers)
+
+
 def depth_labels(n_iterations: int, n_layers: int) -> list[str]:
     """Labels for realized-depth index ``t*L + l``: ``["t0·L0", "t0·L1", "t1·L0", ...]``
     (iteration and block layer, both counted from 0)."""

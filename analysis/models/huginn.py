@@ -302,16 +302,25 @@ class HuginnLM(nn.Module):
         """The state handed to the next iteration is the last core block's output itself."""
         return h
 
-    def decode(self, s, capture=None):
-        """Huginn: ln_f → coda → ln_f → head; retrofitted: coda → ln_f → head. Logits float32 [B, T, V]."""
+    def coda_hidden(self, s, capture=None):
+        """The decode path up to the head: Huginn ln_f → coda → ln_f; retrofitted coda → ln_f.
+        [B, T, D] -> [B, T, D] (the coda attends over all T positions)."""
         x = self.transformer.ln_f(s) if self.config.ln_f_after_loop else s
         angles = self._angles(s.shape[1], s.device)
         for l, block in enumerate(self.transformer.coda):
             x = block(x, angles, capture, f"coda.{l}", self.eager)
             record(capture, f"coda.{l}.hook_resid_post", x)
-        x = self.transformer.ln_f(x)
-        record(capture, "hook_final", x)
+        return self.transformer.ln_f(x)
+
+    def unembed(self, x):
+        """The head: [..., D] -> logits [..., V] float32."""
         return F.linear(x, self.head_weight()).float()
+
+    def decode(self, s, capture=None):
+        """Huginn: ln_f → coda → ln_f → head; retrofitted: coda → ln_f → head. Logits float32 [B, T, V]."""
+        x = self.coda_hidden(s, capture)
+        record(capture, "hook_final", x)
+        return self.unembed(x)
 
     def logit_lens(self, state):
         """Plain logit lens: head(ln_f(state)) for any [..., D] -> [..., V] (float32)."""
@@ -319,7 +328,8 @@ class HuginnLM(nn.Module):
 
     def coda_lens(self, state):
         """The model's own lens (``predict_from_latents``): the whole decode path from a block
-        state [B, T, D] (ln_f → coda → ln_f → head for Huginn) -> [B, T, V]."""
+        state [B, T, D] (ln_f → coda → ln_f → head for Huginn) -> [B, T, V]; ``trace_model``
+        runs it as ``unembed(coda_hidden(state))`` with the head in chunks of positions."""
         return self.decode(state)
 
     def forward(self, idx, iterations=None, seed=None, capture=None, input_states=None):

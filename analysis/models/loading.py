@@ -38,6 +38,25 @@ def parse_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be one of float32, bfloat16, float16 (or None for the stored dtype), got {dtype!r}")
 
 
+def resolve_device(device) -> torch.device:
+    """``"auto"`` -> a GPU when ``torch.cuda.is_available()``, else the CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"`` or a torch.device as given. ValueError for anything else or an absent GPU."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but torch sees no GPU (use --device auto or cpu)")
+    return dev
+
+
 def _folder(path) -> Path:
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -74,6 +93,7 @@ def python_files(folder) -> list[str]:
 
 def load_folder(path, dtype=None, device="cpu"):
     """Load the model in ``path`` (CPU by default, eval mode, no gradients) with its tokenizer.
+    device: "cpu", "cuda", "cuda:N" or "auto" (a GPU when torch sees one, else the CPU).
 
     dtype: None keeps the stored dtype; "float32" / "bfloat16" / "float16" (or a torch dtype)
     converts. Returns a model implementing the LoopedLM protocol with ``spec``, ``tokenizer``
@@ -82,6 +102,7 @@ def load_folder(path, dtype=None, device="cpu"):
     allocated before the config has been checked against the weight headers."""
     folder = _folder(path)
     dt = parse_dtype(dtype)
+    device = resolve_device(device)
     family = detect_family(folder)
     if family == "loopscope":
         raise ModelFolderError(f"{folder} is a loopscope checkpoint; open it with analysis.load_checkpoint")

@@ -260,12 +260,16 @@ class OuroLM(nn.Module):
         """lm_head(norm(state)) for any [..., D] -> [..., V] float32."""
         return F.linear(self.model.norm(state), self.head_weight()).float()
 
-    def exit_gate(self, step_states, threshold: float | None = None) -> ExitGate:
-        """The gate over S post-norm step states [S, B, T, D] (or a list of [B, T, D])."""
-        H = torch.stack(list(step_states)) if not torch.is_tensor(step_states) else step_states
+    def exit_gate(self, step_states=None, threshold: float | None = None, gate_logits=None) -> ExitGate:
+        """The gate over S post-norm step states [S, B, T, D] (or a list of [B, T, D]), or over
+        their gate logits [S, B, T] already computed (``gate_logit`` of each step's state)."""
         thr = self.config.early_exit_threshold if threshold is None else threshold
         thr = 1.0 if thr is None else float(thr)
-        g = self.gate_logit(H)
+        if gate_logits is not None:
+            g = gate_logits
+        else:
+            H = torch.stack(list(step_states)) if not torch.is_tensor(step_states) else step_states
+            g = self.gate_logit(H)
         lam, p = exit_distribution(g)
         step, cdf = threshold_exit_step(p, thr)
         return ExitGate(gate_logits=g, lam=lam.float(), p=p.float(), cdf=cdf, exit_step=step, threshold=thr)

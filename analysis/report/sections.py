@@ -7,7 +7,8 @@ uploaded without weights). The file needs no network to open: plotly.js is inlin
 head, every figure refers to it. The numbers in the report come from ``analysis`` (the same
 functions the app uses) and are also embedded as JSON in ``<script id="loopscope-numbers">`` so
 a reader or a test can check them. Nothing random is drawn here and figure ids are fixed, so two
-reports from the same traces differ only in their date.
+reports from the same traces differ only in their date. One cohesive module (a little over 400
+lines): the report's sections, in the order a reader meets them.
 
 A section whose data the traces lack (no attention, no deep model) says so and is listed in the
 numbers' ``notes``; any other failure raises: a report never shows a silently substituted figure.

@@ -11,19 +11,6 @@ from app import components as ui
 from app import session, url_state
 
 
-# measurement adapters: fn(trace, **kwargs) for state.measure (names unique across pages)
-def attention_page_distances(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.measures.attention.attention_distance_matrix of the trace's maps at the iterations
-    ``att.matrix_iterations(I)`` (all of them up to 64): [n*L, n*L]."""
-    its = att.matrix_iterations(trace.n_iterations)
-    return att.attention_distance_matrix(trace.attention[its], metric=metric, head=head)
-
-
-def attention_page_same_cross(trace, metric: str = "frobenius", head: int | None = None):
-    """analysis.measures.attention.same_vs_cross_layer of that matrix: {same_layer, cross_layer}."""
-    return att.same_vs_cross_layer(attention_page_distances(trace, metric=metric, head=head), trace.n_layers)
-
-
 GRID_HEADS = 8     # heads side by side in the grid at most
 DEFAULT_HEADS = 4  # evenly spaced heads shown first when a model has more than GRID_HEADS
 
@@ -129,8 +116,8 @@ with m2:
     st.caption("Maps are averaged over heads first" if head_for_distance is None
                else f"Head {head_for_distance} only (pick 'every head' or 'mean' above to average over heads).")
 try:
-    matrix = session.measure(attention_page_distances, t, metric=metric, head=head_for_distance)
-    sc = session.measure(attention_page_same_cross, t, metric=metric, head=head_for_distance)
+    matrix = session.measure(att.trace_distance_matrix, t, metric=metric, head=head_for_distance)
+    sc = session.measure(att.trace_same_vs_cross_layer, t, metric=metric, head=head_for_distance)
 except ValueError as exc:
     st.error(f"Could not compare the attention maps: {exc}")
     matrix = sc = None
@@ -159,7 +146,7 @@ if matrix is not None:
                        if same < 0.1 * cross else
                        "The same layer still changes noticeably between iterations.")
         if deep is not None:
-            dsc = session.measure(attention_page_same_cross, deep, metric=metric, head=None)
+            dsc = session.measure(att.trace_same_vs_cross_layer, deep, metric=metric, head=None)
             dc = dsc.get("cross_layer", np.nan)
             ui.metric(st, "Deep model: between its layers", "—" if not np.isfinite(dc) else f"{dc:.3g}",
                       short="Deep, across layers", template=tpl, help="The deep model runs each layer once; its layers' maps compared with each other "

@@ -228,12 +228,28 @@ def test_killed_run_resumes_without_loss_or_duplicates(audit):
         run_audit(_config(tmp, "killed", iterations=4), progress_stream=None)
 
 
-def test_ray_engine_gives_the_inline_tables(audit):
-    """Local Ray, 2 workers (2 CPUs), each loading the model once: the same tables as inline."""
-    pytest.importorskip("ray")
+def test_ray_engine_gives_the_inline_tables_even_when_a_worker_is_killed(audit):
+    """Local Ray, 2 workers (2 CPUs), each loading the model once: the same tables as inline, even
+    though one worker process is killed (as a crash would) after the first chunk is written:
+    Ray restarts it, its unfinished chunk runs again, nothing is lost or written twice."""
+    ray = pytest.importorskip("ray")
+    from analysis.audit.run import WORKER_NAME
+
     tmp, _ = audit
-    run_audit(_config(tmp, "ray", engine="ray", workers=2), progress_stream=None)
+    killed = []
+
+    def kill_a_worker(ids):
+        if not killed:
+            actor = ray.get_actor(f"{WORKER_NAME}0")
+            ray.kill(actor, no_restart=False)  # SIGKILL of the worker process; Ray may restart it once
+            killed.append(ids)
+
+    run_audit(_config(tmp, "ray", engine="ray", workers=2, chunk_size=2), progress_stream=None,
+              on_chunk=kill_a_worker)
+    assert killed
     _assert_same_tables(tmp / "ray", tmp / "full")
+    ids = _tables(tmp / "ray")["prompts"].column("prompt_id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_PROMPTS
     run = json.loads((tmp / "ray" / "manifest.json").read_text())["runs"][-1]
     assert run["engine"] == "ray" and run["finished"] and run["prompts"] == N_PROMPTS
 
