@@ -268,7 +268,8 @@ def _label_ids(trace: Trace, tokenizer) -> Trace:
     import numpy as np
 
     ids = set(np.unique(trace.lens_top_ids).tolist()) | {int(np.nanargmax(trace.logits[-1]))}
-    ids |= set(trace.metadata.get("coda_lens_top_ids") or ())
+    if getattr(trace, "coda_lens_top_ids", None) is not None:  # Huginn's own lens
+        ids |= set(np.unique(trace.coda_lens_top_ids).tolist())
     labels = {str(i): tokenizer.label(int(i)) for i in sorted(ids)}
     return dataclasses.replace(trace, metadata=dict(trace.metadata, id_labels=labels))
 

@@ -375,7 +375,10 @@ def jacobian_spectral_radius(model, trace, n_power_iterations: int = 200, seed: 
     s = torch.as_tensor(np.array(s_star), dtype=param.dtype, device=param.device)[None]
     e = torch.as_tensor(np.array(trace.injected), dtype=param.dtype, device=param.device)[None]
     was_training = net.training
+    was_eager = getattr(net, "eager", None)  # real families: explicit attention (SDPA has no forward AD)
     net.eval()
+    if was_eager is not None:
+        net.eager = True
     try:
         with torch.no_grad():
             s = net.carried_state(s)
@@ -387,6 +390,8 @@ def jacobian_spectral_radius(model, trace, n_power_iterations: int = 200, seed: 
                                   method=method)
     finally:
         net.train(was_training)
+        if was_eager is not None:
+            net.eager = was_eager
 
 
 def layer_cosine_matrix(states, iteration: int = -1) -> np.ndarray:

@@ -341,6 +341,11 @@ def _cka_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     if deep is None:
         rep.notes.append("Correspondence (CKA): no deep model in this report")
         return "".join(parts) + "<p>No deep model in this report.</p></section>"
+    if looped.n_tokens != deep.n_tokens or tuple(looped.token_labels) != tuple(deep.token_labels):
+        why = (f"the two models split the prompt differently ({looped.n_tokens} and {deep.n_tokens} tokens: "
+               "different tokenizers), so position i is not the same text on both sides")
+        rep.notes.append(f"Correspondence (CKA): {why}")
+        return "".join(parts) + f"<p>Not computed: {html.escape(why)}.</p></section>"
     m = np.asarray(cka_matrix(looped, deep), dtype=float)
     with np.errstate(all="ignore"):
         best = np.nanmax(m, axis=1)

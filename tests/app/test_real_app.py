@@ -13,7 +13,7 @@ import pytest
 from tests.helpers.apptest import assert_clean, charts, decode, new_app, texts
 from tests.helpers.realfolders import model_root
 
-PAGES = ["orbits", "convergence", "attention", "stages", "correspondence", "report", "overview"]
+PAGES = ["orbits", "convergence", "attention", "stages", "correspondence", "lab", "audit", "report", "overview"]
 PROMPT = "The cat sat on the mat."
 
 
@@ -72,6 +72,12 @@ def test_huginn_beside_llama_every_page(roots):
     # the lens names tokens by their text, not their ids
     assert tr.metadata["family"] == "huginn" and tr.prediction() == tr.metadata["id_labels"][str(int(np.argmax(tr.logits[-1])))]
     assert "Huginn" in seen["overview"][2] or "huginn" in seen["overview"][2]
+    # the HTML report builds too (Jacobian through explicit attention; CKA left out with the reason)
+    at.switch_page("app_pages/report.py").run()
+    at.button(key="report_build").click().run()
+    assert_clean(at, errors=True)
+    assert "Report ready" in [st_.label for st_ in at.status]
+    assert "split the prompt differently" in at.session_state["_report_built"]["html"].decode("utf-8")
 
 
 def test_ouro_beside_llama_same_tokenizer(roots):
