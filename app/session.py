@@ -174,20 +174,28 @@ class _Progress:
         self.done += 1
 
     def within(self, fraction: float, text: str) -> None:
-        """Move the bar inside the current step (a real model's job: ``fraction`` of its steps done)."""
-        if self.bar is not None:
-            label = self.steps[min(self.done, len(self.steps) - 1)][1]
-            self.bar.progress(min(1.0, (self.done + fraction) / len(self.steps)),
-                              text=f"Step {self.done + 1} of {len(self.steps)}: {label} · {text}")
+        """Move the bar inside the current step (a real model's job: ``fraction`` of its steps done),
+        on the page under the box (``live``) when a long job drew one, else in the box."""
+        label = self.steps[min(self.done, len(self.steps) - 1)][1]
+        bar = getattr(self, "live_bar", None) or self.bar
+        if bar is not None:
+            bar.progress(min(1.0, (self.done + fraction) / len(self.steps)),
+                         text=f"Step {self.done + 1} of {len(self.steps)}: {label} · {text}")
 
     def cancel_button(self, key: str, on_click, args) -> None:
-        """A Cancel button in the progress box (once per key and run)."""
-        if self.box is not None:
-            with self.box:
-                st.button("Cancel", key=key, on_click=on_click, args=args, icon=":material/cancel:",
-                          help="Stop this run at its next step. Press Run to start it again.")
+        """A progress bar and a Cancel button on the page, under the box (visible whether or not
+        the box is expanded), once per key and run; removed by ``close``."""
+        if self.box is None or getattr(self, "live", None) is not None:
+            return
+        self.live = st.empty()
+        with self.live.container(border=True):
+            self.live_bar = st.progress(0.0)
+            st.button("Cancel", key=key, on_click=on_click, args=args, icon=":material/cancel:",
+                      help="Stop this run at its next step. Press Run to start it again.")
 
     def close(self, failed: bool) -> None:
+        if getattr(self, "live", None) is not None:
+            self.live.empty()
         if self.box is None:
             return
         seconds = time.perf_counter() - self.t0
@@ -234,13 +242,16 @@ def fits(model: LoadedModel, prompt: str) -> bool:
         return False
 
 
-def _cancel_job(key: str) -> None:
-    """The Cancel button: stop the job at its next step, and do not start it again until Run."""
+def _cancel_jobs() -> None:
+    """The Cancel button: stop this session's running real-model jobs at their next step, and do
+    not start them again until Run."""
+    ss = st.session_state
     store = caching._real_store()["jobs"]
-    job = store.get(key)
-    if job is not None:
-        job.cancel.set()
-    st.session_state.setdefault("_cancelled", set()).add(key)
+    for key in ss.get("_my_jobs", set()):
+        job = store.get(key)
+        if job is not None and not job.done.is_set():
+            job.cancel.set()
+            ss.setdefault("_cancelled", set()).add(key)
 
 
 JOB_POLL_S = 0.25
@@ -251,9 +262,10 @@ def _wait_job(key: str, model: LoadedModel, steps: int, estimate_s: float, fn, w
     or raise what it raised (Cancelled when cancelled). A rerun while it runs (any click) leaves
     it running: the next run picks it up and draws its progress again."""
     job = caching.real_job(key, model, steps, estimate_s, fn)
+    st.session_state.setdefault("_my_jobs", set()).add(key)
     if not job.done.is_set():
         progress.start(who)
-        progress.cancel_button(f"cancel_{who}", _cancel_job, (key,))
+        progress.cancel_button("cancel_run", _cancel_jobs, ())
         while not job.done.wait(JOB_POLL_S):
             progress.within(*job.status())
     if job.error is not None:
