@@ -760,3 +760,22 @@ def test_overview_says_prediction_is_the_final_output_and_the_lens_reads_the_blo
     assert "before the coda" in caps
     tip = [m.proto.help for m in at.metric if m.label == "Prediction"][0]
     assert "logit lens" in tip and "final output" in tip
+
+
+def test_a_partial_trace_upload_is_refused_with_what_it_lacks(tmp_path):
+    """A trace that keeps every 2nd iteration would be drawn with iteration i+1 where it holds 2i+2:
+    the app says what the file lacks and keeps drawing the computed traces."""
+    from analysis.models.loading import load_folder
+    from analysis.models.synthetic import write_ouro_folder
+    from analysis.models.trace_real import trace_model
+    from analysis.plan import CapturePlan
+
+    model = load_folder(write_ouro_folder(tmp_path / "o", total_ut_steps=4))
+    part = trace_model(model, "x = 3; y = x;", iterations=4, plan=CapturePlan(every=2))
+    assert not part.is_complete and part.n_iterations == 2
+    at = new_app()
+    at.run()
+    upload(at, "every2.npz", part.save(tmp_path / "p.npz").read_bytes())
+    msg = texts(at.error)
+    assert "every2.npz keeps only part of its run (2 of 4 iterations" in msg and "--every" in msg, msg
+    assert {"answer_looped", "lens_looped"} <= set(charts(at)) and "uploaded trace" not in texts(at.warning)
