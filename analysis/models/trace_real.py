@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import names
 from ..capture import BufferCapture, Capture
 from ..trace import Trace, _own
 from ..tracing import LENS_TOP_K, _np, fixed_point_count
@@ -115,28 +116,28 @@ def trace_model(model, prompt: str, iterations: int | None = None, seed: int = 0
     p, k, c, T, D, H = spec.n_prelude, spec.n_block, spec.n_coda, len(ids), spec.d_model, spec.n_heads
     alloc = lambda shape: torch.empty(shape, dtype=param.dtype, device=param.device)  # noqa: E731
     states = alloc((r, k, T, D))
-    slots = {f"loop.{t}.blocks.{l}.hook_resid_post": (states, (t, l)) for t in range(r) for l in range(k)}
+    slots = {names.block_resid(t, l): (states, (t, l)) for t in range(r) for l in range(k)}
     buffers = {}
     parts = [("loop", r * k)] + [(nm, n) for nm, n in (("prelude", p), ("coda", c)) if n]
     for part, n in parts:
         if part != "loop":
             buf = buffers[f"{part}_states"] = alloc((n, T, D))
-            slots.update({f"{part}.{l}.hook_resid_post": (buf, (l,)) for l in range(n)})
+            slots.update({names.part_resid(part, l): (buf, (l,)) for l in range(n)})
         if attention:
             if part == "loop":
                 buf = buffers["attention"] = torch.empty((r, k, H, T, T), device=param.device)
-                slots.update({f"loop.{t}.blocks.{l}.attn.hook_pattern": (buf, (t, l)) for t in range(r) for l in range(k)})
+                slots.update({names.block_pattern(t, l): (buf, (t, l)) for t in range(r) for l in range(k)})
             else:
                 buf = buffers[f"{part}_attention"] = torch.empty((n, H, T, T), device=param.device)
-                slots.update({f"{part}.{l}.attn.hook_pattern": (buf, (l,)) for l in range(n)})
-    keep = {"loop.hook_input", "loop.hook_initial_state"} | {f"loop.{t}.hook_state_out" for t in range(r)}
+                slots.update({names.part_pattern(part, l): (buf, (l,)) for l in range(n)})
+    keep = {names.INPUT, names.INITIAL_STATE} | {names.state_out(t) for t in range(r)}
     cap = BufferCapture(slots, keep)
     x = torch.tensor([ids], device=param.device)
     extra = {}
     with torch.no_grad():
         e = model.encode(x, cap)
         s = model.initial_state(e, seed)
-        cap.record("loop.hook_initial_state", s)
+        cap.record(names.INITIAL_STATE, s)
         for t in range(r):
             s = model.step(s, e, t, cap)
         logits = model.decode(s, cap)[0]
@@ -148,13 +149,13 @@ def trace_model(model, prompt: str, iterations: int | None = None, seed: int = 0
             prob = (last[..., answer_id] - last_lse).exp()
         fixed = None
         if n_fixed is not None:
-            s2 = cap.store[f"loop.{r - 1}.hook_state_out"]
+            s2 = cap.store[names.state_out(r - 1)]
             for t in range(r, n_fixed - 1):
                 s2 = model.step(s2, e, t)
-            cap2 = Capture([f"loop.{n_fixed - 1}.blocks.*.hook_resid_post"])
+            cap2 = Capture([names.block_resid_of(n_fixed - 1)])
             model.step(s2, e, n_fixed - 1, cap2)
-            fixed = _np(torch.stack([cap2.store[f"loop.{n_fixed - 1}.blocks.{l}.hook_resid_post"][0] for l in range(k)]))
-        outs = torch.stack([cap.store[f"loop.{t}.hook_state_out"] for t in range(r)])  # [r, 1, T, D]
+            fixed = _np(torch.stack([cap2.store[names.block_resid(n_fixed - 1, l)][0] for l in range(k)]))
+        outs = torch.stack([cap.store[names.state_out(t)] for t in range(r)])  # [r, 1, T, D]
         if hasattr(model, "exit_gate"):
             g = model.exit_gate(outs)
             extra["exit_gate"] = {"lambda": g.lam[:, 0].tolist(), "p": g.p[:, 0].tolist(),
@@ -170,7 +171,7 @@ def trace_model(model, prompt: str, iterations: int | None = None, seed: int = 0
                 config=spec.config_dict(), **extra)
     meta.update(metadata or {})
     arrays = dict(tokens=np.asarray(ids, dtype=np.int64), states=_np(states),
-                  initial_state=_np(cap.store["loop.hook_initial_state"][0]), injected=_np(cap.store["loop.hook_input"][0]),
+                  initial_state=_np(cap.store[names.INITIAL_STATE][0]), injected=_np(cap.store[names.INPUT][0]),
                   **{name: _np(buf) for name, buf in buffers.items()}, logits=_np(logits),
                   lens_top_ids=top_ids.numpy(), lens_top_probs=_np(top_probs), lens_kl=_np(kl),
                   answer_rank=None if rank is None else rank.numpy().astype(np.int64),
