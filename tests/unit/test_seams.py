@@ -134,7 +134,7 @@ def test_relative_depth_means_the_same_in_every_table():
         L = t.n_layers
         assert np.allclose(an.to_numpy(), [(l + 1) / L * 100 for _ in range(t.n_iterations) for l in range(L)])
     a = answer_through_depth(looped)
-    assert list(a["iteration"]) == [i for i in range(looped.n_iterations) for _ in range(looped.n_layers)]  # 0-based
+    assert list(a["iteration"]) == [i + 1 for i in range(looped.n_iterations) for _ in range(looped.n_layers)]  # from 1
     assert a["depth_fraction"].iloc[-1] == pytest.approx(100.0)
 
 
