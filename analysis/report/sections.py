@@ -218,8 +218,8 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     rank = viz.answer_rank_data(looped, deep if "deep" in tables_ else None)
     parts.append(rep.figure("answer-rank", viz.answer_rank_figure(rank), "analysis.viz.answer_rank_figure"))
     schedule = summary.trained_schedule(looped)
-    parts.append(rep.figure("answer", viz.answer_figure(viz.answer_data(looped), trained=schedule.high),
-                            "analysis.viz.answer_figure"))
+    answer = viz.answer_figure(viz.answer_data(looped), trained=schedule.high)
+    parts.append(rep.figure("answer", answer, "analysis.viz.answer_figure"))
     if "deep" in tables_:
         parts.append(rep.figure("answer-deep", viz.answer_figure(viz.answer_data(deep)), "analysis.viz.answer_figure"))
     parts.append("<p class='src'>Numbers: analysis.measures.correspondence.answer_through_depth.</p></section>")
@@ -309,9 +309,8 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                  f"{rep.set('looped.same_layer_distance', _f(svc['same_layer']))}; between different layers: "
                  f"{rep.set('looped.cross_layer_distance', _f(svc['cross_layer']))} (Frobenius distance of "
                  f"head-averaged maps, <code>analysis.measures.attention.same_vs_cross_layer</code>).</p>")
-    parts.append(rep.figure("attention", viz.attention_distance_figure(viz.attention_distance_data(matrix, looped,
-                                                                                                 iterations=its)),
-                            "analysis.viz.attention_distance_figure"))
+    distances = viz.attention_distance_data(matrix, looped, iterations=its)
+    parts.append(rep.figure("attention", viz.attention_distance_figure(distances), "analysis.viz.attention_distance_figure"))
     return "".join(parts) + "</section>"
 
 

@@ -264,5 +264,5 @@ def attention_floorplan_figure(df: pd.DataFrame, title: str | None = None, templ
                      showgrid=False, autorange="reversed", title="block layer" if not deep else None,
                      scaleanchor="x", constrain="domain")
     tile = 70 if not big else 95
-    return theme(fig, template, title or "Floorplan: every layer's head-averaged map",
+    return theme(fig, template, title or "Floorplan: every layer's head-averaged attention map",
                  height=max(260, min(900, R * tile + 140)))

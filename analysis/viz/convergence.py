@@ -105,12 +105,13 @@ def fixed_point_distance_figure(df: pd.DataFrame, layer: int | None = None, face
                         subplot_titles=[f"layer {l}" for l in facets] if len(facets) > 1 else None)
     labels = token_table(df)
     chars = np.broadcast_to(esc_all(labels)[:, None], (T, I))
+    positions = np.broadcast_to(np.arange(T)[:, None], (T, I))
     for col, l in enumerate(facets, start=1):
         fig.add_trace(go.Heatmap(z=logd[:, l, :].T, x=np.arange(1, I + 1), y=np.arange(T), zmin=lo, zmax=hi,
                                  colorscale=SEQUENTIAL, showscale=col == 1,
-                                 customdata=np.stack([d[:, l, :].T, chars], axis=-1),
+                                 customdata=np.stack([d[:, l, :].T, chars, positions], axis=-1),
                                  colorbar=dict(title="‖s − s*‖", tickvals=ticks, ticktext=[f"1e{int(t)}" for t in ticks]),
-                                 hovertemplate=f"layer {l}, iteration %{{x}}, token %{{y}} '%{{customdata[1]}}': "
+                                 hovertemplate=f"layer {l}, iteration %{{x}}, token %{{customdata[2]}} '%{{customdata[1]}}': "
                                                "%{customdata[0]:.2e}<extra></extra>"),
                       row=1, col=col)
         fig.update_xaxes(title="iteration", row=1, col=col)
@@ -132,8 +133,9 @@ def spread_figure(df: pd.DataFrame, title: str | None = None, template: str = "n
     g = df.sort_values("token")
     s = g["fixed_point_spread"].to_numpy(dtype=float)
     labels = [str(c) for c in g["token_label"]]
-    fig = go.Figure(go.Bar(x=g["token"].to_numpy(), y=s, marker_color=LOOPED_COLOR, customdata=esc_all(labels),
-                           hovertemplate="token %{x} '%{customdata}': %{y:.4f}<extra></extra>"))
+    fig = go.Figure(go.Bar(x=g["token"].to_numpy(), y=s, marker_color=LOOPED_COLOR,
+                           customdata=np.stack([g["token"].to_numpy(), esc_all(labels)], axis=-1),
+                           hovertemplate="token %{customdata[0]} '%{customdata[1]}': %{y:.4f}<extra></extra>"))
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="collapse (all layers one point)")
     fig.update_xaxes(title="token", tickvals=list(range(len(s))), ticktext=labels)
     lo = float(np.nanmin(s)) if np.isfinite(s).any() else 0.0
@@ -174,14 +176,14 @@ def contraction_figure(df: pd.DataFrame, title: str | None = None, template: str
     windowed = "window_start" in df.columns
     fig = go.Figure()
     for l, g in df.sort_values("token").groupby("layer", sort=True):
-        chars = esc_all(g["token_label"])
+        chars, pos = esc_all(g["token_label"]), g["token"].to_numpy()
         if windowed:
-            custom = np.stack([chars, g["window_start"].to_numpy(), g["window_end"].to_numpy()], axis=-1)
-            hover = (f"layer {l}, token %{{x}} '%{{customdata[0]}}': %{{y:.3f}} "
+            custom = np.stack([chars, g["window_start"].to_numpy(), g["window_end"].to_numpy(), pos], axis=-1)
+            hover = (f"layer {l}, token %{{customdata[3]}} '%{{customdata[0]}}': %{{y:.3f}} "
                      "(iterations %{customdata[1]}–%{customdata[2]})<extra></extra>")
         else:
-            custom = chars[:, None]
-            hover = f"layer {l}, token %{{x}} '%{{customdata[0]}}': %{{y:.3f}}<extra></extra>"
+            custom = np.stack([chars, pos], axis=-1)
+            hover = f"layer {l}, token %{{customdata[1]}} '%{{customdata[0]}}': %{{y:.3f}}<extra></extra>"
         fig.add_trace(go.Bar(x=g["token"].to_numpy(), y=g["contraction_rate"].to_numpy(dtype=float), name=f"layer {l}",
                              marker_color=PALETTE[int(l) % len(PALETTE)], customdata=custom, hovertemplate=hover))
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="1: steps stop shrinking (orbit, drift)")

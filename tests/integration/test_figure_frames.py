@@ -238,7 +238,7 @@ def test_hovers_name_the_token_character_escaped(frames):
         assert f"'{last}'" in got[key][1].data[0].hovertemplate, key
     assert "'%{customdata[3]}'" in got["answer_rank"][1].data[0].hovertemplate
     assert "'%{customdata[1]}'" in got["distance"][1].data[0].hovertemplate
-    assert "'%{customdata}'" in got["spread"][1].data[0].hovertemplate
+    assert "'%{customdata[1]}'" in got["spread"][1].data[0].hovertemplate
     assert "'%{customdata[0]}'" in got["contraction"][1].data[0].hovertemplate
     for tr, k in zip(got["steps"][1].data, range(looped.n_tokens)):
         assert f"'{looped.token_labels[k]}'" in tr.hovertemplate
@@ -248,7 +248,8 @@ def test_hovers_name_the_token_character_escaped(frames):
     df = got["spread"][0].copy()
     df.loc[0, "token_label"] = "<b>"
     fig = F.spread_figure(df)
-    assert fig.data[0].customdata[0] == "&lt;b&gt;" and "<b>" not in list(fig.data[0].customdata)
+    chars = [row[1] for row in fig.data[0].customdata]
+    assert chars[0] == "&lt;b&gt;" and "<b>" not in chars
     df = got["answer"][0].assign(token_label="<i>")
     assert "&lt;i&gt;" in F.answer_figure(df).data[0].hovertemplate
 

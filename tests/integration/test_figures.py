@@ -534,7 +534,7 @@ def test_fixed_point_distance_figure_against_the_states(with_fixed_point):
         z = z_of(fig, l)
         assert z.shape == (T, I)  # token × iteration
         np.testing.assert_allclose(z, np.log10(manual[:, l, :].T), rtol=1e-4)
-        cd = np.asarray(tr.customdata, dtype=object)  # [T, I, (distance, the token's character)]
+        cd = np.asarray(tr.customdata, dtype=object)  # [T, I, (distance, the token's character, its position)]
         np.testing.assert_allclose(arr(cd[..., 0]), manual[:, l, :].T, rtol=1e-4)
         assert list(cd[:, 0, 1]) == list(t.token_labels)
     lo, hi = np.log10(manual).min(), np.log10(manual).max()
