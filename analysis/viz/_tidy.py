@@ -41,14 +41,19 @@ def grid_of(df: pd.DataFrame, axes: list[str], value) -> np.ndarray:
     """A full-grid tidy frame's ``value`` column as a float array over ``axes`` (each sorted
     ascending): [n_axes[0], n_axes[1], ...]; a list of value columns adds a last axis, one entry
     per column. ValueError when the rows are not the whole grid."""
-    keys = [df[a].to_numpy() for a in axes]
-    order = np.lexsort(keys[::-1])  # sorted by axes[0], then axes[1], ...
-    shape = tuple(len(np.unique(k)) for k in keys)
-    if int(np.prod(shape)) != len(df):
+    codes, shape = [], []
+    for a in axes:  # each axis's values -> 0..n-1 in ascending order (hashing, no sort of the rows)
+        c, uniques = pd.factorize(df[a], sort=True)
+        codes.append(c)
+        shape.append(len(uniques))
+    shape = tuple(shape)
+    cells = np.ravel_multi_index(codes, shape) if len(df) else np.zeros(0, dtype=np.int64)
+    if int(np.prod(shape)) != len(df) or (len(df) and np.bincount(cells, minlength=len(df)).max() != 1):
         raise ValueError(f"the frame is not a full {' × '.join(axes)} grid ({len(df)} rows for {shape})")
-    if isinstance(value, str):
-        return df[value].to_numpy(dtype=float)[order].reshape(shape)
-    return df[list(value)].to_numpy(dtype=float)[order].reshape(shape + (len(value),))
+    names = [value] if isinstance(value, str) else list(value)
+    out = np.empty((len(df), len(names)))
+    out[cells] = df[names].to_numpy(dtype=float)
+    return out.reshape(shape) if isinstance(value, str) else out.reshape(shape + (len(names),))
 
 
 def frame(columns: dict, trace=None) -> pd.DataFrame:

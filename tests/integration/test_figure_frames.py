@@ -289,3 +289,14 @@ def test_every_frame_speaks_the_documented_vocabulary(frames):
     for col in tables.VOCABULARY:
         assert re.search(rf"\b{re.escape(col)}\b", doc), f"{col} is not documented in tables.py"
         assert re.search(rf"\b{re.escape(col)}\b", glossary), f"{col} is not in DESIGN.md's glossary"
+
+
+def test_a_heatmap_builder_refuses_a_frame_with_missing_cells(frames):
+    """A frame that is not a whole grid (a row dropped, a row doubled) is a clear ValueError, not a
+    heatmap with shifted cells."""
+    got, _, _ = frames
+    df, _ = got["distance"]
+    with pytest.raises(ValueError, match="full iteration × layer × token grid"):
+        F.fixed_point_distance_figure(df.iloc[1:])
+    with pytest.raises(ValueError, match="grid"):
+        F.fixed_point_distance_figure(pd.concat([df.iloc[1:], df.iloc[2:3]]))
