@@ -66,6 +66,7 @@ import pandas as pd
 from ._numeric import norm as _norm
 from .dynamics import cosine_steps, distance_to_fixed_point, step_sizes
 
+# the vocabulary's names (see the module docstring), and which columns are counts or indices
 INDEX_COLUMNS = ("token", "token_label", "iteration", "layer", "depth", "relative_depth", "depth_fraction", "model",
                  "head", "query", "key", "query_label", "key_label", "iteration_a", "layer_a", "iteration_b",
                  "layer_b", "deep_layer", "hops", "class")

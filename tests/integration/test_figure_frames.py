@@ -269,8 +269,8 @@ def test_every_frame_speaks_the_documented_vocabulary(frames):
         for col in tables.COUNT_FROM_1:
             if col in df and col != "hops":
                 assert df[col].min() == 1, (name, col)
-        for col in ("token", "layer", "query", "key", "layer_a", "layer_b", "deep_layer"):
-            if col in df:  # from 0: a frame over several positions / layers starts at 0
+        for col in tables.INDEX_FROM_0:
+            if col in df and col != "answer_rank":  # from 0: a frame over several positions / layers starts at 0
                 assert df[col].min() >= 0 and (df[col].nunique() == 1 or df[col].min() == 0), (name, col)
         if "token" in df:
             assert df["token"].max() < looped.n_tokens and (df["token"].nunique() > 1 or df["token"].iloc[0] ==
