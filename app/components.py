@@ -352,7 +352,7 @@ def classify(trace, rule: str = "precision"):
     from analysis.measures.trajectories import classify_trajectories
 
     df = classify_trajectories(trace.states, rule=rule)
-    df.insert(1, "char", [trace.token_labels[int(k)] for k in df["token"]])
+    df.insert(1, "token_label", [trace.token_labels[int(k)] for k in df["token"]])
     return df
 
 

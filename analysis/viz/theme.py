@@ -1,8 +1,8 @@
 """The look every figure shares: colours, the two plotly templates (``"normal"`` and
 ``"presentation"``, larger type for projecting) and small helpers.
 
-Every builder in ``analysis.viz`` takes ``template=`` ("normal" | "presentation") and returns a
-``plotly.graph_objects.Figure``. Vocabulary shared by the builders that take the option:
+Every builder in ``analysis.viz`` takes its chart's tidy frame and ``template=`` ("normal" |
+"presentation") and returns a ``plotly.graph_objects.Figure``. Vocabulary shared by the options:
 ``color_by`` ("iteration" | "token" | "layer"), ``frame_by`` ("iteration" | None: animate),
 ``facet_by`` ("layer" | None), ``token`` (a position; negative counts from the end), ``layer``
 (0-based block layer), ``head`` (None: the mean over heads), ``log_y``, ``title``.

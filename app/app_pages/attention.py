@@ -57,8 +57,8 @@ with left:
     st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
     rows = viz.pick_iterations(I, n_rows)
     st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}.")
-    ui.show_figure(viz.attention_grid_figure(t, layer=layer, rows=rows, head=grid_head(H), template=tpl),
-                   key="attention_grid", data=viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H)))
+    grid_df = viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H))
+    ui.show_figure(viz.attention_grid_figure(grid_df, template=tpl), key="attention_grid", data=grid_df)
 with right:
     st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
     if s.deep is None:
@@ -70,8 +70,8 @@ with right:
         drows = viz.pick_iterations(dL, n_rows)
         st.caption(f"Layers {', '.join(str(r) for r in drows)} of its {dL} (each runs once).")
         dhead = grid_head(deep.attention.shape[2])
-        ui.show_figure(viz.attention_grid_figure(deep, rows=drows, head=dhead, template=tpl), key="attention_deep_grid",
-                       data=viz.attention_grid_data(deep, rows=drows, head=dhead))
+        dgrid_df = viz.attention_grid_data(deep, rows=drows, head=dhead)
+        ui.show_figure(viz.attention_grid_figure(dgrid_df, template=tpl), key="attention_deep_grid", data=dgrid_df)
 
 with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.session_state.get("attention_zoom"))):
     z1, z2, z3 = st.columns(3)
@@ -86,11 +86,11 @@ with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.
                                       format_func=lambda v: "mean over heads" if v == "mean" else f"head {v}")
     if zoom:
         zh = None if zoom_head == "mean" else int(zoom_head)
-        big_fig = viz.attention_grid_figure(t, layer=layer, rows=[zoom_it - 1], head=zh, template=tpl, width=1400,
-                                                title=f"Layer {layer}, iteration {zoom_it}, "
-                                                      + ("mean over heads" if zh is None else f"head {zh}"))
-        ui.show_figure(big_fig, key="attention_zoom_map",
-                       data=viz.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh))
+        zoom_df = viz.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh)
+        big_fig = viz.attention_grid_figure(zoom_df, template=tpl, width=1400,
+                                            title=f"Layer {layer}, iteration {zoom_it}, "
+                                                  + ("mean over heads" if zh is None else f"head {zh}"))
+        ui.show_figure(big_fig, key="attention_zoom_map", data=zoom_df)
 
 st.subheader("Distance between every (iteration, layer) attention map")
 m1, m2 = st.columns([3, 2])
@@ -114,8 +114,8 @@ if matrix is not None:
                    "the square of the count.")
     a, b = st.columns([3, 1], gap="large")
     with a:
-        ui.show_figure(viz.attention_distance_figure(matrix, t, metric=metric, template=tpl, iterations=its),
-                       key="attention_distance", data=viz.attention_distance_data(matrix, t, iterations=its))
+        dist_df = viz.attention_distance_data(matrix, t, metric=metric, iterations=its)
+        ui.show_figure(viz.attention_distance_figure(dist_df, template=tpl), key="attention_distance", data=dist_df)
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
         ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",
@@ -140,7 +140,9 @@ if matrix is not None:
 st.subheader("Floorplan: all the maps at a glance")
 st.caption("Every map averaged over heads; looped: one row per block layer, one column per iteration "
            "(evenly spaced when there are many); the deep model's layers in one row below.")
-ui.show_figure(viz.attention_floorplan_figure(t, template=tpl), key="attention_floorplan")
+plan_df = viz.attention_floorplan_data(t)
+ui.show_figure(viz.attention_floorplan_figure(plan_df, template=tpl), key="attention_floorplan", data=plan_df)
 if deep is not None:
-    ui.show_figure(viz.attention_floorplan_figure(deep, template=tpl, title="Deep model: each layer's head-averaged map"),
-                   key="attention_deep_floorplan")
+    dplan_df = viz.attention_floorplan_data(deep)
+    ui.show_figure(viz.attention_floorplan_figure(dplan_df, template=tpl, title="Deep model: each layer's head-averaged map"),
+                   key="attention_deep_floorplan", data=dplan_df)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from analysis import viz
@@ -57,9 +56,9 @@ else:
     with left:
         st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
         steps = session.measure(ui.steps, t)
-        ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl,
-                                                floor=rate.floor),
-                       key="steps", data=viz.step_data(steps, t, floor=rate.floor))
+        step_df = viz.step_data(steps, t, floor=rate.floor)
+        ui.show_figure(viz.step_size_figure(step_df, tokens=tokens, layer=lay, log_y=log_y, template=tpl),
+                       key="steps", data=step_df)
         st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
                    "steps below it are rounding noise, not motion.")
     with right:
@@ -71,9 +70,10 @@ else:
                        "relative change from one layer to the next, for comparison with one pass of the loop.")
             dsteps = session.measure(ui.depth_steps, s.deep)
             dtok = None if tokens is None else [k for k in tokens if k < s.deep.n_tokens]
-            ui.show_figure(viz.step_size_figure(dsteps, s.deep, tokens=dtok, facet_by=None, log_y=log_y,
-                                                    x_name="layer", title="Deep: layer-to-layer step", template=tpl),
-                           key="deep_steps", data=viz.step_data(dsteps, s.deep, x_name="layer"))
+            dstep_df = viz.step_data(dsteps, s.deep, x_name="layer")
+            ui.show_figure(viz.step_size_figure(dstep_df, tokens=dtok, log_y=log_y, title="Deep: layer-to-layer step",
+                                                template=tpl),
+                           key="deep_steps", data=dstep_df)
 
     st.subheader("Distance to the fixed point")
     dist = session.measure(ui.distances, t)
@@ -82,8 +82,8 @@ else:
     else:
         fpi = t.metadata.get("fixed_point_iterations")
         st.caption(f"s* = the block's states after {fpi} iterations of the same prompt and seed.")
-        ui.show_figure(viz.fixed_point_distance_figure(dist, t, layer=lay, template=tpl), key="distance",
-                       data=viz.distance_data(dist, t))
+        dist_df = viz.distance_data(dist, t)
+        ui.show_figure(viz.fixed_point_distance_figure(dist_df, layer=lay, template=tpl), key="distance", data=dist_df)
 
     st.subheader("Fixed points, contraction and the Jacobian")
     est = None
@@ -116,7 +116,8 @@ else:
             m2.metric("Fixed-point spread, token minimum", f"{np.nanmin(sp):.3f}" if ok else "NaN",
                       help="the lowest token's min over layers of cos(X*_0, X*_l): the most distinct per-layer "
                            "fixed points.")
-            ui.show_figure(viz.spread_figure(sp, t, template=tpl), key="spread", data=viz.spread_data(sp, t))
+            sp_df = viz.spread_data(sp, t)
+            ui.show_figure(viz.spread_figure(sp_df, template=tpl), key="spread", data=sp_df)
     with b:
         m1, m2 = st.columns(2)
         m1.metric("Contraction rate, whole state", f"{rate.state_rate:.3f}" if np.isfinite(rate.state_rate) else "NaN",
@@ -126,8 +127,8 @@ else:
                   help="Median over tokens of the per-token rate at the block's last layer; tokens the leading "
                        "mode barely touches contract faster than |λ|.")
         st.caption(f"Measured only on steps above the float noise floor: {rate.describe()}.")
-        ui.show_figure(viz.contraction_figure(rate, t, jacobian=est, template=tpl), key="contraction",
-                       data=viz.contraction_data(rate, t, jacobian=est))
+        rate_df = viz.contraction_data(rate, t, jacobian=est)
+        ui.show_figure(viz.contraction_figure(rate_df, template=tpl), key="contraction", data=rate_df)
 
     st.subheader("Token classes")
     from analysis.measures.trajectories import class_counts
@@ -135,8 +136,8 @@ else:
     counts = class_counts(classes)
     k1, k2 = st.columns([1, 2], gap="large")
     with k1:
-        ui.show_figure(viz.class_figure(counts, template=tpl), key="classes",
-                       data=pd.DataFrame({"class": list(counts), "tokens": list(counts.values())}))
+        class_df = viz.class_data(counts)
+        ui.show_figure(viz.class_figure(class_df, template=tpl), key="classes", data=class_df)
     with k2:
         st.caption(f"Counts over the tail window of this {I}-iteration run. {classes.attrs.get('description', '')} "
                    "More iterations give a more reliable class.")

@@ -122,10 +122,10 @@ def draw(tr, key: str, title: str, color: str, frame_by=None, upto_=None, captio
     k = min(token, tr.n_tokens - 1) if token is not None else None
     if its is not None and len(its) < tr.n_iterations:
         title = title.replace(f"{tr.n_iterations} iterations", f"{len(its)} of {tr.n_iterations} iterations")
-    fig = viz.orbit_figure(coords, tr, dims=dims, color_by=color, frame_by=frame_by, token=k, upto=upto_,
-                           axis_label=label, template=tpl, iterations=its,
+    df = viz.orbit_data(coords, tr, token=k, axis_label=label, iterations=its)
+    fig = viz.orbit_figure(df, dims=dims, color_by=color, frame_by=frame_by, upto=upto_, template=tpl,
                            title=title + (f", token {k} '{tr.token_labels[k]}'" if k is not None else ""))
-    ui.show_figure(fig, key=key, data=viz.orbit_data(coords, tr, token=k, axis_label=label, iterations=its))
+    ui.show_figure(fig, key=key, data=df)
     st.caption(caption + explained(pca))
 
 

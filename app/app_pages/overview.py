@@ -64,9 +64,9 @@ def model_column(col, trace, model, who: str) -> None:
             st.caption(f"**Prediction** is the final output, through {coda}the output head after all "
                        f"{trace.n_iterations} iterations; the curves and the lens read the block's own state after "
                        "each layer call" + (", before the coda." if coda else "."))
-        ui.show_figure(viz.answer_figure(trace, trained=trained, template=tpl), key=f"answer_{who}",
-                       data=viz.answer_data(trace))
-        ui.show_figure(viz.lens_heatmap(trace, template=tpl), key=f"lens_{who}", data=viz.lens_data(trace))
+        answer_df, lens_df = viz.answer_data(trace), viz.lens_data(trace)
+        ui.show_figure(viz.answer_figure(answer_df, trained=trained, template=tpl), key=f"answer_{who}", data=answer_df)
+        ui.show_figure(viz.lens_heatmap(lens_df, template=tpl), key=f"lens_{who}", data=lens_df)
         if counts is not None:
             st.caption("Trajectory classes (Convergence page for details): "
                        + " · ".join(f"**{k}** {v}" for k, v in counts.items()))
@@ -88,5 +88,6 @@ for col, m, t, who in zip(cc, (s.looped_model, s.deep_model), (s.looped, s.deep)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")
-    ui.show_figure(viz.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, template=tpl),
-                   key="accuracy", data=viz.accuracy_data(cards))
+    acc_df = viz.accuracy_data(cards)
+    ui.show_figure(viz.accuracy_figure(acc_df, trained_hops=tuple(hops) if hops else None, template=tpl),
+                   key="accuracy", data=acc_df)

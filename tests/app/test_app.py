@@ -477,17 +477,17 @@ def test_saved_trace_uploads_to_the_same_figures(tmp_path):
     assert "Showing the uploaded trace saved.npz as the looped trace" in texts(at.warning)
     figs = charts(at)
     trained = model.spec.schedule.high
-    assert_same_data(figs["answer_looped"], _plotly(F.answer_figure(back, trained=trained)), "answer")
-    assert_same_data(figs["lens_looped"], _plotly(F.lens_heatmap(back)), "lens")
+    assert_same_data(figs["answer_looped"], _plotly(F.answer_figure(F.answer_data(back), trained=trained)), "answer")
+    assert_same_data(figs["lens_looped"], _plotly(F.lens_heatmap(F.lens_data(back))), "lens")
     assert_same_data(figs["answer_looped"], computed["answer_looped"], "answer vs computed run")
     assert_same_data(figs["lens_looped"], computed["lens_looped"], "lens vs computed run")
 
     at.switch_page("app_pages/convergence.py").run()
     assert_clean(at)
     figs = charts(at)
-    assert_same_data(figs["steps"], _plotly(F.step_size_figure(step_sizes(back.states), back)), "steps")
+    assert_same_data(figs["steps"], _plotly(F.step_size_figure(F.step_data(step_sizes(back.states), back))), "steps")
     dist = distance_to_fixed_point(back.states, back.fixed_point)
-    assert_same_data(figs["distance"], _plotly(F.fixed_point_distance_figure(dist, back)), "distance")
+    assert_same_data(figs["distance"], _plotly(F.fixed_point_distance_figure(F.distance_data(dist, back))), "distance")
     assert back.metadata["fixed_point_iterations"] == max(FIXED_POINT_ITERATIONS, s.iterations)
 
     at.switch_page("app_pages/orbits.py").run()
@@ -495,7 +495,7 @@ def test_saved_trace_uploads_to_the_same_figures(tmp_path):
     from analysis.measures.projections import project_across_tokens
 
     coords, _ = project_across_tokens(back, n_components=6)
-    assert_same_data(charts(at)["orbit_looped"], _plotly(F.orbit_figure(coords, back)), "orbits")
+    assert_same_data(charts(at)["orbit_looped"], _plotly(F.orbit_figure(F.orbit_data(coords, back))), "orbits")
 
 
 def test_two_sessions_do_not_see_each_others_traces():
