@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import viz
+from analysis.viz.theme import mark_iteration
 from app import components as ui
 from app import session, url_state
 
@@ -37,9 +38,16 @@ else:
                                                "last": "last position"}.get)
     with c3:
         log_y = url_state.view_bool("Log axis", "c_log", True)
-    rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
-                             format_func={"precision": "precision (default: a moving state is never a fixed point)",
-                                          "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    r1, r2 = st.columns([3, 2])
+    with r1:
+        rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
+                                     format_func={"precision": "precision (default: a moving state is never a fixed point)",
+                                                  "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    with r2:
+        upto = url_state.view_int("Up to iteration", "c_upto", 2, I, I,
+                                  help="Scrub through the iterations: the step sizes and distances after this "
+                                       "iteration are greyed out, with a dashed line at it; the line under the step "
+                                       "sizes counts the tokens still moving there.")
     classes = session.measure(ui.classify, t, rule=rule)
     rate = session.measure(ui.contraction, t)
     if which == "unsettled":
@@ -57,9 +65,16 @@ else:
     with left:
         st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
         steps = session.measure(ui.steps, t)
-        ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl,
-                                                floor=rate.floor),
-                       key="steps", data=viz.step_data(steps, t, floor=rate.floor))
+        step_fig = viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl, floor=rate.floor)
+        if upto < I:
+            step_fig = mark_iteration(step_fig, upto, I)
+        ui.show_figure(step_fig, key="steps", data=viz.step_data(steps, t, floor=rate.floor))
+        if upto < I:
+            at = steps[upto - 1, L - 1 if lay is None else lay]  # [T]: the steps into iteration `upto`
+            moving = int(np.sum(at > rate.floor))
+            st.caption(f"**At iteration {upto} of {I}** (layer {L - 1 if lay is None else lay}): median step "
+                       f"{np.nanmedian(at):.1e}; {moving} of {T} tokens still move by more than the noise floor. "
+                       "Later iterations are greyed out.")
         st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
                    "steps below it are rounding noise, not motion.")
     with right:
@@ -82,7 +97,8 @@ else:
     else:
         fpi = t.metadata.get("fixed_point_iterations")
         st.caption(f"s* = the block's states after {fpi} iterations of the same prompt and seed.")
-        ui.show_figure(viz.fixed_point_distance_figure(dist, t, layer=lay, template=tpl), key="distance",
+        dist_fig = viz.fixed_point_distance_figure(dist, t, layer=lay, template=tpl)
+        ui.show_figure(mark_iteration(dist_fig, upto, I) if upto < I else dist_fig, key="distance",
                        data=viz.distance_data(dist, t))
 
     st.subheader("Fixed points, contraction and the Jacobian")
