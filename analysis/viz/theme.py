@@ -53,9 +53,9 @@ def plain_text(text) -> str:
     return html.escape(str(text), quote=False)
 
 
-# Width a figure is assumed to have when its layout does not say: half of a wide page (the
-# two-column pages), in px. A title longer than one line at this width wraps at word boundaries.
-ASSUMED_WIDTH = 620
+# Width a figure is assumed to have when its layout does not say: one of two columns on a
+# 1500 px wide window with the sidebar open, in px. A longer title wraps at word boundaries.
+ASSUMED_WIDTH = 500
 
 
 def _visible_len(text: str) -> int:
@@ -65,10 +65,10 @@ def _visible_len(text: str) -> int:
 
 def wrap_title(text: str, font_size: float, width: int | None = None) -> str:
     """``text`` with ``<br>`` at word boundaries so that no line is wider than ``width`` px
-    (``ASSUMED_WIDTH`` when None) at ``font_size`` px (an average character taken as 0.55 em).
+    (``ASSUMED_WIDTH`` when None) at ``font_size`` px (an average character taken as 0.5 em).
     Existing ``<br>`` breaks are kept; tags and entities are never split (they are never
     next to a break point inside, as breaks go only at spaces outside tags)."""
-    per_line = max(12, int((width or ASSUMED_WIDTH) - 40) // max(1, int(font_size * 0.55)))
+    per_line = max(12, int(((width or ASSUMED_WIDTH) - 40) / max(1.0, font_size * 0.5)))
     out = []
     for part in re.split(r"<br\s*/?>", text):
         words, line = _split_words(part), ""

@@ -67,7 +67,7 @@ def outline_iteration(fig, j: int, n_layers: int) -> None:
     lo, hi = j * n_layers - 0.5, (j + 1) * n_layers - 0.5
     for x0, x1, xref, y0, y1, yref in ((lo, hi, "x", 0, 1, "y domain"), (0, 1, "x domain", lo, hi, "y")):
         fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, xref=xref, yref=yref,
-                      line=dict(color="orange", width=2), layer="above")
+                      line=dict(color="#ff2d55", width=3), layer="above")  # seen on dark and on yellow cells
 
 
 def grid_head(n_heads: int):

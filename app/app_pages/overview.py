@@ -23,6 +23,7 @@ upto = None
 if s.looped is not None and s.looped.n_iterations > 1:
     I = s.looped.n_iterations
     upto = url_state.view_int("Show the looped model up to iteration", "ov_upto", 1, I, I,
+                              container=st.columns(2, gap="large")[0],  # above the looped column it acts on
                               help="Scrub through the iterations: the curves and the lens after this iteration are "
                                    "greyed out, and the line under the figures reads the lens at it.")
 left, right = st.columns(2, gap="large")
