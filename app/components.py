@@ -14,6 +14,7 @@ import streamlit as st
 
 from analysis import export
 from analysis.measures import summary
+from analysis.viz.theme import for_browser
 from app import session as app_session
 
 
@@ -119,7 +120,8 @@ def page_intro(text: str, paper_note: str | None = None) -> None:
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
-    st.plotly_chart(fig, key=key, width="stretch", theme=None)  # our own theme (bigger fonts when projecting)
+    # our own theme (bigger fonts when projecting); float32 and WebGL for big traces (``for_browser``)
+    st.plotly_chart(for_browser(fig), key=key, width="stretch", theme=None)
     st.session_state.setdefault(PAGE_FIGURES, []).append((key, fig, data))
     figure_export_row(fig, key, data)
 

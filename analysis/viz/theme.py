@@ -175,3 +175,49 @@ def _iteration_colors(n: int) -> list[str]:
     if n <= 1:
         return [sample_colorscale(SEQUENTIAL, [0.0])[0]]
     return sample_colorscale(SEQUENTIAL, [i / (n - 1) for i in range(n)])
+
+
+# A scatter trace with more markers than this is drawn with WebGL in the browser: SVG makes one
+# element per marker, and tens of thousands of them (a long run's orbits) take seconds to lay out.
+MAX_SVG_MARKERS = 5000
+
+
+def _float32(obj):
+    """``obj`` (a trace's plotly JSON) with every float64 numpy array as float32, in place."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, np.ndarray) and v.dtype == np.float64:
+                obj[k] = v.astype(np.float32)
+            elif isinstance(v, (dict, list)):
+                _float32(v)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if isinstance(v, np.ndarray) and v.dtype == np.float64:
+                obj[i] = v.astype(np.float32)
+            elif isinstance(v, dict):
+                _float32(v)
+    return obj
+
+
+def for_browser(fig: go.Figure, max_svg_markers: int = MAX_SVG_MARKERS) -> go.Figure:
+    """A copy of ``fig`` that is lighter to send and to draw in a browser, showing the same:
+    float64 arrays sent as float32 (half the bytes; seven significant digits are more than a
+    screen shows), and a 2-D scatter trace with more than ``max_svg_markers`` markers drawn with
+    WebGL (``scattergl``) instead of SVG. Animated figures (frames) keep their trace types.
+    The figure itself is left as it is (its PNG/SVG and CSV exports use it). The copy is not
+    validated again (``fig`` was), which keeps this cheap for figures with hundreds of traces."""
+    d = {"data": [tr.to_plotly_json() for tr in fig.data], "layout": fig.layout.to_plotly_json(),  # deep copies;
+         "frames": [fr.to_plotly_json() for fr in fig.frames or ()]}  # arrays stay numpy (to_dict encodes them)
+    animated = bool(d["frames"])
+    for n, tr in enumerate(d.get("data") or ()):
+        _float32(tr)
+        if not animated and tr.get("type", "scatter") == "scatter" and "markers" in str(tr.get("mode", "markers")) \
+                and np.size(tr.get("x", ())) > max_svg_markers:
+            try:
+                gl = go.Scattergl({k: v for k, v in tr.items() if k not in ("type", "cliponaxis")})
+            except ValueError:  # a property WebGL does not draw: keep SVG
+                continue
+            d["data"][n] = gl.to_plotly_json()
+    for fr in d["frames"]:
+        _float32(fr)
+    return go.Figure(d, _validate=False)

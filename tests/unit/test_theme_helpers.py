@@ -1,12 +1,14 @@
-"""Text helpers of the figure theme: data made literal for plotly, titles wrapped to a width."""
+"""Helpers of the figure theme: data made literal for plotly, titles wrapped to a width, the
+iteration marker, and the lighter copy of a figure the browser gets."""
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.viz.theme import mark_iteration, plain_text, theme, wrap_title
+from analysis.viz.theme import for_browser, mark_iteration, plain_text, theme, wrap_title
 
 
 def test_plain_text_escapes_markup_plotly_would_read():
@@ -43,3 +45,18 @@ def test_mark_iteration_marks_every_panel_and_greys_the_later_iterations():
     assert {(s.x0, s.x1) for s in bands} == {(2.5, 4.5)} and {s.yref for s in bands} == {"y domain", "y2 domain", "y3 domain"}
     assert not [s for s in mark_iteration(go.Figure(go.Scatter(x=[1, 2], y=[1, 2])), 2, last=2).layout.shapes
                 if s.type == "rect"]  # at the last iteration nothing is greyed
+
+
+def test_for_browser_sends_half_the_bytes_and_draws_many_markers_with_webgl():
+    rng = np.random.default_rng(0)
+    big, small = rng.normal(size=(2, 6000)), rng.normal(size=(2, 50))
+    fig = go.Figure([go.Scatter(x=big[0], y=big[1], mode="lines+markers", marker=dict(color=big[0]), name="paths"),
+                     go.Scatter(x=small[0], y=small[1], mode="markers", name="ends"),
+                     go.Scatter(x=big[1], y=big[0], mode="lines", name="a line")])
+    out = for_browser(fig, max_svg_markers=5000)
+    assert [t.type for t in out.data] == ["scattergl", "scatter", "scatter"]  # only the many-marker trace
+    assert [t.type for t in fig.data] == ["scatter"] * 3 and fig.data[0].x.dtype == np.float64  # fig untouched
+    assert out.data[0].x.dtype == np.float32 and out.data[0].name == "paths"
+    np.testing.assert_allclose(out.data[0].x, big[0], rtol=1e-6)  # the same points, as float32
+    np.testing.assert_allclose(out.data[0].marker.color, big[0], rtol=1e-6)
+    assert len(out.to_json()) < 0.6 * len(fig.to_json())
