@@ -85,7 +85,8 @@ def figures_zip_button(session) -> None:
     st.session_state[PAGE_ZIP] = build
     ref = sides[0][1]
     st.download_button("All figures of this page (.zip)", data=build,
-                       file_name=export.trace_file_name(ref, f"{_safe_name(view)}_figures.zip"),
+                       file_name=export.trace_file_name(ref, "zip").replace(
+                           ".zip", f"_{_safe_name(view).lower()}_figures.zip"),  # chain-looped_r16_seed0_overview_figures.zip
                        mime="application/zip", key="page_figures_zip", on_click="ignore", type="tertiary",
                        icon=":material/folder_zip:",
                        help="Every figure below as a standalone HTML file (opens offline) with its CSV, and "

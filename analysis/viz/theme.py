@@ -111,7 +111,7 @@ def theme(fig: go.Figure, template: str = "normal", title: str | None = None, he
         template=f"plotly_white+loopscope_{template}", font=dict(size=base),
         legend=dict(font=dict(size=base - 1)), hoverlabel=dict(font_size=base),
         title=dict(text=title, font=dict(size=base + 4)) if title else None,
-        margin=dict(l=60, r=30, t=(60 + int(1.3 * (base + 4)) * (lines - 1)) if title else 30, b=50),
+        margin=dict(l=60, r=30, t=(60 + int(1.5 * (base + 4)) * (lines - 1)) if title else 30, b=50),
         height=height or (560 if big else 420),
     )
     return fig
