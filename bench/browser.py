@@ -26,7 +26,7 @@ something on an idle machine: with training or tests running beside it, Chromium
 starved and the times measure the load, not the app. Run it before and after a change on the same
 idle machine.
 
-    python bench/browser.py [--pages overview,orbits] [--reps 3] [--out bench/browser.json]
+    python bench/browser.py [--pages overview,orbits] [--reps 3] [--iterations 256] [--out bench/browser.json]
 """
 from __future__ import annotations
 
@@ -124,11 +124,12 @@ def _start_server():
     raise SystemExit("streamlit did not start")
 
 
-def measure_page(page, base: str, name: str, seed: int, received: list, timeout_ms: int = 180_000) -> dict:
+def measure_page(page, base: str, name: str, seed: int, received: list, timeout_ms: int = 180_000,
+                 iterations: int | None = None) -> dict:
     """One Run on one page: script, drawn and browser-only seconds, the main thread's long tasks,
     the bytes the server sent over the websocket (``received``, filled by the page's listener),
     and the charts' count, traces and WebGL use."""
-    url = f"{base}/" if name == "overview" else f"{base}/{name}"
+    url = (f"{base}/" if name == "overview" else f"{base}/{name}") + (f"?iterations={iterations}" if iterations else "")
     page.goto(url, wait_until="domcontentloaded")
     page.wait_for_selector('[data-testid="stSidebar"]', state="attached", timeout=timeout_ms)
     page.evaluate(WAIT_DRAWN_JS, [300, timeout_ms])
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", default=",".join(PAGES))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="open each page with this many iterations (e.g. 256, the sidebar's largest) instead of "
+                         "the default")
     ap.add_argument("--out", default=None, help="write the per-run numbers as JSON")
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():
@@ -176,7 +180,8 @@ def main(argv=None) -> int:
             for name in args.pages.split(","):
                 for _ in range(args.reps):
                     seed += 1
-                    results.setdefault(name, []).append(measure_page(page, base, name, seed, received))
+                    results.setdefault(name, []).append(measure_page(page, base, name, seed, received,
+                                                                       iterations=args.iterations))
                 runs = results[name]
                 med = {k: statistics.median(r[k] for r in runs)
                        for k in ("script_s", "drawn_s", "browser_s", "busy_s", "received_mb")}

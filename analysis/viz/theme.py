@@ -199,25 +199,42 @@ def _float32(obj):
     return obj
 
 
+def _webgl_markers(tr: dict) -> list[dict]:
+    """A big SVG scatter trace (plotly JSON) as WebGL markers, with its line, if any, kept as an
+    SVG path below them (one path element is cheap in SVG, while WebGL's line of tens of thousands
+    of points with gaps is as slow as the SVG markers). [tr] unchanged when WebGL cannot draw it."""
+    mode = str(tr.get("mode", "markers"))
+    props = {k: v for k, v in tr.items() if k not in ("type", "cliponaxis")}
+    out = []
+    if "lines" in mode:
+        group = tr.get("legendgroup") or f"webgl-{id(tr)}"
+        props["legendgroup"] = group
+        out.append({"type": "scatter", "mode": "lines", "x": tr.get("x"), "y": tr.get("y"),
+                    "line": tr.get("line", {}), "connectgaps": tr.get("connectgaps", False),
+                    "hoverinfo": "skip", "showlegend": False, "legendgroup": group,
+                    **{k: tr[k] for k in ("xaxis", "yaxis", "opacity", "visible") if k in tr}})
+        props["mode"] = mode.replace("lines", "").strip("+") or "markers"
+        props.pop("line", None)
+    try:
+        out.append(go.Scattergl(props).to_plotly_json())
+    except ValueError:  # a property WebGL does not draw: keep SVG
+        return [tr]
+    return out
+
+
 def for_browser(fig: go.Figure, max_svg_markers: int = MAX_SVG_MARKERS) -> go.Figure:
     """A copy of ``fig`` that is lighter to send and to draw in a browser, showing the same:
     float64 arrays sent as float32 (half the bytes; seven significant digits are more than a
-    screen shows), and a 2-D scatter trace with more than ``max_svg_markers`` markers drawn with
-    WebGL (``scattergl``) instead of SVG. Animated figures (frames) keep their trace types.
+    screen shows), and the markers of a 2-D scatter trace with more than ``max_svg_markers`` of
+    them drawn with WebGL (``scattergl``) instead of one SVG element each, its line staying an
+    SVG path below them. Animated figures (frames refer to traces by index) keep their traces.
     The figure itself is left as it is (its PNG/SVG and CSV exports use it). The copy is not
     validated again (``fig`` was), which keeps this cheap for figures with hundreds of traces."""
-    d = {"data": [tr.to_plotly_json() for tr in fig.data], "layout": fig.layout.to_plotly_json(),  # deep copies;
-         "frames": [fr.to_plotly_json() for fr in fig.frames or ()]}  # arrays stay numpy (to_dict encodes them)
-    animated = bool(d["frames"])
-    for n, tr in enumerate(d.get("data") or ()):
-        _float32(tr)
-        if not animated and tr.get("type", "scatter") == "scatter" and "markers" in str(tr.get("mode", "markers")) \
-                and np.size(tr.get("x", ())) > max_svg_markers:
-            try:
-                gl = go.Scattergl({k: v for k, v in tr.items() if k not in ("type", "cliponaxis")})
-            except ValueError:  # a property WebGL does not draw: keep SVG
-                continue
-            d["data"][n] = gl.to_plotly_json()
-    for fr in d["frames"]:
-        _float32(fr)
+    d = {"data": [], "layout": fig.layout.to_plotly_json(),  # deep copies; arrays stay numpy (to_dict encodes them)
+         "frames": [_float32(fr.to_plotly_json()) for fr in fig.frames or ()]}
+    for tr in fig.data:
+        t = _float32(tr.to_plotly_json())
+        many = t.get("type", "scatter") == "scatter" and "markers" in str(t.get("mode", "markers")) \
+            and np.size(t.get("x", ())) > max_svg_markers
+        d["data"] += _webgl_markers(t) if many and not d["frames"] else [t]
     return go.Figure(d, _validate=False)

@@ -54,9 +54,16 @@ def test_for_browser_sends_half_the_bytes_and_draws_many_markers_with_webgl():
                      go.Scatter(x=small[0], y=small[1], mode="markers", name="ends"),
                      go.Scatter(x=big[1], y=big[0], mode="lines", name="a line")])
     out = for_browser(fig, max_svg_markers=5000)
-    assert [t.type for t in out.data] == ["scattergl", "scatter", "scatter"]  # only the many-marker trace
+    # only the many-marker trace: its markers in WebGL, its line an SVG path below them
+    assert [(t.type, t.mode) for t in out.data] == [("scatter", "lines"), ("scattergl", "markers"),
+                                                    ("scatter", "markers"), ("scatter", "lines")]
+    line, markers = out.data[:2]
+    assert line.hoverinfo == "skip" and line.showlegend is False and line.legendgroup == markers.legendgroup
     assert [t.type for t in fig.data] == ["scatter"] * 3 and fig.data[0].x.dtype == np.float64  # fig untouched
-    assert out.data[0].x.dtype == np.float32 and out.data[0].name == "paths"
-    np.testing.assert_allclose(out.data[0].x, big[0], rtol=1e-6)  # the same points, as float32
-    np.testing.assert_allclose(out.data[0].marker.color, big[0], rtol=1e-6)
-    assert len(out.to_json()) < 0.6 * len(fig.to_json())
+    assert markers.x.dtype == np.float32 and markers.name == "paths"
+    np.testing.assert_allclose(markers.x, big[0], rtol=1e-6)  # the same points, as float32
+    np.testing.assert_allclose(line.y, big[1], rtol=1e-6)
+    np.testing.assert_allclose(markers.marker.color, big[0], rtol=1e-6)
+    assert len(out.to_json()) < 0.75 * len(fig.to_json())
+    animated = go.Figure(data=fig.data, frames=[go.Frame(data=[go.Scatter(x=[0.0], y=[0.0])], traces=[1], name="1")])
+    assert [t.type for t in for_browser(animated).data] == ["scatter"] * 3  # frames refer to traces by index
