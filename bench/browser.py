@@ -27,6 +27,9 @@ starved and the times measure the load, not the app. Run it before and after a c
 idle machine.
 
     python bench/browser.py [--pages overview,orbits] [--reps 3] [--iterations 256] [--out bench/browser.json]
+
+``--plotly-only``: each page's charts (the JSON the server sends) drawn with plain plotly.js in
+Chromium, without the app: the part of the browser time that is plotly's own.
 """
 from __future__ import annotations
 
@@ -152,6 +155,52 @@ def measure_page(page, base: str, name: str, seed: int, received: list, timeout_
             "traces": sum(c["traces"] for c in charts), "webgl": any(c["webgl"] for c in charts)}
 
 
+DRAW_JS = """
+async (spec) => { const f = JSON.parse(spec); const g = document.getElementById('g');
+  Plotly.purge(g); const t0 = performance.now();
+  await Plotly.newPlot(g, f.data, f.layout, {responsive: true});
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  return performance.now() - t0; }
+"""
+
+
+def plotly_only(pages: list[str], iterations: int | None, reps: int) -> dict:
+    """Each page's charts (the JSON the server sends, from Streamlit's AppTest) drawn one by one
+    with plain plotly.js in Chromium, without Streamlit: {page: [seconds to draw all its charts]
+    per repetition}. What plotly itself costs, apart from the app's frontend."""
+    from plotly.offline import get_plotlyjs
+    from playwright.sync_api import sync_playwright
+    from streamlit.testing.v1 import AppTest
+
+    sys.path.insert(0, str(ROOT))
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=600)
+    if iterations:
+        at.query_params["iterations"] = str(iterations)
+    at.run()
+    specs = {}
+    for name in pages:
+        if name != "overview":
+            at.switch_page(f"app_pages/{name}.py").run()
+        specs[name] = [el.proto.spec for el in at.get("plotly_chart")]
+    html = Path(ROOT / ".cache" / "bench_plotly.html")
+    html.parent.mkdir(parents=True, exist_ok=True)
+    html.write_text(f"<html><head><meta charset='utf-8'><script>{get_plotlyjs()}</script></head>"
+                    "<body><div id='g' style='width:700px;height:500px'></div></body></html>", encoding="utf-8")
+    out: dict[str, list[float]] = {name: [] for name in pages}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(html.as_uri())
+        for _ in range(reps):
+            for name in pages:
+                out[name].append(sum(page.evaluate(DRAW_JS, spec) for spec in specs[name]) / 1000)
+        browser.close()
+    for name in pages:
+        print(f"{name:15s} plotly.js draws its {len(specs[name])} charts in {statistics.median(out[name]):6.2f} s "
+              f"(median of {reps}; {sum(map(len, specs[name])) / 1e3:.0f} kB of chart JSON)", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", default=",".join(PAGES))
@@ -159,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=None,
                     help="open each page with this many iterations (e.g. 256, the sidebar's largest) instead of "
                          "the default")
+    ap.add_argument("--plotly-only", action="store_true",
+                    help="no app in the browser: draw each page's charts with plain plotly.js (what plotly costs)")
     ap.add_argument("--out", default=None, help="write the per-run numbers as JSON")
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():
@@ -166,6 +217,11 @@ def main(argv=None) -> int:
     if os.getloadavg()[0] > 1.0:
         print(f"warning: load average {os.getloadavg()[0]:.1f}; these times measure the load, not the app",
               file=sys.stderr)
+    if args.plotly_only:
+        results = plotly_only(args.pages.split(","), args.iterations, args.reps)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return 0
     from playwright.sync_api import sync_playwright
 
     server, base = _start_server()
