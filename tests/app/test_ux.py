@@ -102,3 +102,26 @@ def test_data_in_a_title_shows_literally():
     assert_clean(at, errors=True)
     title = charts(at)["orbit_looped"]["layout"]["title"]["text"]
     assert "token 0 '&lt;'" in title and "<" not in title.replace("<br>", "")
+
+
+def test_page_zip_of_an_uploaded_trace_describes_the_trace_not_the_sidebar(tmp_path):
+    """An uploaded chain-contrast trace while the sidebar holds chain-looped: the zip's provenance
+    names the trace's own model, hash, prompt, iterations and seed, and says it was uploaded."""
+    from analysis.models.native import load_checkpoint
+    from analysis.tracing import trace
+    from app.session import resolve
+
+    contrast = load_checkpoint(resolve("chain-contrast"))
+    prompt = "y=1;f=g;o=7;q=o;s=q;g=2;?s="
+    t = trace(contrast, prompt, iterations=5, seed=3, fixed_point_iterations=0)
+    at = new_app({"looped": "chain-looped", "iterations": "4", "seed": "0"})
+    at.run()
+    at.file_uploader(key="upload").set_value(("contrast.npz", t.save(tmp_path / "c.npz").read_bytes(),
+                                              "application/octet-stream"))
+    at.run()
+    assert_clean(at)
+    meta = json.loads(zipfile.ZipFile(io.BytesIO(at.session_state["_page_zip"]())).read("provenance.json"))
+    p = meta["traces"]["looped"]
+    assert p["model"] == "chain-contrast" and p["checkpoint_sha256"] == contrast.sha256
+    assert (p["prompt"], p["iterations"], p["seed"]) == (prompt, 5, 3)
+    assert p["source"].startswith("uploaded trace file contrast.npz") and p["uploaded_trace_sha256"]
