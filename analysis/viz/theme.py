@@ -110,7 +110,9 @@ def theme(fig: go.Figure, template: str = "normal", title: str | None = None, he
     fig.update_layout(
         template=f"plotly_white+loopscope_{template}", font=dict(size=base),
         legend=dict(font=dict(size=base - 1)), hoverlabel=dict(font_size=base),
-        title=dict(text=title, font=dict(size=base + 4)) if title else None,
+        # anchored at the top, so that a wrapped title grows down into the room made for it
+        title=dict(text=title, font=dict(size=base + 4), y=1, yref="container", yanchor="top", pad=dict(t=14))
+        if title else None,
         margin=dict(l=60, r=30, t=(60 + int(1.5 * (base + 4)) * (lines - 1)) if title else 30, b=50),
         height=height or (560 if big else 420),
     )
