@@ -30,7 +30,7 @@ t = ui.require_looped(s, attention_for="the maps and their distances")
 I, L, H = t.attention.shape[:3]
 deep = s.deep if s.deep is not None and s.deep.attention is not None else None
 max_heads = max(H, deep.attention.shape[2] if deep is not None else 0)
-c1, c2, c3 = st.columns([2, 3, 2])
+c1, c2, c3, c4 = st.columns([2, 3, 2, 2])
 with c1:
     layer = url_state.view_option("Layer of the block", "attention_layer", list(range(L)), 0,
                               format_func=lambda v: f"layer {v}")
@@ -42,6 +42,19 @@ with c2:
 with c3:
     n_rows = url_state.view_int("Iterations shown", "attention_rows", 1, min(I, 8), min(I, 6),
                             help="First, last and evenly spaced iterations between them (rows of the grid).")
+with c4:
+    upto = I if I < 2 else url_state.view_int(
+        "Up to iteration", "attention_upto", 1, I, I,
+        help="Scrub through the iterations: the grid's last row is the map at this iteration (the rows before it "
+             "are spaced from iteration 1 to it), and the distance matrix outlines this iteration's maps.")
+
+
+def outline_iteration(fig, j: int, n_layers: int) -> None:
+    """Outline the row and the column of the distance matrix's ``j``-th iteration (its L maps)."""
+    lo, hi = j * n_layers - 0.5, (j + 1) * n_layers - 0.5
+    for x0, x1, xref, y0, y1, yref in ((lo, hi, "x", 0, 1, "y domain"), (0, 1, "x domain", lo, hi, "y")):
+        fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, xref=xref, yref=yref,
+                      line=dict(color="#ff2d55", width=3), layer="above")  # seen on dark and on yellow cells
 
 
 def grid_head(n_heads: int):
@@ -55,8 +68,9 @@ def grid_head(n_heads: int):
 left, right = st.columns(2, gap="large")
 with left:
     st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
-    rows = viz.pick_iterations(I, n_rows)
-    st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}.")
+    rows = viz.pick_iterations(upto, n_rows)
+    st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}"
+               + (f": the last row is the map at iteration {upto}." if upto < I else "."))
     grid_df = viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H))
     ui.show_figure(viz.attention_grid_figure(grid_df, template=tpl), key="attention_grid", data=grid_df)
 with right:
@@ -115,7 +129,11 @@ if matrix is not None:
     a, b = st.columns([3, 1], gap="large")
     with a:
         dist_df = viz.attention_distance_data(matrix, t, metric=metric, iterations=its)
-        ui.show_figure(viz.attention_distance_figure(dist_df, template=tpl), key="attention_distance", data=dist_df)
+        dist_fig = viz.attention_distance_figure(dist_df, template=tpl)
+        if upto < I and upto - 1 in its and matrix.shape[0] == len(its) * L:
+            outline_iteration(dist_fig, its.index(upto - 1), L)
+            st.caption(f"Outlined: the maps of iteration {upto} (row and column), compared with every other map.")
+        ui.show_figure(dist_fig, key="attention_distance", data=dist_df)
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
         ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",

@@ -5,6 +5,7 @@ import numpy as np
 import streamlit as st
 
 from analysis import viz
+from analysis.viz.theme import mark_iteration
 from app import components as ui
 from app import session, url_state
 
@@ -36,9 +37,16 @@ else:
                                                "last": "last position"}.get)
     with c3:
         log_y = url_state.view_bool("Log axis", "c_log", True)
-    rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
-                             format_func={"precision": "precision (default: a moving state is never a fixed point)",
-                                          "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    r1, r2 = st.columns([3, 2])
+    with r1:
+        rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
+                                     format_func={"precision": "precision (default: a moving state is never a fixed point)",
+                                                  "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    with r2:
+        upto = url_state.view_int("Up to iteration", "c_upto", 2, I, I,
+                                  help="Scrub through the iterations: the step sizes and distances after this "
+                                       "iteration are greyed out, with a dashed line at it; the line under the step "
+                                       "sizes counts the tokens still moving there.")
     classes = session.measure(ui.classify, t, rule=rule)
     rate = session.measure(ui.contraction, t)
     if which == "unsettled":
@@ -57,8 +65,16 @@ else:
         st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
         steps = session.measure(ui.steps, t)
         step_df = viz.step_data(steps, t, floor=rate.floor)
-        ui.show_figure(viz.step_size_figure(step_df, tokens=tokens, layer=lay, log_y=log_y, template=tpl),
-                       key="steps", data=step_df)
+        step_fig = viz.step_size_figure(step_df, tokens=tokens, layer=lay, log_y=log_y, template=tpl)
+        if upto < I:
+            step_fig = mark_iteration(step_fig, upto, I)
+        ui.show_figure(step_fig, key="steps", data=step_df)
+        if upto < I:
+            at = steps[upto - 1, L - 1 if lay is None else lay]  # [T]: the steps into iteration `upto`
+            moving = int(np.sum(at > rate.floor))
+            st.caption(f"**At iteration {upto} of {I}** (layer {L - 1 if lay is None else lay}): median step "
+                       f"{np.nanmedian(at):.1e}; {moving} of {T} tokens still move by more than the noise floor. "
+                       "Later iterations are greyed out.")
         st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
                    "steps below it are rounding noise, not motion.")
     with right:
@@ -83,7 +99,8 @@ else:
         fpi = t.metadata.get("fixed_point_iterations")
         st.caption(f"s* = the block's states after {fpi} iterations of the same prompt and seed.")
         dist_df = viz.distance_data(dist, t)
-        ui.show_figure(viz.fixed_point_distance_figure(dist_df, layer=lay, template=tpl), key="distance", data=dist_df)
+        dist_fig = viz.fixed_point_distance_figure(dist_df, layer=lay, template=tpl)
+        ui.show_figure(mark_iteration(dist_fig, upto, I) if upto < I else dist_fig, key="distance", data=dist_df)
 
     st.subheader("Fixed points, contraction and the Jacobian")
     est = None

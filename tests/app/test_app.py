@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.apptest import MAIN, TIMEOUT, assert_clean, charts, decode, new_app, texts
+from tests.helpers.apptest import MAIN, TIMEOUT, assert_clean, charts, decode, new_app, run_with_iterations, texts
 
 pytestmark = pytest.mark.usefixtures("real_samples")  # the shipped checkpoints (conftest.py)
 
@@ -625,18 +625,13 @@ def test_iteration_controls_keep_the_choice_when_iterations_change(page, key):
     at.switch_page(f"app_pages/{page}.py").run()
     assert_clean(at)
     assert at.slider(key=key).value == 4  # the default: all 4 iterations
-    at.number_input(key="w_iterations").set_value(8)
-    at.button(key="run").click().run()
-    assert_clean(at)
+    run_with_iterations(at, 8)
     default = {"o_upto": 8, "stages_lines": 8, "attention_rows": 6}[key]
     assert at.slider(key=key).value == default and at.query_params[key] == str(default)
     at.slider(key=key).set_value(3).run()
-    at.number_input(key="w_iterations").set_value(5)
-    at.button(key="run").click().run()
-    assert_clean(at)
+    run_with_iterations(at, 5)
     assert at.slider(key=key).value == 3 and at.query_params[key] == "3"
-    at.number_input(key="w_iterations").set_value(2)
-    at.button(key="run").click().run()
+    run_with_iterations(at, 2)
     assert at.slider(key=key).value == 2  # clamped to the new range
 
 
