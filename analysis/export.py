@@ -240,3 +240,109 @@ def metrics_parquet_bytes(trace: Trace) -> bytes:
     df.columns = [str(c) for c in df.columns]
     df.to_parquet(buf, index=False, engine="pyarrow")
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- all figures of a view as a zip
+README_NAME, PROVENANCE_NAME = "README.txt", "provenance.json"
+
+
+def trace_provenance(trace: Trace, model=None) -> dict:
+    """What a trace was computed from, as plain JSON values: the model (name, architecture, kind,
+    weights sha256, where it was loaded from, or the uploaded trace file when the weights were not
+    loaded) and the run (prompt, known answer, iterations, seed, s* iterations). ``model``: the
+    LoadedModel the trace came from, or None for an uploaded trace (facts from its metadata)."""
+    from analysis.measures import summary
+
+    facts = summary.model_facts(model, trace)
+    md = trace.metadata
+    uploaded = model is None and bool(md.get("upload_sha256"))
+
+    def plain(v):
+        return v.item() if isinstance(v, np.generic) else v
+
+    return {"model": facts.name, "architecture": facts.architecture, "kind": facts.kind,
+            "checkpoint_sha256": facts.sha256,
+            "source": (f"uploaded trace file {md.get('upload_name', '')} (weights not loaded)" if uploaded
+                       else str(facts.path)),
+            "uploaded_trace_sha256": md.get("upload_sha256") if uploaded else None,
+            "prompt": trace.prompt, "answer": trace.answer, "answer_hops": plain(md.get("answer_hops")),
+            "iterations": trace.n_iterations, "layers": trace.n_layers, "seed": plain(md.get("seed")),
+            "fixed_point_iterations": plain(md.get("fixed_point_iterations")),
+            "trained_iterations": None if facts.kind == "deep" or facts.trained is None else facts.trained.words()}
+
+
+def figure_html(fig: go.Figure, title: str | None = None) -> str:
+    """``fig`` as a standalone HTML page that opens offline: plotly.js is embedded in the file
+    (no network), MathJax left out."""
+    import html as _html
+
+    import plotly.io as pio
+
+    head_title = _html.escape(title or "loopscope figure")
+    page = pio.to_html(fig, full_html=True, include_plotlyjs=True, include_mathjax=False, validate=False,
+                       config={"displaylogo": False, "responsive": True}, default_width="100%", default_height="100%")
+    return page.replace("<head>", f"<head><meta charset='utf-8'><title>{head_title}</title>", 1)
+
+
+def _plain_title(text: str | None) -> str | None:
+    """A plotly title as plain text: line breaks as spaces, tags dropped, entities decoded."""
+    import html as _html
+    import re
+
+    return None if not text else _html.unescape(re.sub(r"<[^>]*>", "", re.sub(r"<br\s*/?>", " ", text)))
+
+
+def _zip_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "figure"
+
+
+def figures_zip_bytes(figures, provenance: dict, view: str = "view") -> bytes:
+    """One zip of a view's figures: for each ``(name, figure, frame)`` in ``figures``, ``name.html``
+    (standalone, plotly.js inside, opens offline) and ``name.csv`` (``frame``, the tidy table
+    behind the figure; the figure's own x/y/z when ``frame`` is None); plus ``provenance.json``
+    (``provenance``: what the traces were computed from, e.g. ``{"looped": trace_provenance(..)}``,
+    with the view's name, the file list and the software versions added) and a ``README.txt``
+    saying the same in words. Names are made file-safe; a repeated name gets a numeric suffix."""
+    import datetime as _dt
+    import zipfile
+
+    from analysis.report.sections import software_versions
+
+    buf, files, seen = io.BytesIO(), [], set()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for name, fig, frame in figures:
+            base = stem = _zip_name(name)
+            n = 1
+            while base in seen:
+                n += 1
+                base = f"{stem}_{n}"
+            seen.add(base)
+            title = _plain_title(getattr(fig.layout.title, "text", None))
+            zf.writestr(f"{base}.html", figure_html(fig, title=title or base))
+            table = frame if frame is not None else figure_data_frame(fig)
+            zf.writestr(f"{base}.csv", data_frame_csv_bytes(table))
+            files.append({"figure": f"{base}.html", "data": f"{base}.csv", "title": title})
+        meta = {"format": "loopscope-figures", "view": view,
+                "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+                "traces": provenance, "files": files, "software": software_versions()}
+        zf.writestr(PROVENANCE_NAME, json.dumps(meta, indent=1, ensure_ascii=False, default=str))
+        zf.writestr(README_NAME, _zip_readme(meta))
+    return buf.getvalue()
+
+
+def _zip_readme(meta: dict) -> str:
+    lines = [f"loopscope: the figures of the {meta['view']} view ({meta['created']})", "",
+             "Each figure is NAME.html (opens in any browser, offline: plotly.js is inside the file) with",
+             "NAME.csv, the table the figure draws. provenance.json holds what follows, machine-readable.", ""]
+    for side, p in (meta["traces"] or {}).items():
+        lines += [f"{side}: {p.get('model')} {p.get('architecture') or ''}".rstrip(),
+                  f"  weights sha256 {p.get('checkpoint_sha256')} ({p.get('source')})",
+                  f"  prompt {p.get('prompt')!r}, known answer {p.get('answer')!r}",
+                  f"  {p.get('iterations')} iteration(s), {p.get('layers')} layer(s), seed {p.get('seed')}", ""]
+    if not meta["files"]:
+        lines.append("No figure was drawn on this view.")
+    for f in meta["files"]:
+        lines.append(f"{f['figure']} / {f['data']}: {f['title'] or ''}")
+    return "\n".join(lines) + "\n"

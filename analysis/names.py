@@ -11,6 +11,7 @@ A capture point is one activation of one forward call, named like TransformerLen
     loop.{t}.blocks.{l}.hook_resid_post          [B, T, D]   after block layer l of iteration t
     loop.{t}.blocks.{l}.attn.hook_pattern        [B, H, T, T]
     loop.{t}.hook_state_out                      [B, T, D]   the state carried to iteration t + 1
+    loop.{t}.hook_exit_gate                      [B, T]      Ouro's exit-gate logit after iteration t
     coda.{l}.hook_resid_post                     [B, T, D]
     coda.{l}.attn.hook_pattern                   [B, H, T, T]
     hook_final                                   [B, T, D]   after the final norm, before unembedding
@@ -81,6 +82,11 @@ def state_out(t: int) -> str:
     return f"loop.{int(t)}.hook_state_out"
 
 
+def exit_gate(t: int) -> str:
+    """``loop.{t}.hook_exit_gate``: Ouro's exit-gate logit [B, T] after iteration t."""
+    return f"loop.{int(t)}.hook_exit_gate"
+
+
 def part_resid(part: str, l: int) -> str:
     """``prelude.{l}.hook_resid_post`` or ``coda.{l}.hook_resid_post``."""
     return resid_post(layer(part, l))
@@ -89,6 +95,11 @@ def part_resid(part: str, l: int) -> str:
 def part_pattern(part: str, l: int) -> str:
     """``prelude.{l}.attn.hook_pattern`` or ``coda.{l}.attn.hook_pattern``."""
     return attn_pattern(layer(part, l))
+
+
+def is_pattern(name: str) -> bool:
+    """Whether ``name`` is an attention-pattern capture point ([B, H, T, T], not [B, T, D])."""
+    return name.endswith(".attn.hook_pattern")
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ class Point:
 
 _PATTERNS = [
     (re.compile(r"loop\.(\d+)\.blocks\.(\d+)\.(hook_resid_post|attn\.hook_pattern)"), "loop"),
-    (re.compile(r"loop\.(\d+)\.(hook_state_in|hook_state_out)"), "loop-state"),
+    (re.compile(r"loop\.(\d+)\.(hook_state_in|hook_state_out|hook_exit_gate)"), "loop-state"),
     (re.compile(r"(prelude|coda)\.(\d+)\.(hook_resid_post|attn\.hook_pattern)"), "part"),
 ]
 

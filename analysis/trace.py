@@ -15,7 +15,7 @@ import json
 import numbers
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -206,19 +206,21 @@ class Trace:
     initial_state: np.ndarray
     injected: np.ndarray
     logits: np.ndarray
+    # optional arrays (shapes and meaning: ARRAYS above); None where the run did not capture them
     lens_top_ids: np.ndarray | None = None  # required unless metadata["capture"]["lens"] is False
     lens_top_probs: np.ndarray | None = None
     lens_kl: np.ndarray | None = None
-    prelude_states: np.ndarray | None = None
-    coda_states: np.ndarray | None = None
-    attention: np.ndarray | None = None
-    prelude_attention: np.ndarray | None = None
-    coda_attention: np.ndarray | None = None
-    answer_rank: np.ndarray | None = None
-    answer_prob: np.ndarray | None = None
-    fixed_point: np.ndarray | None = None
     coda_lens_top_ids: np.ndarray | None = None
     coda_lens_top_probs: np.ndarray | None = None
+    answer_rank: np.ndarray | None = None
+    answer_prob: np.ndarray | None = None
+    # the large ones stay out of repr()
+    prelude_states: np.ndarray | None = field(default=None, repr=False)
+    coda_states: np.ndarray | None = field(default=None, repr=False)
+    attention: np.ndarray | None = field(default=None, repr=False)
+    prelude_attention: np.ndarray | None = field(default=None, repr=False)
+    coda_attention: np.ndarray | None = field(default=None, repr=False)
+    fixed_point: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         put = partial(object.__setattr__, self)

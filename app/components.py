@@ -15,6 +15,7 @@ import streamlit as st
 
 from analysis import export
 from analysis.measures import summary
+from analysis.viz.theme import for_browser
 from app import session as app_session
 
 
@@ -50,14 +51,47 @@ def md_code(text, limit: int | None = MAX_SHOWN_CHARS) -> str:
 
 def page(title: str, text: str, paper_note: str | None = None, show_messages: bool = True, banner: bool = True):
     """A page's opening: its title, two sentences on what it shows and how to read it, what the
-    paper found, then the run's Session and (``banner``) the prompt banner. Returns
+    paper found, then the run's Session and (``banner``, on pages that draw the traces) the prompt
+    banner and the button for all the page's figures in one zip. Returns
     (session, template) with template "presentation" in presentation mode, else "normal"."""
     st.title(title)
     page_intro(text, paper_note)
+    st.session_state[PAGE_FIGURES] = []  # show_figure collects this run's figures for the zip
     s = app_session.current(show_messages=show_messages)
-    if banner:
+    if banner:  # a page about the traces: the prompt, and its figures in one zip
         prompt_banner(s)
+        figures_zip_button(s)
     return s, ("presentation" if s.settings.embed else "normal")
+
+
+PAGE_FIGURES, PAGE_ZIP = "_page_figures", "_page_zip"
+
+
+def figures_zip_button(session) -> None:
+    """A button giving every figure this page draws in one .zip (standalone HTML and CSV each, and
+    the traces' provenance: ``analysis.export.figures_zip_bytes``). The zip is built when clicked,
+    from the figures ``show_figure`` collected in this run (so the button can sit above them);
+    nothing when there is no trace."""
+    sides = [(who, t, m) for who, t, m in (("looped", session.looped, session.looped_model),
+                                           ("deep", session.deep, session.deep_model)) if t is not None]
+    if not sides:
+        return
+    figures = st.session_state[PAGE_FIGURES]
+    view = st.session_state.get("_url_page") or "page"
+    provenance = {who: export.trace_provenance(t, None if who in session.uploaded else m) for who, t, m in sides}
+
+    def build() -> bytes:
+        return export.figures_zip_bytes(list(figures), provenance, view=view)
+
+    st.session_state[PAGE_ZIP] = build
+    ref = sides[0][1]
+    st.download_button("All figures of this page (.zip)", data=build,
+                       file_name=export.trace_file_name(ref, "zip").replace(
+                           ".zip", f"_{_safe_name(view).lower()}_figures.zip"),  # chain-looped_r16_seed0_overview_figures.zip
+                       mime="application/zip", key="page_figures_zip", on_click="ignore", type="tertiary",
+                       icon=":material/folder_zip:",
+                       help="Every figure below as a standalone HTML file (opens offline) with its CSV, and "
+                            "provenance.json: model, weights hash, prompt, iterations and seed of each trace")
 
 
 def require_looped(s, attention_for: str | None = None):
@@ -120,8 +154,10 @@ def token_picker(label: str, key: str, trace, default: int | None = None, help: 
 
 def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> None:
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
-    thin_ticks(fig)
-    st.plotly_chart(fig, key=key, width="stretch", theme=None)  # our own theme (bigger fonts when projecting)
+    # our own theme (bigger fonts when projecting); float32 and WebGL for big traces (``for_browser``);
+    # a long prompt's token labels thinned to fit (``thin_ticks``)
+    st.plotly_chart(for_browser(thin_ticks(fig)), key=key, width="stretch", theme=None)
+    st.session_state.setdefault(PAGE_FIGURES, []).append((key, fig, data))
     figure_export_row(fig, key, data)
 
 
@@ -425,7 +461,7 @@ def classify(trace, rule: str = "precision"):
     from analysis.measures.trajectories import classify_trajectories
 
     df = classify_trajectories(trace.states, rule=rule)
-    df.insert(1, "char", [trace.token_labels[int(k)] for k in df["token"]])
+    df.insert(1, "token_label", [trace.token_labels[int(k)] for k in df["token"]])
     return df
 
 

@@ -222,7 +222,15 @@ def _read_upload(up, errors: list[str]) -> Trace | None:
     """The uploaded file's Trace, or None with a readable message in ``errors``."""
     try:
         data = up.getvalue()
-        return caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
+        t = caching.upload(hashlib.sha256(data).hexdigest()[:16], _data=data)
+        if not t.is_complete:  # every page reads axis index i as iteration i + 1, layer i, token i
+            cap = t.metadata.get("capture") or {}
+            errors.append(f"Uploaded file {_md(up.name)} keeps only part of its run ({t.n_iterations} of "
+                          f"{cap.get('run_iterations', '?')} iterations, {t.n_tokens} of {cap.get('prompt_tokens', '?')} "
+                          "tokens), and the pages need every iteration, layer and token to draw it truthfully. "
+                          "Trace it again without --every, --iterations-list, --layers or --positions to open it here.")
+            return None
+        return t
     except TraceFormatError as exc:
         errors.append(f"Uploaded file {_md(up.name)} could not be opened: {_md(exc)}. The app keeps showing the "
                       "computed traces; remove the file or upload a trace saved by loopscope.")

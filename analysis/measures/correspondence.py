@@ -73,7 +73,8 @@ def cka_matrix(looped, deep) -> np.ndarray:
 def answer_through_depth(trace) -> pd.DataFrame:
     """The answer token's logit-lens rank and probability at the last position after every
     block layer call: one row per realized depth, columns depth, iteration, layer,
-    relative_depth, depth_fraction (``analysis.measures.tables`` vocabulary, 0-based),
+    relative_depth, depth_fraction (``analysis.measures.tables`` vocabulary: iteration and depth count
+    from 1, layer from 0),
     answer_rank (0 = top) and answer_prob. Raises ValueError without an answer."""
     if trace.answer_rank is None or trace.answer_prob is None:
         raise ValueError("this trace has no answer token (free text prompt); nothing to track")

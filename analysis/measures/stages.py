@@ -97,7 +97,7 @@ def stage_profiles(trace) -> pd.DataFrame:
     """Stage metrics of every (iteration, layer) of a trace's block.
 
     Returns a DataFrame, one row per (iteration, layer) in realized-depth order, with columns
-    iteration, layer, relative_depth (percent 0-100, ``(layer+1)/L*100``: within the block for
+    iteration (from 1), layer (from 0), relative_depth (percent 0-100, ``(layer+1)/L*100``: within the block for
     a looped trace, over the whole depth for a deep one), colsum_concentration (mean over the
     layer's heads), sink_score (``max_k`` of the sink score of the head-averaged map: the
     attention the strongest sink receives, in [0, 1]), sink_rate (fraction of heads whose

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import names
 from .folder import ModelFolderError, TensorInfo, check_shapes, first
 from .layers import record
 from .spec import ModelSpec, TrainedSchedule
@@ -89,15 +90,15 @@ class HFDeepLM(nn.Module):
         if idx.shape[1] > self.spec.context_length:
             raise ValueError(f"{idx.shape[1]} tokens exceed this model's context of {self.spec.context_length}")
         e = self.hf.get_input_embeddings()(idx)
-        record(capture, "embed.hook_out", e)
-        record(capture, "loop.hook_input", e)
+        record(capture, names.EMBED, e)
+        record(capture, names.INPUT, e)
         return e
 
     def step(self, s, e=None, t=0, capture=None):
         """All L layers from the embeddings ``s`` [B, T, D]; returns the last layer's output
         (before the final norm). Records ``loop.{t}.blocks.{l}.hook_resid_post`` and, with eager
         attention, ``loop.{t}.blocks.{l}.attn.hook_pattern``."""
-        want_attn = capture is not None and any(capture.wants(f"loop.{t}.blocks.{l}.attn.hook_pattern")
+        want_attn = capture is not None and any(capture.wants(names.block_pattern(t, l))
                                                 for l in range(len(self.layers)))
         self._set_attention(want_attn or self.eager)
         outs: dict[int, torch.Tensor] = {}
@@ -115,14 +116,14 @@ class HFDeepLM(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        record(capture, f"loop.{t}.hook_state_in", s)
+        record(capture, names.state_in(t), s)
         for l in range(len(self.layers)):
-            record(capture, f"loop.{t}.blocks.{l}.hook_resid_post", outs[l])
+            record(capture, names.block_resid(t, l), outs[l])
         if want_attn:
             for l, a in enumerate(res.attentions or ()):
-                record(capture, f"loop.{t}.blocks.{l}.attn.hook_pattern", a)
+                record(capture, names.block_pattern(t, l), a)
         h = outs[len(self.layers) - 1]
-        record(capture, f"loop.{t}.hook_state_out", h)
+        record(capture, names.state_out(t), h)
         return h
 
     def carried_state(self, h):
@@ -131,7 +132,7 @@ class HFDeepLM(nn.Module):
     def decode(self, s, capture=None):
         """The model's final norm and unembedding: [B, T, D] -> logits [B, T, V] float32."""
         x = self.final_norm(s)
-        record(capture, "hook_final", x)
+        record(capture, names.FINAL, x)
         return self.head(x).float()
 
     def logit_lens(self, state):
@@ -140,7 +141,7 @@ class HFDeepLM(nn.Module):
 
     def forward(self, idx, iterations=None, capture=None, seed=None):
         e = self.encode(idx, capture)
-        record(capture, "loop.hook_initial_state", e)
+        record(capture, names.INITIAL_STATE, e)
         return self.decode(self.step(e, e, 0, capture), capture)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import names
 from .folder import FolderConfig, ModelFolderError, TensorInfo, check_shapes, first, load_tensors, rope_settings
 from .layers import (build_from_folder, rope_angles_for, RMSNorm, apply_rope_half, apply_rope_interleaved, build_on_meta, causal_attention,
                      record, rope_angles, rope_inv_freq)
@@ -173,7 +174,7 @@ class _Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         rope = apply_rope_interleaved if c.variant == "huginn" else apply_rope_half
         q, k = rope(q, angles), rope(k, angles)
-        y = causal_attention(q, k, v, capture, name + ".attn", eager)
+        y = causal_attention(q, k, v, capture, names.attn_pattern(name), eager)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -265,12 +266,12 @@ class HuginnLM(nn.Module):
         x = self.transformer.wte(idx)
         if self.config.embed_scale != 1:
             x = x * self.config.embed_scale
-        record(capture, "embed.hook_out", x)
+        record(capture, names.EMBED, x)
         angles = self._angles(idx.shape[1], idx.device)
         for l, block in enumerate(self.transformer.prelude):
-            x = block(x, angles, capture, f"prelude.{l}", self.eager)
-            record(capture, f"prelude.{l}.hook_resid_post", x)
-        record(capture, "loop.hook_input", x)
+            x = block(x, angles, capture, names.layer("prelude", l), self.eager)
+            record(capture, names.part_resid("prelude", l), x)
+        record(capture, names.INPUT, x)
         return x
 
     def initial_state(self, e, seed=None):
@@ -290,12 +291,12 @@ class HuginnLM(nn.Module):
     def step(self, s, e, t=0, capture=None):
         """Iteration t: ``adapter(cat[s, e])`` then the k core blocks. [B, T, D] -> [B, T, D]."""
         s = self.transformer.adapter(torch.cat([s, e.to(s.device)], dim=-1))
-        record(capture, f"loop.{t}.hook_state_in", s)
+        record(capture, names.state_in(t), s)
         angles = self._angles(s.shape[1], s.device)
         for l, block in enumerate(self.transformer.core_block):
-            s = block(s, angles, capture, f"loop.{t}.blocks.{l}", self.eager)
-            record(capture, f"loop.{t}.blocks.{l}.hook_resid_post", s)
-        record(capture, f"loop.{t}.hook_state_out", s)
+            s = block(s, angles, capture, names.layer("loop", l, t), self.eager)
+            record(capture, names.block_resid(t, l), s)
+        record(capture, names.state_out(t), s)
         return s
 
     def carried_state(self, h):
@@ -308,8 +309,8 @@ class HuginnLM(nn.Module):
         x = self.transformer.ln_f(s) if self.config.ln_f_after_loop else s
         angles = self._angles(s.shape[1], s.device)
         for l, block in enumerate(self.transformer.coda):
-            x = block(x, angles, capture, f"coda.{l}", self.eager)
-            record(capture, f"coda.{l}.hook_resid_post", x)
+            x = block(x, angles, capture, names.layer("coda", l), self.eager)
+            record(capture, names.part_resid("coda", l), x)
         return self.transformer.ln_f(x)
 
     def unembed(self, x):
@@ -319,7 +320,7 @@ class HuginnLM(nn.Module):
     def decode(self, s, capture=None):
         """Huginn: ln_f → coda → ln_f → head; retrofitted: coda → ln_f → head. Logits float32 [B, T, V]."""
         x = self.coda_hidden(s, capture)
-        record(capture, "hook_final", x)
+        record(capture, names.FINAL, x)
         return self.unembed(x)
 
     def logit_lens(self, state):
@@ -338,7 +339,7 @@ class HuginnLM(nn.Module):
         r = self.spec.trained_mean if iterations is None else int(iterations)
         e = self.encode(idx, capture)
         s = self.initial_state(e, seed) if input_states is None else input_states
-        record(capture, "loop.hook_initial_state", s)
+        record(capture, names.INITIAL_STATE, s)
         for t in range(r):
             s = self.step(s, e, t, capture)
         return self.decode(s, capture)

@@ -72,15 +72,15 @@ def apply_rope_interleaved(x, angles):
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
 
 
-def causal_attention(q, k, v, capture=None, name: str = "", eager: bool = False):
+def causal_attention(q, k, v, capture=None, pattern_name: str = "", eager: bool = False):
     """Causal softmax attention, scale hd^-½. q (B, H, T, hd), k and v (B, Hk, T, hd) with H a
     multiple of Hk (each KV head serves H/Hk consecutive query heads). Returns (B, H, T, hd).
 
-    When ``capture`` wants ``name + ".hook_pattern"`` (or ``eager``), the probabilities
+    When ``capture`` wants ``pattern_name`` (``analysis.names.attn_pattern(prefix)``; or ``eager``), the probabilities
     (B, H, T, T) are computed explicitly (scores and softmax in float32), recorded and used;
     otherwise SDPA runs (equal up to float rounding)."""
     H, Hk = q.shape[1], k.shape[1]
-    pname = name + ".hook_pattern"
+    pname = pattern_name
     wanted = capture is not None and capture.wants(pname)
     if not (wanted or eager):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hk)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import names
 from .folder import FolderConfig, ModelFolderError, TensorInfo, check_shapes, first, load_tensors, rope_settings
 from .layers import (build_from_folder, rope_angles_for, RMSNorm, apply_rope_half, build_on_meta, causal_attention, record, rope_angles,
                      rope_inv_freq)
@@ -118,7 +119,7 @@ class _Attention(nn.Module):
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope_half(q, angles), apply_rope_half(k, angles)
-        y = causal_attention(q, k, v, capture, name + ".attn", eager)
+        y = causal_attention(q, k, v, capture, names.attn_pattern(name), eager)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
@@ -222,8 +223,8 @@ class OuroLM(nn.Module):
     def encode(self, idx, capture=None):
         """idx [B, T] -> the embeddings [B, T, D] (also the initial state; nothing is injected)."""
         x = self.model.embed_tokens(idx)
-        record(capture, "embed.hook_out", x)
-        record(capture, "loop.hook_input", x)
+        record(capture, names.EMBED, x)
+        record(capture, names.INPUT, x)
         return x
 
     def initial_state(self, e, seed=None):
@@ -232,15 +233,15 @@ class OuroLM(nn.Module):
 
     def step(self, s, e=None, t=0, capture=None):
         """Step t: all L layers, then the pass norm; records every layer's output and the gate."""
-        record(capture, f"loop.{t}.hook_state_in", s)
+        record(capture, names.state_in(t), s)
         angles = self._angles(s.shape[1], s.device)
         for l, layer in enumerate(self.model.layers):
-            s = layer(s, angles, capture, f"loop.{t}.blocks.{l}", self.eager)
-            record(capture, f"loop.{t}.blocks.{l}.hook_resid_post", s)
+            s = layer(s, angles, capture, names.layer("loop", l, t), self.eager)
+            record(capture, names.block_resid(t, l), s)
         s = self.model.norm(s)
-        record(capture, f"loop.{t}.hook_state_out", s)
-        if capture is not None and capture.wants(f"loop.{t}.hook_exit_gate"):
-            capture.record(f"loop.{t}.hook_exit_gate", self.gate_logit(s))
+        record(capture, names.state_out(t), s)
+        if capture is not None and capture.wants(names.exit_gate(t)):
+            capture.record(names.exit_gate(t), self.gate_logit(s))
         return s
 
     def carried_state(self, h):
@@ -253,7 +254,7 @@ class OuroLM(nn.Module):
 
     def decode(self, s, capture=None):
         """Logits [B, T, V] (float32) of a post-norm step state: lm_head(s)."""
-        record(capture, "hook_final", s)
+        record(capture, names.FINAL, s)
         return F.linear(s, self.head_weight()).float()
 
     def logit_lens(self, state):
@@ -282,7 +283,7 @@ class OuroLM(nn.Module):
         early_exit_threshold), else the p-weighted logits, else the last step."""
         r = self.spec.trained_mean if iterations is None else int(iterations)
         s = self.encode(idx, capture)
-        record(capture, "loop.hook_initial_state", s)
+        record(capture, names.INITIAL_STATE, s)
         states = []
         for t in range(r):
             s = self.step(s, None, t, capture)

@@ -118,7 +118,7 @@ class _PlanCapture(BufferCapture):
         slot = self.slots.get(name)
         if slot is not None:
             v = x[0]
-            if self.positions is not None and not name.endswith("hook_pattern"):
+            if self.positions is not None and not capnames.is_pattern(name):
                 v = v.index_select(-2, self.positions)
             if self.round_to is not None:
                 v = v.to(self.round_to)

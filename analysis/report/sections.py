@@ -7,8 +7,7 @@ uploaded without weights). The file needs no network to open: plotly.js is inlin
 head, every figure refers to it. The numbers in the report come from ``analysis`` (the same
 functions the app uses) and are also embedded as JSON in ``<script id="loopscope-numbers">`` so
 a reader or a test can check them. Nothing random is drawn here and figure ids are fixed, so two
-reports from the same traces differ only in their date. One cohesive module (a little over 400
-lines): the report's sections, in the order a reader meets them.
+reports from the same traces differ only in their date. One cohesive module (~420 lines): the sections.
 
 A section whose data the traces lack (no attention, no deep model) says so and is listed in the
 numbers' ``notes``; any other failure raises: a report never shows a silently substituted figure.
@@ -216,12 +215,13 @@ def _answer_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     tables_ = {n: answer_through_depth(t) for n, t in (("looped", looped), ("deep", deep))
                if t is not None and t.answer_prob is not None}
     rep.numbers["answer_through_depth_rows"] = {n: int(len(df)) for n, df in tables_.items()}
-    parts.append(rep.figure("answer-rank", viz.answer_rank_figure(tables_["looped"], tables_.get("deep")),
-                            "analysis.viz.answer_rank_figure"))
+    rank = viz.answer_rank_data(looped, deep if "deep" in tables_ else None)
+    parts.append(rep.figure("answer-rank", viz.answer_rank_figure(rank), "analysis.viz.answer_rank_figure"))
     schedule = summary.trained_schedule(looped)
-    parts.append(rep.figure("answer", viz.answer_figure(looped, trained=schedule.high), "analysis.viz.answer_figure"))
+    answer = viz.answer_figure(viz.answer_data(looped), trained=schedule.high)
+    parts.append(rep.figure("answer", answer, "analysis.viz.answer_figure"))
     if "deep" in tables_:
-        parts.append(rep.figure("answer-deep", viz.answer_figure(deep), "analysis.viz.answer_figure"))
+        parts.append(rep.figure("answer-deep", viz.answer_figure(viz.answer_data(deep)), "analysis.viz.answer_figure"))
     parts.append("<p class='src'>Numbers: analysis.measures.correspondence.answer_through_depth.</p></section>")
     return "".join(parts)
 
@@ -267,20 +267,20 @@ def _convergence_section(rep: _Report, looped: Trace, looped_model=None) -> str:
                      f"{rep.set('looped.jacobian_radius', _f(jac.radius))}, the rate the steps approach.</p>")
     else:
         parts.append(" (No Jacobian reference: it needs the model's weights and a fixed point s*.)</p>")
-    parts.append(rep.figure("contraction", viz.contraction_figure(rate, looped, jacobian=jac),
+    parts.append(rep.figure("contraction", viz.contraction_figure(viz.contraction_data(rate, looped, jacobian=jac)),
                             "analysis.viz.contraction_figure"))
     show = classes.copy()
     show.insert(1, "label", [looped.token_labels[int(t)] for t in show["token"]])
     parts.append(f"<details><summary>Per-token classes</summary>{_table(show)}</details>")
-    parts.append(rep.figure("classes", viz.class_figure(counts), "analysis.viz.class_figure"))
+    parts.append(rep.figure("classes", viz.class_figure(viz.class_data(counts)), "analysis.viz.class_figure"))
     last = looped.n_layers - 1
     steps = dynamics.step_sizes(looped.states)
     floor = dynamics.NOISE_FLOOR_FACTOR * dynamics.dtype_eps(looped.states)
-    parts.append(rep.figure("steps", viz.step_size_figure(steps, looped, layer=last, floor=floor),
+    parts.append(rep.figure("steps", viz.step_size_figure(viz.step_data(steps, looped, floor=floor), layer=last),
                             "analysis.viz.step_size_figure"))
     if looped.fixed_point is not None:
         dist = dynamics.distance_to_fixed_point(looped.states, looped.fixed_point)
-        parts.append(rep.figure("distance", viz.fixed_point_distance_figure(dist, looped, layer=last),
+        parts.append(rep.figure("distance", viz.fixed_point_distance_figure(viz.distance_data(dist, looped), layer=last),
                                 "analysis.viz.fixed_point_distance_figure"))
     return "".join(parts) + "</section>"
 
@@ -309,8 +309,8 @@ def _attention_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                  f"{rep.set('looped.same_layer_distance', _f(svc['same_layer']))}; between different layers: "
                  f"{rep.set('looped.cross_layer_distance', _f(svc['cross_layer']))} (Frobenius distance of "
                  f"head-averaged maps, <code>analysis.measures.attention.same_vs_cross_layer</code>).</p>")
-    parts.append(rep.figure("attention", viz.attention_distance_figure(matrix, looped, iterations=its),
-                            "analysis.viz.attention_distance_figure"))
+    distances = viz.attention_distance_data(matrix, looped, iterations=its)
+    parts.append(rep.figure("attention", viz.attention_distance_figure(distances), "analysis.viz.attention_distance_figure"))
     return "".join(parts) + "</section>"
 
 
@@ -328,7 +328,7 @@ def _stages_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
     for name, df in profiles.items():
         num = df.select_dtypes("number")
         rep.numbers.setdefault(name, {})["stage_profile_means"] = {c: _f(num[c].mean()) for c in num.columns}
-    parts.append(rep.figure("stages", viz.stage_profile_figure(profiles["looped"], profiles.get("deep")),
+    parts.append(rep.figure("stages", viz.stage_profile_figure(viz.stage_data(profiles["looped"], profiles.get("deep"))),
                             "analysis.viz.stage_profile_figure"))
     parts.append(f"<details><summary>Stage profile table (looped)</summary>{_table(profiles['looped'])}</details>")
     return "".join(parts) + "</section>"
@@ -355,7 +355,7 @@ def _cka_section(rep: _Report, looped: Trace, deep: Trace | None) -> str:
                  f"{_num('cka.mean', rep.numbers['cka']['mean'])}; shape {m.shape[0]} looped states × "
                  f"{m.shape[1]} deep layers.</p>")
     rep.numbers["cka"]["best_per_looped_state"] = [_f(b) for b in best]
-    parts.append(rep.figure("cka", viz.cka_figure(m, looped, deep), "analysis.viz.cka_figure"))
+    parts.append(rep.figure("cka", viz.cka_figure(viz.cka_data(m, looped, deep)), "analysis.viz.cka_figure"))
     return "".join(parts) + "</section>"
 
 

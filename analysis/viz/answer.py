@@ -1,96 +1,112 @@
 """The answer as it forms (Overview page): the logit lens at the last position, the answer's
-probability per iteration, held-out accuracy by hops from the model cards; each with its tidy
-frame (``*_data``), the table the figure draws and the CSV exports."""
+probability per iteration, held-out accuracy by hops from the model cards. Each chart is a frame
+function (``*_data``: trace or cards -> the tidy frame, which is also the CSV) and a builder that
+draws only that frame."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .theme import DEEP_COLOR, is_presentation, LOOPED_COLOR, PALETTE, theme, _char, _empty, _vocab
+from ..measures.tables import depth_columns
+from ._tidy import esc, esc_all, frame, is_deep
+from .theme import DEEP_COLOR, is_presentation, LOOPED_COLOR, PALETTE, theme, _char, _empty
 
 
 def lens_data(trace, token: int = -1) -> pd.DataFrame:
-    """Logit lens at one position: one row per (iteration, layer) with the top-k characters and
-    their probabilities."""
+    """The logit lens at one position (the lens heatmap's frame and CSV): one row per (iteration,
+    layer) in realized-depth order; columns iteration (from 1), layer, depth (from 1), token,
+    token_label, model, and for each of the top-k: ``top{k}_char`` and ``top{k}_prob`` (0-1)."""
     I, L = trace.n_iterations, trace.n_layers
     ids, probs = trace.lens_top_ids[:, :, token], trace.lens_top_probs[:, :, token]  # [I, L, K]
-    rows = []
-    for t in range(I):
-        for l in range(L):
-            row = {"iteration": t + 1, "layer": l, "depth": t * L + l + 1,
-                   "top1": _char(trace, ids[t, l, 0]), "top1_prob": float(probs[t, l, 0])}
-            for k in range(ids.shape[-1]):
-                row[f"top{k + 1}_char"], row[f"top{k + 1}_prob"] = _char(trace, ids[t, l, k]), float(probs[t, l, k])
-            rows.append(row)
-    return pd.DataFrame(rows)
+    pos = int(token) % trace.n_tokens
+    cols = {k: v for k, v in depth_columns(I, L).items() if k in ("iteration", "layer", "depth")}
+    cols.update(token=pos, token_label=trace.token_labels[pos])
+    for k in range(ids.shape[-1]):
+        cols[f"top{k + 1}_char"] = [_char(trace, i) for i in ids[:, :, k].ravel()]
+        cols[f"top{k + 1}_prob"] = probs[:, :, k].ravel().astype(float)
+    return frame(cols, trace)
 
-def lens_heatmap(trace, token: int = -1, title: str | None = None, template: str = "normal") -> go.Figure:
-    """Logit-lens top-1 character (text) and its probability (colour) at ``token``: iteration ×
-    layer for a looped trace, layer for a deep one. Hover shows the top-k."""
+def lens_heatmap(df: pd.DataFrame, title: str | None = None, template: str = "normal") -> go.Figure:
+    """The logit lens's top-1 character (text) and its probability (colour), from ``lens_data``:
+    iteration × layer for a looped trace, layer for a deep one. z[layer, iteration] is
+    ``top1_prob``, the cell text ``top1_char``; hover shows every ``top{k}`` column."""
     big = is_presentation(template)
-    I, L = trace.n_iterations, trace.n_layers
-    ids, probs = trace.lens_top_ids[:, :, token], trace.lens_top_probs[:, :, token]
-    K = ids.shape[-1]
-    hover = [[" · ".join(f"{_char(trace, ids[t, l, k])} {probs[t, l, k]:.2f}" for k in range(K)) for t in range(I)]
-             for l in range(L)]
-    text = [[_char(trace, ids[t, l, 0]) for t in range(I)] for l in range(L)]
-    z = probs[:, :, 0].T.astype(float)  # [L, I]
-    if trace.is_deep:
-        z, text, hover = z.T, [[text[l][0] for l in range(L)]], [[hover[l][0] for l in range(L)]]
+    I, L = int(df["iteration"].max()), int(df["layer"].max()) + 1
+    K = sum(1 for c in df.columns if c.endswith("_char"))
+    g = df.sort_values(["iteration", "layer"])
+    grid = lambda a: np.asarray(a).reshape(I, L).T  # noqa: E731  rows in realized-depth order -> [L, I]
+    tops = [[f"{esc(c)} {p:.2f}" for c, p in zip(g[f"top{k + 1}_char"], g[f"top{k + 1}_prob"])] for k in range(K)]
+    hover = grid([" · ".join(cells) for cells in zip(*tops)])
+    text = grid(esc_all(g["top1_char"]))
+    z = grid(g["top1_prob"].to_numpy(dtype=float))
+    if is_deep(df):
+        z, text, hover = z.T, text.T, hover.T
         x, y, xt = list(range(L)), ["top-1"], "layer"
     else:
         x, y, xt = list(range(1, I + 1)), [f"layer {l}" for l in range(L)], "iteration"
+    pos, label = int(g["token"].iloc[0]), esc(g["token_label"].iloc[0])
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, text=text, customdata=hover, texttemplate="%{text}" if len(x) <= 64 else None,
-                               hovertemplate=f"{xt} %{{x}}, %{{y}}<br>top-{K}: %{{customdata}}<extra></extra>",
+                               hovertemplate=f"{xt} %{{x}}, %{{y}}, token {pos} '{label}'<br>top-{K}: %{{customdata}}"
+                                             "<extra></extra>",
                                zmin=0, zmax=1, colorscale="Blues", colorbar=dict(title="p(top-1)")))
-    pos = trace.token_labels[token]
     fig.update_xaxes(title=xt)
-    return theme(fig, template, title or f"Logit lens at the last position ('{pos}'): top-1 and its probability",
+    return theme(fig, template, title or f"Logit lens at the last position ('{label}'): top-1 and its probability",
                  height=300 if big else 250)
 
 def answer_data(trace) -> pd.DataFrame:
-    """The answer figure's CSV: answer probability and rank at the last position, one row per
-    (iteration, layer), numbered as drawn (iteration and depth from 1, like the metrics CSV)."""
+    """The answer figure's frame and CSV: the answer's lens probability and rank at the last
+    position, one row per (iteration, layer); columns iteration (from 1), layer, depth (from 1),
+    token, token_label (the last position), answer, answer_prob, answer_rank (0 = top), model.
+    No rows for a free-text prompt (no answer)."""
+    names = ["iteration", "layer", "depth", "token", "token_label", "answer", "answer_prob", "answer_rank", "model"]
     if trace.answer_prob is None:
-        return pd.DataFrame(columns=["iteration", "layer", "depth", "answer_prob", "answer_rank"])
+        return pd.DataFrame(columns=names)
     I, L = trace.answer_prob.shape
-    t, l = np.meshgrid(np.arange(I), np.arange(L), indexing="ij")
-    return pd.DataFrame({"iteration": (t + 1).ravel(), "layer": l.ravel(), "depth": (t * L + l + 1).ravel(),
-                         "answer_prob": trace.answer_prob.ravel().astype(float),
-                         "answer_rank": trace.answer_rank.ravel()})
+    cols = {k: v for k, v in depth_columns(I, L).items() if k in ("iteration", "layer", "depth")}
+    T = trace.n_tokens
+    cols.update(token=T - 1, token_label=trace.token_labels[T - 1], answer=trace.answer,
+                answer_prob=trace.answer_prob.ravel().astype(float), answer_rank=trace.answer_rank.ravel())
+    return frame(cols, trace)[names]
 
 
-def answer_figure(trace, trained: int | None = None, log_y: bool = False, title: str | None = None,
+def answer_figure(df: pd.DataFrame, trained: int | None = None, log_y: bool = False, title: str | None = None,
                   template: str = "normal") -> go.Figure:
-    """The answer's lens probability at the last position: per iteration, one line per block
-    layer (looped), or per layer (deep). ``trained``: shade iterations past the trained count."""
-    if trace.answer_prob is None:
+    """The answer's lens probability at the last position, from ``answer_data``: ``answer_prob``
+    per iteration, one line per block layer (looped), or per layer (deep); hover adds
+    ``answer_rank``. ``trained``: shade iterations past the trained count."""
+    if not len(df):
         return _empty("This prompt has no known answer (free text): see the logit lens instead.", template, title)
-    I, L = trace.answer_prob.shape
+    answer = esc(df["answer"].iloc[0])
+    at = f"token {int(df['token'].iloc[0])} '{esc(df['token_label'].iloc[0])}'"
+    I, L = int(df["iteration"].max()), int(df["layer"].max()) + 1
+    deep = is_deep(df)
     fig = go.Figure()
-    if trace.is_deep:
-        fig.add_trace(go.Scatter(x=np.arange(L), y=trace.answer_prob[0].astype(float), mode="lines+markers",
-                                 name="deep", line=dict(color=DEEP_COLOR, width=3),
-                                 customdata=trace.answer_rank[0], hovertemplate="layer %{x}: p=%{y:.3f}, rank %{customdata}<extra></extra>"))
+    if deep:
+        g = df.sort_values("layer")
+        fig.add_trace(go.Scatter(x=g["layer"].to_numpy(), y=g["answer_prob"].to_numpy(dtype=float), mode="lines+markers",
+                                 name="deep", line=dict(color=DEEP_COLOR, width=3), customdata=g["answer_rank"].to_numpy(),
+                                 hovertemplate=f"layer %{{x}}, {at}: p('{answer}')=%{{y:.3f}}, rank %{{customdata}}"
+                                               "<extra></extra>"))
         fig.update_xaxes(title="layer")
     else:
-        for l in range(L):
-            fig.add_trace(go.Scatter(x=np.arange(1, I + 1), y=trace.answer_prob[:, l].astype(float),
+        for l, g in df.sort_values("iteration").groupby("layer", sort=True):
+            fig.add_trace(go.Scatter(x=g["iteration"].to_numpy(), y=g["answer_prob"].to_numpy(dtype=float),
                                      mode="lines+markers" if I <= 64 else "lines", name=f"layer {l}",
                                      line=dict(width=3 if l == L - 1 else 1.5, color=PALETTE[l % len(PALETTE)]),
-                                     customdata=trace.answer_rank[:, l],
-                                     hovertemplate=f"iteration %{{x}}, layer {l}: p=%{{y:.3f}}, rank %{{customdata}}<extra></extra>"))
+                                     customdata=g["answer_rank"].to_numpy(),
+                                     hovertemplate=f"iteration %{{x}}, layer {l}, {at}: p('{answer}')=%{{y:.3f}}, "
+                                                   "rank %{customdata}<extra></extra>"))
         fig.update_xaxes(title="iteration")
         if trained and trained < I:
             fig.add_vrect(x0=trained + 0.5, x1=I + 0.5, fillcolor="orange", opacity=0.12, line_width=0,
                           annotation_text="extrapolation", annotation_position="top left")
     if log_y:
-        fig.update_yaxes(type="log", title=f"p('{trace.answer}')")
+        fig.update_yaxes(type="log", title=f"p('{answer}')")
     else:
-        fig.update_yaxes(range=[0, 1.02], title=f"p('{trace.answer}')")
-    who = "per layer (deep)" if trace.is_deep else "per iteration (looped)"
-    return theme(fig, template, title or f"Probability of the answer '{trace.answer}' {who}")
+        fig.update_yaxes(range=[0, 1.02], title=f"p('{answer}')")
+    who = "per layer (deep)" if deep else "per iteration (looped)"
+    return theme(fig, template, title or f"Probability of the answer '{answer}' {who}")
 
 def accuracy_data(cards: dict) -> pd.DataFrame:
     """One row per (model, hops): held-out accuracy (0-1), its standard error (NaN when the card
@@ -106,11 +122,10 @@ def accuracy_data(cards: dict) -> pd.DataFrame:
                          "best_shortcut": best})
     return pd.DataFrame(rows, columns=["model", "hops", "accuracy", "standard_error", "best_shortcut"])
 
-def accuracy_figure(cards: dict, trained_hops: tuple | None = None, title: str | None = None,
+def accuracy_figure(df: pd.DataFrame, trained_hops: tuple | None = None, title: str | None = None,
                     template: str = "normal") -> go.Figure:
-    """Held-out accuracy by hops from each model's card.json (bars), and the best answer-free
-    shortcut (dotted); error bars are the cards' standard errors. ``cards``: {model name: card dict}."""
-    df = accuracy_data(cards)
+    """Held-out accuracy by hops from ``accuracy_data`` (the model cards): ``accuracy`` bars per
+    ``model``, ``standard_error`` as error bars, the largest ``best_shortcut`` per hop count dotted."""
     if df.empty:
         return _empty("No accuracy-by-hops numbers in these model cards.", template, title)
     fig = go.Figure()

@@ -1,10 +1,14 @@
-"""Trajectories through realized depth in a 2-D or 3-D projection (Orbits page)."""
+"""Trajectories through realized depth in a 2-D or 3-D projection (Orbits page): ``orbit_data``
+(projected coordinates -> the tidy frame, also the CSV) and ``orbit_figure`` (draws only that frame)."""
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from ._tidy import esc_all, frame, grid_of, is_deep
 from .theme import is_presentation, PALETTE, SEQUENTIAL, theme
 
 
@@ -17,49 +21,55 @@ def _as_4d(coords) -> np.ndarray:
     return coords
 
 def orbit_data(coords, trace, token: int | None = None, axis_label: str = "PC", iterations=None) -> pd.DataFrame:
-    """Projected coordinates as a table: one row per (iteration, layer, token); ``iterations``:
-    the 0-based iterations the coords rows are (a subset), default all."""
+    """The orbit figure's frame and CSV: projected coordinates, one row per (iteration, layer,
+    token); columns iteration (from 1), layer, token, token_label, model and one column per
+    component (``PC1``, ``PC2``, ... or ``UMAP1``, ...). coords: [I, L, T, C] (across tokens) or
+    [I, L, C] (one token: say which with ``token``); iterations: the 0-based iterations the I
+    rows are when they are an evenly spaced subset (a bounded UMAP), default all."""
     c = _as_4d(coords)
     I, L, T, C = c.shape
     positions = [token % trace.n_tokens] if (T == 1 and token is not None) else list(range(T))
     t, l, j = np.meshgrid(np.arange(I), np.arange(L), np.arange(T), indexing="ij")
     num = np.arange(1, I + 1) if iterations is None else np.asarray(iterations, dtype=int) + 1
-    df = pd.DataFrame({"iteration": num[t.ravel()], "layer": l.ravel(),
-                       "token": np.asarray(positions)[j.ravel()],
-                       "char": [trace.token_labels[positions[k]] for k in j.ravel()]})
-    for k in range(C):
-        df[f"{axis_label}{k + 1}"] = c[..., k].ravel()
-    return df
+    cols = {"iteration": num[t.ravel()], "layer": l.ravel(), "token": np.asarray(positions)[j.ravel()],
+            "token_label": [trace.token_labels[positions[k]] for k in j.ravel()]}
+    cols.update({f"{axis_label}{k + 1}": c[..., k].ravel() for k in range(C)})
+    return frame(cols, trace)
 
-def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_by: str | None = None,
-                 tokens=None, token: int | None = None, upto: int | None = None, axis_label: str = "PC",
-                 title: str | None = None, template: str = "normal", iterations=None) -> go.Figure:
-    """Trajectories through realized depth (iteration by iteration, layer by layer) in a projection.
+def _components(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if re.fullmatch(r"(PC|UMAP)[1-9]\d*", str(c))]
 
-    coords: [I, L, T, C] (across tokens) or [I, L, C] (one token; say which with ``token``).
-    dims: 2 or 3 component indices (0-based), e.g. (0, 1) for PC1–PC2, (0, 1, 2) for 3D.
+def orbit_figure(df: pd.DataFrame, dims=(0, 1), color_by: str = "iteration", frame_by: str | None = None,
+                 tokens=None, upto: int | None = None, title: str | None = None,
+                 template: str = "normal") -> go.Figure:
+    """Trajectories through realized depth (iteration by iteration, layer by layer) in a
+    projection, from ``orbit_data``: x, y (and z) are the component columns ``dims`` (0-based:
+    (0, 1) is PC1–PC2, (0, 1, 2) a 3D view); points in (iteration, layer) order per token.
     color_by: "iteration" | "layer" (one path trace, coloured points) | "token" (one trace per token).
     frame_by: "iteration" adds a "current iteration" marker trace animated with one frame per iteration.
-    tokens: positions to draw (default all); upto: draw paths up to this iteration (1-based).
+    tokens: positions to draw (default all); upto: draw paths up to this iteration (a count from 1).
     The first and the last iteration are always drawn (open circles, diamonds); for a deep trace
     (one pass) they are its first and last layer.
     Traces: color_by "token": one per token + first + last (+ current); otherwise path + first + last (+ current).
-    iterations: the 0-based iterations the I rows of coords are, when they are an evenly spaced
-    subset (a bounded UMAP); labels, colours and ``upto`` then use the real iteration numbers.
     """
     big = is_presentation(template)
-    c = _as_4d(coords)
+    comps = _components(df)
+    axes = ["iteration", "layer", "token"]
+    c = grid_of(df, axes, comps)  # [I, L, T, C]
     I, L, T, C = c.shape
+    axis_label = re.match(r"[A-Z]+", comps[0])[0]
     dims = tuple(int(d) for d in dims)
     if len(dims) not in (2, 3) or max(dims) >= C:
         raise ValueError(f"dims must be 2 or 3 indices below {C}, got {dims}")
     is3d = len(dims) == 3
-    deep = trace.is_deep or I == 1
+    deep = is_deep(df) or I == 1
     if deep and color_by == "iteration":
         color_by = "layer"
-    positions = [token % trace.n_tokens] if (T == 1 and token is not None) else list(range(T))
+    positions = sorted(int(k) for k in df["token"].unique())
+    labels = np.asarray([*esc_all(df.drop_duplicates("token").set_index("token").loc[positions, "token_label"]), ""],
+                        dtype=object)  # index -1 (path breaks): no label
     sel = list(range(T)) if tokens is None else [k for k in range(T) if positions[k] in set(tokens)] or list(range(T))
-    num = np.arange(1, I + 1) if iterations is None else np.asarray(iterations, dtype=int) + 1  # 1-based
+    num = np.sort(df["iteration"].unique()).astype(int)  # counts from 1
     upto = I if upto is None else int(min(max(np.searchsorted(num, upto, side="right"), 1), I))
     Scatter = go.Scatter3d if is3d else go.Scatter
     size = (7 if big else 5) if not is3d else (5 if big else 3)
@@ -72,17 +82,18 @@ def orbit_figure(coords, trace, dims=(0, 1), color_by: str = "iteration", frame_
 
     hover = ("token %{customdata[0]} '%{text}', iteration %{customdata[1]}, layer %{customdata[2]}<extra></extra>"
              if not deep else "token %{customdata[0]} '%{text}', layer %{customdata[2]}<extra></extra>")
-    labels = np.asarray(list(trace.token_labels) + [""], dtype=object)  # index -1 (path breaks): no label
+    slot = {p: i for i, p in enumerate(positions)}
+    slot[-1] = len(positions)
 
     def chars(cd):  # the token character of each point, for the hover
-        return labels[np.asarray(cd)[:, 0].astype(int)]
+        return labels[[slot[int(p)] for p in np.asarray(cd)[:, 0]]]
     fig = go.Figure()
     if color_by == "token":
         for n, k in enumerate(sel):
             pts = c[:upto, :, k].reshape(-1, C)
             t, l = np.meshgrid(np.arange(upto), np.arange(L), indexing="ij")
             cd = np.stack([np.full(t.size, positions[k]), num[t.ravel()], l.ravel()], -1)
-            fig.add_trace(Scatter(**xyz(pts), mode="lines+markers", name=f"{positions[k]} {trace.token_labels[positions[k]]}",
+            fig.add_trace(Scatter(**xyz(pts), mode="lines+markers", name=f"{positions[k]} {labels[k]}",
                                   line=dict(color=PALETTE[n % len(PALETTE)], width=2 if not is3d else 3),
                                   marker=dict(size=size, color=PALETTE[n % len(PALETTE)]),
                                   customdata=cd, text=chars(cd), hovertemplate=hover))

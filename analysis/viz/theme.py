@@ -1,8 +1,8 @@
 """The look every figure shares: colours, the two plotly templates (``"normal"`` and
 ``"presentation"``, larger type for projecting) and small helpers.
 
-Every builder in ``analysis.viz`` takes ``template=`` ("normal" | "presentation") and returns a
-``plotly.graph_objects.Figure``. Vocabulary shared by the builders that take the option:
+Every builder in ``analysis.viz`` takes its chart's tidy frame and ``template=`` ("normal" |
+"presentation") and returns a ``plotly.graph_objects.Figure``. Vocabulary shared by the options:
 ``color_by`` ("iteration" | "token" | "layer"), ``frame_by`` ("iteration" | None: animate),
 ``facet_by`` ("layer" | None), ``token`` (a position; negative counts from the end), ``layer``
 (0-based block layer), ``head`` (None: the mean over heads), ``log_y``, ``title``.
@@ -10,6 +10,9 @@ Iterations are shown 1-based on axes (iteration 1 is the state after the first p
 0-based as in capture names. NaN values (a diverged run) are drawn as gaps.
 """
 from __future__ import annotations
+
+import html
+import re
 
 import numpy as np
 import plotly.graph_objects as go
@@ -43,17 +46,98 @@ DEEP_COLOR = "#d62728"
 DEEP_LINE = dict(color="#222222", width=4)
 
 
+def plain_text(text) -> str:
+    """``text`` from data (a token, a prompt, a model name) made safe for a plotly text field
+    (title, hover, label, annotation): plotly reads a subset of HTML there, so ``<b>`` in a
+    prompt would turn bold; escaped, it shows literally (plotly decodes the entities)."""
+    return html.escape(str(text), quote=False)
+
+
+# Width a figure is assumed to have when its layout does not say: one of two columns on a
+# 1500 px wide window with the sidebar open, in px. A longer title wraps at word boundaries.
+ASSUMED_WIDTH = 500
+
+
+def _visible_len(text: str) -> int:
+    """Characters a plotly text shows: tags count 0, an entity (``&lt;``) counts 1."""
+    return len(re.sub(r"&#?\w+;", "x", re.sub(r"<[^>]*>", "", text)))
+
+
+def wrap_title(text: str, font_size: float, width: int | None = None) -> str:
+    """``text`` with ``<br>`` at word boundaries so that no line is wider than ``width`` px
+    (``ASSUMED_WIDTH`` when None) at ``font_size`` px (an average character taken as 0.5 em).
+    Existing ``<br>`` breaks are kept; tags and entities are never split (they are never
+    next to a break point inside, as breaks go only at spaces outside tags)."""
+    per_line = max(12, int(((width or ASSUMED_WIDTH) - 40) / max(1.0, font_size * 0.5)))
+    out = []
+    for part in re.split(r"<br\s*/?>", text):
+        words, line = _split_words(part), ""
+        for w in words:
+            if line and _visible_len(line) + 1 + _visible_len(w) > per_line:
+                out.append(line)
+                line = w
+            else:
+                line = f"{line} {w}" if line else w
+        out.append(line)
+    return "<br>".join(out)
+
+
+def _split_words(text: str) -> list[str]:
+    """Words split at spaces outside tags (``<span style='a b'>`` stays whole)."""
+    words, cur, depth = [], "", 0
+    for ch in text:
+        depth += ch == "<"
+        depth -= ch == ">" and depth > 0
+        if ch == " " and depth == 0:
+            if cur:
+                words.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return words + ([cur] if cur else [])
+
+
 def theme(fig: go.Figure, template: str = "normal", title: str | None = None, height: int | None = None) -> go.Figure:
     """Apply the common look: white background, compact margins, the template's type sizes
-    (``"presentation"`` for projecting in a lecture)."""
+    (``"presentation"`` for projecting in a lecture). A long ``title`` wraps at word boundaries
+    to fit the figure's width (its layout width, else ``ASSUMED_WIDTH``), with room above the plot
+    for each line; data inside a title must already be ``plain_text``."""
     big = is_presentation(template)
     base = _BASE_FONT[template]
+    if title:
+        title = wrap_title(title, base + 4, fig.layout.width)
+    lines = title.count("<br>") + 1 if title else 0
     fig.update_layout(
         template=f"plotly_white+loopscope_{template}", font=dict(size=base),
         legend=dict(font=dict(size=base - 1)), hoverlabel=dict(font_size=base),
-        title=dict(text=title, font=dict(size=base + 4)) if title else None,
-        margin=dict(l=60, r=30, t=60 if title else 30, b=50), height=height or (560 if big else 420),
+        # anchored at the top, so that a wrapped title grows down into the room made for it
+        title=dict(text=title, font=dict(size=base + 4), y=1, yref="container", yanchor="top", pad=dict(t=14))
+        if title else None,
+        margin=dict(l=60, r=30, t=(60 + int(1.5 * (base + 4)) * (lines - 1)) if title else 30, b=50),
+        height=height or (560 if big else 420),
     )
+    return fig
+
+
+def mark_iteration(fig: go.Figure, iteration: int, last: int, label: str | None = None) -> go.Figure:
+    """Mark ``iteration`` (1-based, as on the axes) on every x-axis of ``fig`` whose x is the
+    iteration: a dashed vertical line at it and a translucent white band over the iterations
+    after it, up to ``last`` (greyed out: "not reached yet"). ``label``: a note at the line
+    (first panel only). Returns ``fig``."""
+    axes = sorted((k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")),
+                  key=lambda k: int(k[5:] or 1)) or ["xaxis"]
+    for n, ax in enumerate(axes):
+        xref = "x" + ax[5:]
+        anchor = getattr(fig.layout[ax], "anchor", None) if ax in fig.layout else None
+        yref = (anchor if anchor and anchor != "free" else "y" + ax[5:]) + " domain"
+        if iteration < last:
+            fig.add_shape(type="rect", x0=iteration + 0.5, x1=last + 0.5, y0=0, y1=1, xref=xref, yref=yref,
+                          fillcolor="white", opacity=0.6, line_width=0, layer="above")
+        fig.add_shape(type="line", x0=iteration, x1=iteration, y0=0, y1=1, xref=xref, yref=yref,
+                      line=dict(color="#444444", width=2, dash="dash"), layer="above")
+        if label and n == 0:
+            fig.add_annotation(x=iteration, y=1, xref=xref, yref=yref, text=plain_text(label), showarrow=False,
+                               xanchor="left", yanchor="bottom", font=dict(color="#444444"))
     return fig
 
 
@@ -95,3 +179,66 @@ def _iteration_colors(n: int) -> list[str]:
     if n <= 1:
         return [sample_colorscale(SEQUENTIAL, [0.0])[0]]
     return sample_colorscale(SEQUENTIAL, [i / (n - 1) for i in range(n)])
+
+
+# A scatter trace with more markers than this is drawn with WebGL in the browser: SVG makes one
+# element per marker, and tens of thousands of them (a long run's orbits) take seconds to lay out.
+MAX_SVG_MARKERS = 5000
+
+
+def _float32(obj):
+    """``obj`` (a trace's plotly JSON) with every float64 numpy array as float32, in place."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, np.ndarray) and v.dtype == np.float64:
+                obj[k] = v.astype(np.float32)
+            elif isinstance(v, (dict, list)):
+                _float32(v)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if isinstance(v, np.ndarray) and v.dtype == np.float64:
+                obj[i] = v.astype(np.float32)
+            elif isinstance(v, dict):
+                _float32(v)
+    return obj
+
+
+def _webgl_markers(tr: dict) -> list[dict]:
+    """A big SVG scatter trace (plotly JSON) as WebGL markers, with its line, if any, kept as an
+    SVG path below them (one path element is cheap in SVG, while WebGL's line of tens of thousands
+    of points with gaps is as slow as the SVG markers). [tr] unchanged when WebGL cannot draw it."""
+    mode = str(tr.get("mode", "markers"))
+    props = {k: v for k, v in tr.items() if k not in ("type", "cliponaxis")}
+    out = []
+    if "lines" in mode:
+        group = tr.get("legendgroup") or f"webgl-{id(tr)}"
+        props["legendgroup"] = group
+        out.append({"type": "scatter", "mode": "lines", "x": tr.get("x"), "y": tr.get("y"),
+                    "line": tr.get("line", {}), "connectgaps": tr.get("connectgaps", False),
+                    "hoverinfo": "skip", "showlegend": False, "legendgroup": group,
+                    **{k: tr[k] for k in ("xaxis", "yaxis", "opacity", "visible") if k in tr}})
+        props["mode"] = mode.replace("lines", "").strip("+") or "markers"
+        props.pop("line", None)
+    try:
+        out.append(go.Scattergl(props).to_plotly_json())
+    except ValueError:  # a property WebGL does not draw: keep SVG
+        return [tr]
+    return out
+
+
+def for_browser(fig: go.Figure, max_svg_markers: int = MAX_SVG_MARKERS) -> go.Figure:
+    """A copy of ``fig`` that is lighter to send and to draw in a browser, showing the same:
+    float64 arrays sent as float32 (half the bytes; seven significant digits are more than a
+    screen shows), and the markers of a 2-D scatter trace with more than ``max_svg_markers`` of
+    them drawn with WebGL (``scattergl``) instead of one SVG element each, its line staying an
+    SVG path below them. Animated figures (frames refer to traces by index) keep their traces.
+    The figure itself is left as it is (its PNG/SVG and CSV exports use it). The copy is not
+    validated again (``fig`` was), which keeps this cheap for figures with hundreds of traces."""
+    d = {"data": [], "layout": fig.layout.to_plotly_json(),  # deep copies; arrays stay numpy (to_dict encodes them)
+         "frames": [_float32(fr.to_plotly_json()) for fr in fig.frames or ()]}
+    for tr in fig.data:
+        t = _float32(tr.to_plotly_json())
+        many = t.get("type", "scatter") == "scatter" and "markers" in str(t.get("mode", "markers")) \
+            and np.size(t.get("x", ())) > max_svg_markers
+        d["data"] += _webgl_markers(t) if many and not d["frames"] else [t]
+    return go.Figure(d, _validate=False)

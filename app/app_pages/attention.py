@@ -33,7 +33,7 @@ t = ui.require_looped(s, attention_for="the maps and their distances")
 I, L, H = t.attention.shape[:3]
 deep = s.deep if s.deep is not None and s.deep.attention is not None else None
 max_heads = max(H, deep.attention.shape[2] if deep is not None else 0)
-c1, c2, c3 = st.columns([2, 3, 2])
+c1, c2, c3, c4 = st.columns([2, 3, 2, 2])
 with c1:
     layer = url_state.view_option("Layer of the block", "attention_layer", list(range(L)), 0,
                               format_func=lambda v: f"layer {v}")
@@ -55,6 +55,19 @@ if head_choice == "all" and many:
 with c3:
     n_rows = url_state.view_int("Iterations shown", "attention_rows", 1, min(I, 8), min(I, 6),
                             help="First, last and evenly spaced iterations between them (rows of the grid).")
+with c4:
+    upto = I if I < 2 else url_state.view_int(
+        "Up to iteration", "attention_upto", 1, I, I,
+        help="Scrub through the iterations: the grid's last row is the map at this iteration (the rows before it "
+             "are spaced from iteration 1 to it), and the distance matrix outlines this iteration's maps.")
+
+
+def outline_iteration(fig, j: int, n_layers: int) -> None:
+    """Outline the row and the column of the distance matrix's ``j``-th iteration (its L maps)."""
+    lo, hi = j * n_layers - 0.5, (j + 1) * n_layers - 0.5
+    for x0, x1, xref, y0, y1, yref in ((lo, hi, "x", 0, 1, "y domain"), (0, 1, "x domain", lo, hi, "y")):
+        fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, xref=xref, yref=yref,
+                      line=dict(color="#ff2d55", width=3), layer="above")  # seen on dark and on yellow cells
 
 
 def grid_head(n_heads: int):
@@ -70,10 +83,11 @@ def grid_head(n_heads: int):
 left, right = st.columns(2, gap="large")
 with left:
     st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
-    rows = viz.pick_iterations(I, n_rows)
-    st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}.")
-    ui.show_figure(viz.attention_grid_figure(t, layer=layer, rows=rows, head=grid_head(H), template=tpl),
-                   key="attention_grid", data=viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H)))
+    rows = viz.pick_iterations(upto, n_rows)
+    st.caption(f"Block layer {layer}, iterations {', '.join(str(r + 1) for r in rows)} of {I}"
+               + (f": the last row is the map at iteration {upto}." if upto < I else "."))
+    grid_df = viz.attention_grid_data(t, layer=layer, rows=rows, head=grid_head(H))
+    ui.show_figure(viz.attention_grid_figure(grid_df, template=tpl), key="attention_grid", data=grid_df)
 with right:
     st.subheader(f"Deep: {ui.model_label(s.deep, s.deep_model, s)}")
     if s.deep is None:
@@ -85,8 +99,8 @@ with right:
         drows = viz.pick_iterations(dL, n_rows)
         st.caption(f"Layers {', '.join(str(r) for r in drows)} of its {dL} (each runs once).")
         dhead = grid_head(deep.attention.shape[2])
-        ui.show_figure(viz.attention_grid_figure(deep, rows=drows, head=dhead, template=tpl), key="attention_deep_grid",
-                       data=viz.attention_grid_data(deep, rows=drows, head=dhead))
+        dgrid_df = viz.attention_grid_data(deep, rows=drows, head=dhead)
+        ui.show_figure(viz.attention_grid_figure(dgrid_df, template=tpl), key="attention_deep_grid", data=dgrid_df)
 
 with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.session_state.get("attention_zoom"))):
     z1, z2, z3 = st.columns(3)
@@ -101,11 +115,11 @@ with st.expander("Enlarge one map", icon=":material/zoom_in:", expanded=bool(st.
                                       format_func=lambda v: "mean over heads" if v == "mean" else f"head {v}")
     if zoom:
         zh = None if zoom_head == "mean" else int(zoom_head)
-        big_fig = viz.attention_grid_figure(t, layer=layer, rows=[zoom_it - 1], head=zh, template=tpl, width=1400,
-                                                title=f"Layer {layer}, iteration {zoom_it}, "
-                                                      + ("mean over heads" if zh is None else f"head {zh}"))
-        ui.show_figure(big_fig, key="attention_zoom_map",
-                       data=viz.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh))
+        zoom_df = viz.attention_grid_data(t, layer=layer, rows=[zoom_it - 1], head=zh)
+        big_fig = viz.attention_grid_figure(zoom_df, template=tpl, width=1400,
+                                            title=f"Layer {layer}, iteration {zoom_it}, "
+                                                  + ("mean over heads" if zh is None else f"head {zh}"))
+        ui.show_figure(big_fig, key="attention_zoom_map", data=zoom_df)
 
 st.subheader("Distance between every (iteration, layer) attention map")
 m1, m2 = st.columns([3, 2])
@@ -129,8 +143,12 @@ if matrix is not None:
                    "the square of the count.")
     a, b = st.columns([3, 1], gap="large")
     with a:
-        ui.show_figure(viz.attention_distance_figure(matrix, t, metric=metric, template=tpl, iterations=its),
-                       key="attention_distance", data=viz.attention_distance_data(matrix, t, iterations=its))
+        dist_df = viz.attention_distance_data(matrix, t, metric=metric, iterations=its)
+        dist_fig = viz.attention_distance_figure(dist_df, template=tpl)
+        if upto < I and upto - 1 in its and matrix.shape[0] == len(its) * L:
+            outline_iteration(dist_fig, its.index(upto - 1), L)
+            st.caption(f"Outlined: the maps of iteration {upto} (row and column), compared with every other map.")
+        ui.show_figure(dist_fig, key="attention_distance", data=dist_df)
     with b:
         same, cross = sc.get("same_layer", np.nan), sc.get("cross_layer", np.nan)
         ui.metric(st, "Same layer, other iterations", "—" if not np.isfinite(same) else f"{same:.3g}",
@@ -155,7 +173,9 @@ if matrix is not None:
 st.subheader("Floorplan: all the maps at a glance")
 st.caption("Every map averaged over heads; looped: one row per block layer, one column per iteration "
            "(evenly spaced when there are many); the deep model's layers in one row below.")
-ui.show_figure(viz.attention_floorplan_figure(t, template=tpl), key="attention_floorplan")
+plan_df = viz.attention_floorplan_data(t)
+ui.show_figure(viz.attention_floorplan_figure(plan_df, template=tpl), key="attention_floorplan", data=plan_df)
 if deep is not None:
-    ui.show_figure(viz.attention_floorplan_figure(deep, template=tpl, title="Deep model: each layer's head-averaged map"),
-                   key="attention_deep_floorplan")
+    dplan_df = viz.attention_floorplan_data(deep)
+    ui.show_figure(viz.attention_floorplan_figure(dplan_df, template=tpl, title="Deep model: each layer's head-averaged map"),
+                   key="attention_deep_floorplan", data=dplan_df)

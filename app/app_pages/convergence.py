@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from analysis import viz
+from analysis.viz.theme import mark_iteration
 from app import components as ui
 from app import session, url_state
 
@@ -37,9 +37,16 @@ else:
                                                "last": "last position"}.get)
     with c3:
         log_y = url_state.view_bool("Log axis", "c_log", True)
-    rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
-                             format_func={"precision": "precision (default: a moving state is never a fixed point)",
-                                          "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    r1, r2 = st.columns([3, 2])
+    with r1:
+        rule = url_state.view_option("Trajectory rule", "c_rule", ["precision", "paper"], "precision",
+                                     format_func={"precision": "precision (default: a moving state is never a fixed point)",
+                                                  "paper": "paper (cosine step < 0.05 on 90% of the tail)"}.get)
+    with r2:
+        upto = url_state.view_int("Up to iteration", "c_upto", 2, I, I,
+                                  help="Scrub through the iterations: the step sizes and distances after this "
+                                       "iteration are greyed out, with a dashed line at it; the line under the step "
+                                       "sizes counts the tokens still moving there.")
     classes = session.measure(ui.classify, t, rule=rule)
     rate = session.measure(ui.contraction, t)
     if which == "unsettled":
@@ -57,9 +64,17 @@ else:
     with left:
         st.subheader(f"Looped: {ui.model_label(t, s.looped_model, s)}")
         steps = session.measure(ui.steps, t)
-        ui.show_figure(viz.step_size_figure(steps, t, tokens=tokens, layer=lay, log_y=log_y, template=tpl,
-                                                floor=rate.floor),
-                       key="steps", data=viz.step_data(steps, t, floor=rate.floor))
+        step_df = viz.step_data(steps, t, floor=rate.floor)
+        step_fig = viz.step_size_figure(step_df, tokens=tokens, layer=lay, log_y=log_y, template=tpl)
+        if upto < I:
+            step_fig = mark_iteration(step_fig, upto, I)
+        ui.show_figure(step_fig, key="steps", data=step_df)
+        if upto < I:
+            at = steps[upto - 1, L - 1 if lay is None else lay]  # [T]: the steps into iteration `upto`
+            moving = int(np.sum(at > rate.floor))
+            st.caption(f"**At iteration {upto} of {I}** (layer {L - 1 if lay is None else lay}): median step "
+                       f"{np.nanmedian(at):.1e}; {moving} of {T} tokens still move by more than the noise floor. "
+                       "Later iterations are greyed out.")
         st.caption(f"Dashed line: relative step {rate.floor:.1e} ({rate.floor / rate.eps:.0f}× float32 eps); "
                    "steps below it are rounding noise, not motion.")
     with right:
@@ -71,9 +86,10 @@ else:
                        "relative change from one layer to the next, for comparison with one pass of the loop.")
             dsteps = session.measure(ui.depth_steps, s.deep)
             dtok = None if tokens is None else [k for k in tokens if k < s.deep.n_tokens]
-            ui.show_figure(viz.step_size_figure(dsteps, s.deep, tokens=dtok, facet_by=None, log_y=log_y,
-                                                    x_name="layer", title="Deep: layer-to-layer step", template=tpl),
-                           key="deep_steps", data=viz.step_data(dsteps, s.deep, x_name="layer"))
+            dstep_df = viz.step_data(dsteps, s.deep, x_name="layer")
+            ui.show_figure(viz.step_size_figure(dstep_df, tokens=dtok, log_y=log_y, title="Deep: layer-to-layer step",
+                                                template=tpl),
+                           key="deep_steps", data=dstep_df)
 
     st.subheader("Distance to the fixed point")
     dist = session.measure(ui.distances, t)
@@ -82,8 +98,9 @@ else:
     else:
         fpi = t.metadata.get("fixed_point_iterations")
         st.caption(f"s* = the block's states after {fpi} iterations of the same prompt and seed.")
-        ui.show_figure(viz.fixed_point_distance_figure(dist, t, layer=lay, template=tpl), key="distance",
-                       data=viz.distance_data(dist, t))
+        dist_df = viz.distance_data(dist, t)
+        dist_fig = viz.fixed_point_distance_figure(dist_df, layer=lay, template=tpl)
+        ui.show_figure(mark_iteration(dist_fig, upto, I) if upto < I else dist_fig, key="distance", data=dist_df)
 
     st.subheader("Fixed points, contraction and the Jacobian")
     est = None
@@ -116,7 +133,8 @@ else:
             m2.metric("Fixed-point spread, token minimum", f"{np.nanmin(sp):.3f}" if ok else "NaN",
                       help="the lowest token's min over layers of cos(X*_0, X*_l): the most distinct per-layer "
                            "fixed points.")
-            ui.show_figure(viz.spread_figure(sp, t, template=tpl), key="spread", data=viz.spread_data(sp, t))
+            sp_df = viz.spread_data(sp, t)
+            ui.show_figure(viz.spread_figure(sp_df, template=tpl), key="spread", data=sp_df)
     with b:
         m1, m2 = st.columns(2)
         m1.metric("Contraction rate, whole state", f"{rate.state_rate:.3f}" if np.isfinite(rate.state_rate) else "NaN",
@@ -126,8 +144,8 @@ else:
                   help="Median over tokens of the per-token rate at the block's last layer; tokens the leading "
                        "mode barely touches contract faster than |λ|.")
         st.caption(f"Measured only on steps above the float noise floor: {rate.describe()}.")
-        ui.show_figure(viz.contraction_figure(rate, t, jacobian=est, template=tpl), key="contraction",
-                       data=viz.contraction_data(rate, t, jacobian=est))
+        rate_df = viz.contraction_data(rate, t, jacobian=est)
+        ui.show_figure(viz.contraction_figure(rate_df, template=tpl), key="contraction", data=rate_df)
 
     st.subheader("Token classes")
     from analysis.measures.trajectories import class_counts
@@ -135,8 +153,8 @@ else:
     counts = class_counts(classes)
     k1, k2 = st.columns([1, 2], gap="large")
     with k1:
-        ui.show_figure(viz.class_figure(counts, template=tpl), key="classes",
-                       data=pd.DataFrame({"class": list(counts), "tokens": list(counts.values())}))
+        class_df = viz.class_data(counts)
+        ui.show_figure(viz.class_figure(class_df, template=tpl), key="classes", data=class_df)
     with k2:
         st.caption(f"Counts over the tail window of this {I}-iteration run. {classes.attrs.get('description', '')} "
                    "More iterations give a more reliable class.")

@@ -7,7 +7,6 @@ import streamlit as st
 
 from analysis import viz
 from analysis.measures import correspondence
-from analysis.measures.tables import both_models
 from app import caching, session, url_state
 from app import components as ui
 
@@ -44,8 +43,8 @@ else:
     if cka is not None:
         a, b = st.columns([3, 1], gap="large")
         with a:
-            ui.show_figure(viz.cka_figure(cka, t, s.deep, template=tpl), key="correspondence_cka",
-                           data=viz.cka_data(cka, t, s.deep))
+            cka_df = viz.cka_data(cka, t, s.deep)
+            ui.show_figure(viz.cka_figure(cka_df, template=tpl), key="correspondence_cka", data=cka_df)
         with b:
             c = np.asarray(cka, dtype=float)
             L = t.n_layers
@@ -74,8 +73,9 @@ if looped_ans is None:
 else:
     if s.deep is not None and deep_ans is None:
         st.caption(f"Deep model: {derr}")
-    ui.show_figure(viz.answer_rank_figure(looped_ans, deep_ans, x_by=x_by, log_y=log_y, template=tpl),
-                   key="correspondence_rank", data=both_models(looped_ans, deep_ans))
+    rank_df = viz.answer_rank_data(t, s.deep if deep_ans is not None else None)
+    ui.show_figure(viz.answer_rank_figure(rank_df, x_by=x_by, log_y=log_y, template=tpl),
+                   key="correspondence_rank", data=rank_df)
 
 st.subheader("Early exit: how much does the prediction still change?")
 if t.n_iterations < 2:
@@ -87,5 +87,5 @@ else:
     st.caption("KL(p_{t−1} ‖ p_t) of the logit lens after the block's last layer: "
                + (f"it first falls below Huginn's exit threshold 5e-4 at iteration {below[0] + 1}."
                   if below.size else "it never falls below Huginn's exit threshold 5e-4 in this run."))
-    ui.show_figure(viz.early_exit_kl_figure(kl, template=tpl), key="correspondence_kl",
-                   data=viz.early_exit_data(kl))
+    kl_df = viz.early_exit_data(kl, t)
+    ui.show_figure(viz.early_exit_kl_figure(kl_df, template=tpl), key="correspondence_kl", data=kl_df)

@@ -140,7 +140,9 @@ with left:
                               format_func={"last": "last layer: median and 10–90% band",
                                            "layers": "every layer: medians"}.get)
     steps = res["steps"]
-    ui.show_figure(viz.lab_step_figure(steps, color_by="layer" if lines == "layers" else None, template=tpl),
-                   key="lab_steps", data=viz.lab_step_data(steps))
+    lab_df = viz.lab_step_data(steps)
+    ui.show_figure(viz.lab_step_figure(lab_df, color_by="layer" if lines == "layers" else None, template=tpl),
+                   key="lab_steps", data=lab_df)
 with right:
-    ui.show_figure(viz.fixed_point_cosine_figure(res["cos"], template=tpl), key="lab_cosine")
+    cos_df = viz.fixed_point_cosine_data(res["cos"])
+    ui.show_figure(viz.fixed_point_cosine_figure(cos_df, template=tpl), key="lab_cosine", data=cos_df)

@@ -6,6 +6,7 @@ import streamlit as st
 
 from analysis.measures.projections import project_across_tokens, project_token
 from analysis import viz
+from analysis.viz.theme import plain_text
 from app import components as ui
 from app import caching, session, url_state
 
@@ -121,10 +122,10 @@ def draw(tr, key: str, title: str, color: str, frame_by=None, upto_=None, captio
     k = min(token, tr.n_tokens - 1) if token is not None else None
     if its is not None and len(its) < tr.n_iterations:
         title = title.replace(f"{tr.n_iterations} iterations", f"{len(its)} of {tr.n_iterations} iterations")
-    fig = viz.orbit_figure(coords, tr, dims=dims, color_by=color, frame_by=frame_by, token=k, upto=upto_,
-                           axis_label=label, template=tpl, iterations=its,
-                           title=title + (f", token {k} '{tr.token_labels[k]}'" if k is not None else ""))
-    ui.show_figure(fig, key=key, data=viz.orbit_data(coords, tr, token=k, axis_label=label, iterations=its))
+    df = viz.orbit_data(coords, tr, token=k, axis_label=label, iterations=its)
+    fig = viz.orbit_figure(df, dims=dims, color_by=color, frame_by=frame_by, upto=upto_, template=tpl,
+                           title=title + (f", token {k} '{plain_text(tr.token_labels[k])}'" if k is not None else ""))
+    ui.show_figure(fig, key=key, data=df)
     st.caption(caption + explained(pca))
 
 

@@ -5,6 +5,7 @@ import streamlit as st
 
 from analysis import viz
 from analysis.measures import summary
+from analysis.viz.theme import mark_iteration
 from app import components as ui
 from app import session, url_state
 
@@ -18,7 +19,26 @@ s, tpl = ui.page(
     "stops changing after a few iterations; iterating past the trained count stays stable for some "
     "models and drifts for others.",
 )
+upto = None
+if s.looped is not None and s.looped.n_iterations > 1:
+    I = s.looped.n_iterations
+    upto = url_state.view_int("Show the looped model up to iteration", "ov_upto", 1, I, I,
+                              container=st.columns(2, gap="large")[0],  # above the looped column it acts on
+                              help="Scrub through the iterations: the curves and the lens after this iteration are "
+                                   "greyed out, and the line under the figures reads the lens at it.")
 left, right = st.columns(2, gap="large")
+
+
+def at_iteration(trace, lens, t: int) -> str:
+    """One sentence: what the lens (``viz.lens_data``) reads at iteration ``t`` (1-based), last
+    position, block's last layer, and the answer's probability there."""
+    row = lens[(lens["iteration"] == t) & (lens["layer"] == trace.n_layers - 1)].iloc[0]
+    text = (f"**At iteration {t} of {trace.n_iterations}** (the block's last layer, last position) the lens reads "
+            f"{ui.md_code(row['top1_char'])} with p = {row['top1_prob']:.2f}")
+    if trace.answer_prob is not None:
+        text += (f"; the answer {ui.md_code(trace.answer)} has p = {float(trace.answer_prob[t - 1, -1]):.2f}, "
+                 f"rank {int(trace.answer_rank[t - 1, -1])} (0 = the top choice)")
+    return text + ". Later iterations are greyed out in both figures."
 
 
 def model_column(col, trace, model, who: str) -> None:
@@ -64,9 +84,18 @@ def model_column(col, trace, model, who: str) -> None:
             st.caption(f"**Prediction** is the final output, through {coda}the output head after all "
                        f"{trace.n_iterations} iterations; the curves and the lens read the block's own state after "
                        "each layer call" + (", before the coda." if coda else "."))
-        ui.show_figure(viz.answer_figure(trace, trained=trained, template=tpl), key=f"answer_{who}",
-                       data=viz.answer_data(trace))
-        ui.show_figure(viz.lens_heatmap(trace, template=tpl), key=f"lens_{who}", data=viz.lens_data(trace))
+        answer_df, lens_df = viz.answer_data(trace), viz.lens_data(trace)
+        answer_fig = viz.answer_figure(answer_df, trained=trained, template=tpl)
+        lens_fig = viz.lens_heatmap(lens_df, template=tpl)
+        scrubbed = who == "looped" and upto is not None and upto < trace.n_iterations
+        if scrubbed:
+            if trace.answer_prob is not None:  # else a placeholder figure without axes
+                answer_fig = mark_iteration(answer_fig, upto, trace.n_iterations)
+            lens_fig = mark_iteration(lens_fig, upto, trace.n_iterations)
+        ui.show_figure(answer_fig, key=f"answer_{who}", data=answer_df)
+        ui.show_figure(lens_fig, key=f"lens_{who}", data=lens_df)
+        if scrubbed:
+            st.caption(at_iteration(trace, lens_df, upto))
         if counts is not None:
             st.caption("Trajectory classes (Convergence page for details): "
                        + " · ".join(f"**{k}** {v}" for k, v in counts.items()))
@@ -89,5 +118,6 @@ for col, m, t, who in zip(cc, (s.looped_model, s.deep_model), (s.looped, s.deep)
 if cards:
     looped_card = s.looped_model.card if s.looped_model else {}
     hops = looped_card.get("trained_hops")
-    ui.show_figure(viz.accuracy_figure(cards, trained_hops=tuple(hops) if hops else None, template=tpl),
-                   key="accuracy", data=viz.accuracy_data(cards))
+    acc_df = viz.accuracy_data(cards)
+    ui.show_figure(viz.accuracy_figure(acc_df, trained_hops=tuple(hops) if hops else None, template=tpl),
+                   key="accuracy", data=acc_df)

@@ -6,7 +6,6 @@ import streamlit as st
 
 from analysis import viz
 from analysis.measures import stages
-from analysis.measures.tables import both_models
 from app import components as ui
 from app import session, url_state
 
@@ -58,8 +57,8 @@ else:
 label = f"looped {ui.model_label(t, s.looped_model, s)}" + (
     f" over deep {ui.model_label(s.deep, s.deep_model, s)}" if deep is not None else "")
 st.subheader(label)
-ui.show_figure(viz.stage_profile_figure(looped, deep, max_lines=max_lines, template=tpl, sink_key=sink_key),
-               key="stages_profiles",
-               data=both_models(looped, deep))
+stage_df = viz.stage_data(looped, deep)
+ui.show_figure(viz.stage_profile_figure(stage_df, max_lines=max_lines, template=tpl, sink_key=sink_key),
+               key="stages_profiles", data=stage_df)
 with st.expander("The numbers"):
-    st.dataframe(both_models(looped, deep), hide_index=True, height=300)
+    st.dataframe(stage_df, hide_index=True, height=300)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.apptest import MAIN, TIMEOUT, assert_clean, charts, decode, new_app, texts
+from tests.helpers.apptest import MAIN, TIMEOUT, assert_clean, charts, decode, new_app, run_with_iterations, texts
 
 pytestmark = pytest.mark.usefixtures("real_samples")  # the shipped checkpoints (conftest.py)
 
@@ -478,17 +478,17 @@ def test_saved_trace_uploads_to_the_same_figures(tmp_path):
     assert "Showing the uploaded trace saved.npz as the looped trace" in texts(at.warning)
     figs = charts(at)
     trained = model.spec.schedule.high
-    assert_same_data(figs["answer_looped"], _plotly(F.answer_figure(back, trained=trained)), "answer")
-    assert_same_data(figs["lens_looped"], _plotly(F.lens_heatmap(back)), "lens")
+    assert_same_data(figs["answer_looped"], _plotly(F.answer_figure(F.answer_data(back), trained=trained)), "answer")
+    assert_same_data(figs["lens_looped"], _plotly(F.lens_heatmap(F.lens_data(back))), "lens")
     assert_same_data(figs["answer_looped"], computed["answer_looped"], "answer vs computed run")
     assert_same_data(figs["lens_looped"], computed["lens_looped"], "lens vs computed run")
 
     at.switch_page("app_pages/convergence.py").run()
     assert_clean(at)
     figs = charts(at)
-    assert_same_data(figs["steps"], _plotly(F.step_size_figure(step_sizes(back.states), back)), "steps")
+    assert_same_data(figs["steps"], _plotly(F.step_size_figure(F.step_data(step_sizes(back.states), back))), "steps")
     dist = distance_to_fixed_point(back.states, back.fixed_point)
-    assert_same_data(figs["distance"], _plotly(F.fixed_point_distance_figure(dist, back)), "distance")
+    assert_same_data(figs["distance"], _plotly(F.fixed_point_distance_figure(F.distance_data(dist, back))), "distance")
     assert back.metadata["fixed_point_iterations"] == max(FIXED_POINT_ITERATIONS, s.iterations)
 
     at.switch_page("app_pages/orbits.py").run()
@@ -496,7 +496,7 @@ def test_saved_trace_uploads_to_the_same_figures(tmp_path):
     from analysis.measures.projections import project_across_tokens
 
     coords, _ = project_across_tokens(back, n_components=6)
-    assert_same_data(charts(at)["orbit_looped"], _plotly(F.orbit_figure(coords, back)), "orbits")
+    assert_same_data(charts(at)["orbit_looped"], _plotly(F.orbit_figure(F.orbit_data(coords, back))), "orbits")
 
 
 def test_two_sessions_do_not_see_each_others_traces():
@@ -626,18 +626,13 @@ def test_iteration_controls_keep_the_choice_when_iterations_change(page, key):
     at.switch_page(f"app_pages/{page}.py").run()
     assert_clean(at)
     assert at.slider(key=key).value == 4  # the default: all 4 iterations
-    at.number_input(key="w_iterations").set_value(8)
-    at.button(key="run").click().run()
-    assert_clean(at)
+    run_with_iterations(at, 8)
     default = {"o_upto": 8, "stages_lines": 8, "attention_rows": 6}[key]
     assert at.slider(key=key).value == default and at.query_params[key] == str(default)
     at.slider(key=key).set_value(3).run()
-    at.number_input(key="w_iterations").set_value(5)
-    at.button(key="run").click().run()
-    assert_clean(at)
+    run_with_iterations(at, 5)
     assert at.slider(key=key).value == 3 and at.query_params[key] == "3"
-    at.number_input(key="w_iterations").set_value(2)
-    at.button(key="run").click().run()
+    run_with_iterations(at, 2)
     assert at.slider(key=key).value == 2  # clamped to the new range
 
 
@@ -764,3 +759,22 @@ def test_overview_says_prediction_is_the_final_output_and_the_lens_reads_the_blo
     assert "before the coda" in caps
     tip = [m.proto.help for m in at.metric if m.label == "Prediction"][0]
     assert "logit lens" in tip and "final output" in tip
+
+
+def test_a_partial_trace_upload_is_refused_with_what_it_lacks(tmp_path):
+    """A trace that keeps every 2nd iteration would be drawn with iteration i+1 where it holds 2i+2:
+    the app says what the file lacks and keeps drawing the computed traces."""
+    from analysis.models.loading import load_folder
+    from analysis.models.synthetic import write_ouro_folder
+    from analysis.models.trace_real import trace_model
+    from analysis.plan import CapturePlan
+
+    model = load_folder(write_ouro_folder(tmp_path / "o", total_ut_steps=4))
+    part = trace_model(model, "x = 3; y = x;", iterations=4, plan=CapturePlan(every=2))
+    assert not part.is_complete and part.n_iterations == 2
+    at = new_app()
+    at.run()
+    upload(at, "every2.npz", part.save(tmp_path / "p.npz").read_bytes())
+    msg = texts(at.error)
+    assert "every2.npz keeps only part of its run (2 of 4 iterations" in msg and "--every" in msg, msg
+    assert {"answer_looped", "lens_looped"} <= set(charts(at)) and "uploaded trace" not in texts(at.warning)

@@ -221,3 +221,30 @@ def test_offline_favicon_upload_provenance_and_iteration_change_in_chromium(tmp_
         assert hosts <= {"127.0.0.1"}, f"requests left the machine: {sorted(hosts)}"
     finally:
         _stop_server(server, log)
+
+
+def test_zipped_figure_opens_offline_and_shows_data_in_its_title_literally(tmp_path):
+    """A figure from a page's zip (analysis.export.figure_html) drawn in Chromium with every
+    network request refused: it draws, and a prompt's ``<b>x</b>`` in its title (plain_text)
+    reads literally instead of turning bold."""
+    import plotly.graph_objects as go
+    from playwright.sync_api import sync_playwright
+
+    from analysis.export import figure_html
+    from analysis.viz.theme import plain_text, theme
+
+    fig = theme(go.Figure(go.Scatter(x=[1, 2, 3], y=[3, 1, 2])), title=f"Prompt {plain_text('<b>x</b>')} & more")
+    path = tmp_path / "figure.html"
+    path.write_text(figure_html(fig), encoding="utf-8")
+    requests = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page()
+        page.route("http*://**", lambda route: (requests.append(route.request.url), route.abort()))
+        page.goto(path.as_uri())
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+        title = page.locator(".gtitle").text_content()
+        bold = page.locator(".gtitle [style*='bold']").count()
+        browser.close()
+    assert title == "Prompt <b>x</b> & more" and bold == 0
+    assert requests == []  # nothing fetched: it opens offline

@@ -49,6 +49,14 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
+def run_with_iterations(at, n: int):
+    """Set the sidebar's Iterations to ``n``, press Run, and check the page ran cleanly."""
+    at.number_input(key="w_iterations").set_value(n)
+    at.button(key="run").click().run()
+    assert_clean(at)
+    return at
+
+
 def assert_clean(at, errors: bool = False):
     """No exception on the page (and, with ``errors``, no st.error either)."""
     assert not at.exception, texts(at.exception)

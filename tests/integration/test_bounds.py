@@ -367,6 +367,7 @@ def test_app_overview_shows_a_broken_card_as_a_note_and_warms_umap(tmp_path, sam
 
     warmed = []
     monkeypatch.setenv("LOOPSCOPE_WARM_UMAP", "1")
+    monkeypatch.setenv("LOOPSCOPE_HEAVY_WORKERS", "0")  # no worker pool: UMAP runs (and warms) in this process
     monkeypatch.setattr(projections, "warm_umap", lambda *a, **k: warmed.append(1))
     state.warm_umap_in_background.clear()
     import shutil
@@ -423,13 +424,13 @@ def test_bounded_umap_and_matrix_views_label_the_real_iterations():
     u = ui.umap_iterations(tr)
     assert len(u) * 3 <= ui.MAX_UMAP_STATES < (len(u) + 1) * 3 + 3 and u[0] == 0 and u[-1] == 999
     coords = np.random.default_rng(0).normal(size=(len(u), 1, 3, 2))
-    fig = figures.orbit_figure(coords, tr, iterations=u)
+    fig = figures.orbit_figure(figures.orbit_data(coords, tr, iterations=u))
     shown = {int(row[1]) for d in fig.data for row in np.asarray(d.customdata) if row[0] >= 0}  # -1: path breaks
     assert shown == {i + 1 for i in u}  # hover says the real iteration numbers, 1-based
     df = figures.orbit_data(coords, tr, iterations=u)
     assert sorted(set(df["iteration"])) == [i + 1 for i in u]
     m = np.zeros((64, 64))
-    fig = figures.attention_distance_figure(m, _long_trace(300), iterations=its)
+    fig = figures.attention_distance_figure(figures.attention_distance_data(m, _long_trace(300), iterations=its))
     assert fig.data[0].x[-1] == "it300·L0" and "64 of 300 iterations" in fig.layout.title.text
     assert list(figures.attention_distance_data(m, _long_trace(300), iterations=its)["iteration_a"][::64]) == \
         [i + 1 for i in its]

@@ -66,7 +66,7 @@ def tile(z, r, c, T):
 def test_attention_grid_looped(traces):
     t, _ = traces
     T = t.n_tokens
-    fig = F.attention_grid_figure(t, layer=1)
+    fig = F.attention_grid_figure(F.attention_grid_data(t, layer=1))
     assert len(fig.data) == 1 and fig.data[0].type == "heatmap"  # one tiled heatmap
     z = z_of(fig)
     assert z.shape == (I * (T + 1) - 1, H * (T + 1) - 1)  # iterations (all 5 <= 6) × heads
@@ -84,11 +84,11 @@ def test_attention_grid_looped(traces):
     assert "iteration 1" in annotations and f"iteration {I}" in annotations and "head 1" in annotations
     assert fig.layout.xaxis.title.text == "key" and fig.layout.yaxis.title.text == "query"
     # a subset of rows, the mean over heads
-    fig = F.attention_grid_figure(t, layer=0, rows=[0, I - 1], head=None)
+    fig = F.attention_grid_figure(F.attention_grid_data(t, layer=0, rows=[0, I - 1], head=None))
     z = z_of(fig)
     assert z.shape == (2 * (T + 1) - 1, T)
     assert np.allclose(tile(z, 1, 0, T)[low], t.attention[I - 1, 0].mean(axis=0)[low], atol=1e-6)
-    assert z_of(F.attention_grid_figure(t, layer=0, head=1, max_rows=3)).shape == (3 * (T + 1) - 1, T)
+    assert z_of(F.attention_grid_figure(F.attention_grid_data(t, layer=0, head=1, max_rows=3))).shape == (3 * (T + 1) - 1, T)
     df = F.attention_grid_data(t, layer=0, rows=[0], head="all")
     assert len(df) == H * T * T
 
@@ -96,14 +96,14 @@ def test_attention_grid_looped(traces):
 def test_attention_grid_height_follows_rows(traces):
     t, d = traces
     T = t.n_tokens
-    heights = [F.attention_grid_figure(t, layer=0, rows=list(range(n))).layout.height for n in (1, 3, 5)]
+    heights = [F.attention_grid_figure(F.attention_grid_data(t, layer=0, rows=list(range(n)))).layout.height for n in (1, 3, 5)]
     assert heights[0] < heights[1] < heights[2]  # height grows with the rows of tiles
     S = T + 1  # square tiles fill the width: the plot's height over its width is the grid's aspect
     w = 540
     for n, h in zip((1, 3, 5), heights):
         want = (w - F.GRID_PAD_X) * (n * S - 1) / (H * S - 1) + F.GRID_PAD_Y
         assert h == max(240, round(want))
-    assert F.attention_grid_figure(d, head="all").layout.height == F.attention_grid_height(DEEP_L, H, T)
+    assert F.attention_grid_figure(F.attention_grid_data(d, head="all")).layout.height == F.attention_grid_height(DEEP_L, H, T)
     assert F.attention_grid_height(4, 2, T, width=1000) > F.attention_grid_height(4, 2, T)  # wider: taller
     assert F.attention_grid_height(64, 1, T) == 1300 and F.attention_grid_height(64, 1, T, template="presentation") == 1600  # capped
 
@@ -111,7 +111,7 @@ def test_attention_grid_height_follows_rows(traces):
 def test_attention_grid_deep(traces):
     _, d = traces
     T = d.n_tokens
-    fig = F.attention_grid_figure(d, head="all")
+    fig = F.attention_grid_figure(F.attention_grid_data(d, head="all"))
     z = z_of(fig)
     assert len(fig.data) == 1 and z.shape == (DEEP_L * (T + 1) - 1, H * (T + 1) - 1)
     assert "layer 3" in [a.text for a in fig.layout.annotations]
@@ -124,16 +124,16 @@ def test_attention_distance_figure(traces):
     t, d = traces
     for metric in ("frobenius", "js", "cosine"):
         m = attention_distance_matrix(t.attention, metric=metric)
-        fig = F.attention_distance_figure(m, t, metric=metric)
+        fig = F.attention_distance_figure(F.attention_distance_data(m, t, metric=metric))
         assert len(fig.data) == 1 and np.allclose(z_of(fig), m, equal_nan=True)
         assert list(fig.data[0].x) == [f"it{i + 1}·L{l}" for i in range(I) for l in range(L)]
         assert fig.layout.xaxis.title.text == "iteration · layer" and fig.layout.yaxis.autorange == "reversed"
     # many iterations: an evenly spaced subset, first and last kept, every layer of each
-    fig = F.attention_distance_figure(m, t, max_iterations=3)
+    fig = F.attention_distance_figure(F.attention_distance_data(m, t, max_iterations=3))
     assert z_of(fig).shape == (3 * L, 3 * L)
     assert list(fig.data[0].x)[:2] == ["it1·L0", "it1·L1"] and list(fig.data[0].x)[-1] == f"it{I}·L1"
     md = attention_distance_matrix(d.attention)
-    fig = F.attention_distance_figure(md, d)
+    fig = F.attention_distance_figure(F.attention_distance_data(md, d))
     assert list(fig.data[0].x) == [f"L{l}" for l in range(DEEP_L)]
     df = F.attention_distance_data(m, t)
     assert len(df) == (I * L) ** 2
@@ -142,7 +142,7 @@ def test_attention_distance_figure(traces):
 def test_attention_floorplan(traces):
     t, d = traces
     T = t.n_tokens
-    fig = F.attention_floorplan_figure(t)
+    fig = F.attention_floorplan_figure(F.attention_floorplan_data(t))
     assert len(fig.data) == 1
     z = z_of(fig)
     assert z.shape == (L * (T + 1) - 1, I * (T + 1) - 1)
@@ -153,12 +153,12 @@ def test_attention_floorplan(traces):
     assert np.allclose(tile[low], want[low], atol=1e-6) and np.isnan(tile[~low]).all()
     assert np.isnan(z[T]).all()  # the gap between layer rows
     assert list(fig.layout.xaxis.ticktext) == [f"it{i + 1}" for i in range(I)]
-    fig = F.attention_floorplan_figure(t, max_iterations=2)
+    fig = F.attention_floorplan_figure(F.attention_floorplan_data(t, max_iterations=2))
     assert list(fig.layout.xaxis.ticktext) == ["it1", f"it{I}"]
-    fig = F.attention_floorplan_figure(d)
+    fig = F.attention_floorplan_figure(F.attention_floorplan_data(d))
     assert z_of(fig).shape == (T, DEEP_L * (T + 1) - 1)
     # no attention captured: a message, not an exception
-    fig = F.attention_floorplan_figure(dataclasses.replace(t, attention=None))
+    fig = F.attention_floorplan_figure(F.attention_floorplan_data(dataclasses.replace(t, attention=None)))
     assert len(fig.data) == 0 and "no attention" in fig.layout.annotations[0].text
 
 
@@ -166,14 +166,14 @@ def test_attention_figures_with_nan(traces):
     from analysis.measures.attention import attention_distance_matrix
 
     t = nan_trace(traces[0])
-    fig = F.attention_grid_figure(t, layer=0)
+    fig = F.attention_grid_figure(F.attention_grid_data(t, layer=0))
     T = t.n_tokens
     last = tile(z_of(fig), I - 1, 0, T)
     assert np.isnan(last[3]).all() and np.isfinite(tile(z_of(fig), 0, 0, T)[3, :4]).all()
     m = attention_distance_matrix(t.attention)
-    fig = F.attention_distance_figure(m, t)
+    fig = F.attention_distance_figure(F.attention_distance_data(m, t))
     assert np.isnan(z_of(fig)).any() and np.isfinite(z_of(fig)).any()
-    fig = F.attention_floorplan_figure(t)
+    fig = F.attention_floorplan_figure(F.attention_floorplan_data(t))
     fig.to_json()
 
 
@@ -182,7 +182,7 @@ def test_stage_profile_figure(traces):
     stages = pytest.importorskip("analysis.measures.stages")
     t, d = traces
     looped, deep = stages.stage_profiles(t), stages.stage_profiles(d)
-    fig = F.stage_profile_figure(looped, deep)
+    fig = F.stage_profile_figure(F.stage_data(looped, deep))
     assert len(fig.data) == 4 * (I + 1)  # per panel: a line per iteration + the deep model
     per_panel = I + 1
     for n, (col, name) in enumerate(F.STAGE_METRICS):
@@ -196,14 +196,14 @@ def test_stage_profile_figure(traces):
     assert [a.text for a in fig.layout.annotations] == titles
     assert fig.layout.xaxis3.title.text == "relative depth (%)"
     # key 0 instead: the sink panel draws sink_rate_first and says so
-    fig0 = F.stage_profile_figure(looped, deep, sink_key="first")
+    fig0 = F.stage_profile_figure(F.stage_data(looped, deep), sink_key="first")
     assert fig0.layout.annotations[1].text == "sink rate (key 0, the first token)"
     assert np.allclose(np.asarray(fig0.data[per_panel].y, dtype=float),
                        first["sink_rate_first"].to_numpy(dtype=float), equal_nan=True)
     with pytest.raises(ValueError, match="sink_key"):
-        F.stage_profile_figure(looped, deep, sink_key="bos")
+        F.stage_profile_figure(F.stage_data(looped, deep), sink_key="bos")
     # many iterations: at most max_lines, first and last kept
-    fig = F.stage_profile_figure(looped, None, max_lines=3)
+    fig = F.stage_profile_figure(F.stage_data(looped, None), max_lines=3)
     assert len(fig.data) == 4 * 3 and fig.data[0].name == "iteration 1" and fig.data[2].name == f"iteration {I}"
     assert len(both_models(looped, deep)) == len(looped) + len(deep)
 
@@ -213,7 +213,7 @@ def test_stage_profile_nan_gaps(traces):
     t, d = traces
     looped = stages.stage_profiles(t).copy()
     looped.loc[looped.index[0], "mixing_score"] = np.nan
-    fig = F.stage_profile_figure(looped, stages.stage_profiles(d))
+    fig = F.stage_profile_figure(F.stage_data(looped, stages.stage_profiles(d)))
     ys = np.concatenate([np.asarray(tr.y, dtype=float) for tr in fig.data])
     assert np.isnan(ys).any()
     fig.to_json()
@@ -221,7 +221,7 @@ def test_stage_profile_nan_gaps(traces):
         prof = stages.stage_profiles(nan_trace(t))
     except ValueError:
         return
-    F.stage_profile_figure(prof, None).to_json()
+    F.stage_profile_figure(F.stage_data(prof, None)).to_json()
 
 
 # ---------------------------------------------------------------- correspondence
@@ -229,12 +229,12 @@ def test_cka_figure(traces):
     corr = pytest.importorskip("analysis.measures.correspondence")
     t, d = traces
     m = corr.cka_matrix(t, d)
-    fig = F.cka_figure(m, t, d)
+    fig = F.cka_figure(F.cka_data(m, t, d))
     assert len(fig.data) == 1 and np.allclose(z_of(fig), m, equal_nan=True)
     assert list(fig.data[0].x) == [f"L{l}" for l in range(DEEP_L)]
     assert list(fig.data[0].y) == [f"it{i + 1}·L{l}" for i in range(I) for l in range(L)]
     assert fig.layout.xaxis.title.text == "deep model layer"
-    assert z_of(F.cka_figure(m, t, d, max_iterations=2)).shape == (2 * L, DEEP_L)
+    assert z_of(F.cka_figure(F.cka_data(m, t, d, max_iterations=2))).shape == (2 * L, DEEP_L)
     assert len(F.cka_data(m, t, d)) == I * L * DEEP_L
 
 
@@ -242,7 +242,7 @@ def test_answer_rank_figure(traces):
     corr = pytest.importorskip("analysis.measures.correspondence")
     t, d = traces
     la, da = corr.answer_through_depth(t), corr.answer_through_depth(d)
-    fig = F.answer_rank_figure(la, da)
+    fig = F.answer_rank_figure(F.answer_rank_data(t, d))
     assert len(fig.data) == 2 and fig.layout.yaxis.type == "log"
     assert fig.layout.xaxis.title.text.startswith("relative depth")
     looped, deep = fig.data
@@ -250,23 +250,23 @@ def test_answer_rank_figure(traces):
     assert np.allclose(np.asarray(looped.x, dtype=float), la.sort_values("depth")["depth_fraction"].to_numpy())
     assert list(looped.marker.color) == [i + 1 for i in range(I) for _ in range(L)]  # coloured by iteration
     assert deep.name == "deep model" and len(deep.x) == DEEP_L and np.asarray(deep.y, dtype=float).min() >= 1
-    fig = F.answer_rank_figure(la, da, x_by="depth", log_y=False)
+    fig = F.answer_rank_figure(F.answer_rank_data(t, d), x_by="depth", log_y=False)
     assert list(fig.data[0].x) == list(range(1, I * L + 1)) and list(fig.data[1].x) == list(range(1, DEEP_L + 1))
     assert fig.layout.yaxis.type == "linear" and fig.layout.xaxis.title.text == "realized depth (layer calls)"
-    assert len(F.answer_rank_figure(la, None).data) == 1
+    assert len(F.answer_rank_figure(F.answer_rank_data(t, None)).data) == 1
 
 
 def test_early_exit_kl_figure(traces):
     corr = pytest.importorskip("analysis.measures.correspondence")
     t, _ = traces
     kl = corr.early_exit_kl(t)
-    fig = F.early_exit_kl_figure(kl)
+    fig = F.early_exit_kl_figure(F.early_exit_data(kl, t))
     y = np.asarray(fig.data[0].y, dtype=float)
     assert len(fig.data) == 1 and list(fig.data[0].x) == list(range(1, I + 1))
     assert np.isnan(y[0])  # no previous iteration: a gap
     assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "iteration"
     assert any(s.y0 == correspondence.EXIT_KL_THRESHOLD for s in fig.layout.shapes)
-    F.early_exit_kl_figure(np.full(I, np.nan)).to_json()
+    F.early_exit_kl_figure(F.early_exit_data(np.full(I, np.nan), t)).to_json()
 
 
 # ---------------------------------------------------------------- architecture lab
@@ -275,18 +275,22 @@ def test_lab_step_figure(traces):
 
     t, _ = traces
     steps = step_sizes(t.states)
-    fig = F.lab_step_figure(steps)
+    fig = F.lab_step_figure(F.lab_step_data(steps))
     assert len(fig.data) == 3 and fig.data[1].fill == "tonexty"
     med = np.asarray(fig.data[2].y, dtype=float)
     assert np.isnan(med[0])  # no step before the first iteration
     assert np.allclose(med[1:], np.median(steps[1:, -1], axis=-1))
     assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "iteration"
-    fig = F.lab_step_figure(steps, color_by="layer")
+    fig = F.lab_step_figure(F.lab_step_data(steps), color_by="layer")
     assert len(fig.data) == L and [d.name for d in fig.data] == [f"layer {l}" for l in range(L)]
     steps_nan = step_sizes(nan_trace(t).states)
-    fig = F.lab_step_figure(steps_nan, log_y=False)
+    fig = F.lab_step_figure(F.lab_step_data(steps_nan), log_y=False)
     fig.to_json()
-    assert len(F.lab_step_data(steps)) == steps.size
+    data = F.lab_step_data(steps)  # one row per (iteration, layer): the median and band over tokens
+    assert len(data) == steps.shape[0] * steps.shape[1]
+    last = data[data["layer"] == L - 1].sort_values("iteration")
+    assert np.allclose(last["step_size_median"].to_numpy()[1:], np.median(steps[1:, -1], axis=-1))
+    assert np.allclose(last["step_size_high"].to_numpy()[1:], np.quantile(steps[1:, -1], 0.9, axis=-1))
 
 
 def test_layer_cosine_and_collapse(traces):
@@ -299,19 +303,19 @@ def test_layer_cosine_and_collapse(traces):
     assert c[0, 1] == pytest.approx(manual, rel=1e-5)
     collapsed = np.repeat(t.states[:, :1] * 3.0, 3, axis=1)  # every layer on one direction
     assert np.allclose(layer_cosine_matrix(collapsed), 1.0)
-    fig = F.fixed_point_cosine_figure(c)
+    fig = F.fixed_point_cosine_figure(F.fixed_point_cosine_data(c))
     assert len(fig.data) == 1 and np.allclose(z_of(fig), c)
     assert fig.layout.xaxis.title.text == "block layer"
     c_nan = layer_cosine_matrix(nan_trace(t).states)
     assert np.isnan(c_nan).any()
-    F.fixed_point_cosine_figure(c_nan).to_json()
+    F.fixed_point_cosine_figure(F.fixed_point_cosine_data(c_nan)).to_json()
 
 
 def test_big_mode_enlarges_fonts(traces):
     t, _ = traces
-    small, big = F.attention_floorplan_figure(t), F.attention_floorplan_figure(t, template="presentation")
+    small, big = F.attention_floorplan_figure(F.attention_floorplan_data(t)), F.attention_floorplan_figure(F.attention_floorplan_data(t), template="presentation")
     assert big.layout.font.size > small.layout.font.size
-    assert F.attention_grid_figure(t, title="mine").layout.title.text == "mine"
+    assert F.attention_grid_figure(F.attention_grid_data(t), title="mine").layout.title.text == "mine"
 
 
 # ==================================================================================================
@@ -356,7 +360,7 @@ def test_stable_iteration_from_the_lens(traces):
 
 def test_lens_heatmap_holds_the_lens(traces):
     t, d = traces
-    fig = F.lens_heatmap(t)
+    fig = F.lens_heatmap(F.lens_data(t))
     assert len(fig.data) == 1 and fig.data[0].type == "heatmap"
     z = z_of(fig)
     assert z.shape == (L, I)
@@ -368,7 +372,7 @@ def test_lens_heatmap_holds_the_lens(traces):
     assert fig.layout.xaxis.title.text == "iteration" and (fig.data[0].zmin, fig.data[0].zmax) == (0, 1)
     hover = fig.data[0].customdata[0][0].split(" · ")
     assert len(hover) == t.lens_top_ids.shape[-1]
-    fig = F.lens_heatmap(d)
+    fig = F.lens_heatmap(F.lens_data(d))
     assert z_of(fig).shape == (1, DEEP_L) and list(fig.data[0].x) == list(range(DEEP_L))
     np.testing.assert_allclose(z_of(fig)[0], d.lens_top_probs[0, :, -1, 0], rtol=1e-6)
     assert fig.layout.xaxis.title.text == "layer"
@@ -378,7 +382,7 @@ def test_lens_heatmap_holds_the_lens(traces):
 
 def test_answer_figure_holds_the_answer_probability(traces, with_fixed_point):
     t, d = traces
-    fig = F.answer_figure(t)
+    fig = F.answer_figure(F.answer_data(t))
     assert len(fig.data) == L and [tr.name for tr in fig.data] == [f"layer {l}" for l in range(L)]
     for l, tr in enumerate(fig.data):
         assert list(tr.x) == list(range(1, I + 1))
@@ -388,15 +392,15 @@ def test_answer_figure_holds_the_answer_probability(traces, with_fixed_point):
         assert np.all((arr(tr.y) >= 0) & (arr(tr.y) <= 1))
     assert fig.layout.yaxis.range == (0, 1.02) and fig.layout.xaxis.title.text == "iteration"
     assert not fig.layout.shapes
-    fig = F.answer_figure(t, trained=3, log_y=True)
+    fig = F.answer_figure(F.answer_data(t), trained=3, log_y=True)
     assert fig.layout.shapes[0].x0 == 3.5 and fig.layout.shapes[0].x1 == I + 0.5  # extrapolation shaded
     assert fig.layout.yaxis.type == "log"
-    fig = F.answer_figure(d)
+    fig = F.answer_figure(F.answer_data(d))
     assert len(fig.data) == 1 and list(fig.data[0].x) == list(range(DEEP_L)) and fig.data[0].name == "deep"
     np.testing.assert_allclose(arr(fig.data[0].y), d.answer_prob[0], rtol=1e-6)
     free = with_fixed_point[1]
     assert free.answer is None
-    fig = F.answer_figure(free)
+    fig = F.answer_figure(F.answer_data(free))
     assert len(fig.data) == 0 and "no known answer" in fig.layout.annotations[0].text
     assert len(F.answer_data(t)) == I * L and F.answer_data(free).empty
 
@@ -414,14 +418,14 @@ def test_answer_probability_matches_the_lens_top_k(traces):
 def test_accuracy_figure_from_cards():
     cards = {"looped": {"accuracy_by_hops": {"1": 0.9, "2": 0.5}, "shortcut_by_hops": {"1": {"first": 0.3}, "2": 0.2}},
              "deep": {"accuracy_by_hops": {"1": 1.0, "2": 0.75}}}
-    fig = F.accuracy_figure(cards, trained_hops=(1, 1))
+    fig = F.accuracy_figure(F.accuracy_data(cards), trained_hops=(1, 1))
     assert [tr.type for tr in fig.data] == ["bar", "bar", "scatter"]
     assert list(fig.data[0].x) == [1, 2] and list(fig.data[0].y) == [0.9, 0.5]
     assert list(fig.data[1].y) == [1.0, 0.75] and fig.data[1].name == "deep"
     assert list(fig.data[2].y) == [0.3, 0.2] and fig.data[2].name == "best shortcut"
     assert fig.layout.shapes[0].x0 == 1.5  # hops past the trained ones shaded
     assert len(F.accuracy_data(cards)) == 4
-    assert len(F.accuracy_figure({"x": {}}).data) == 0
+    assert len(F.accuracy_figure(F.accuracy_data({"x": {}})).data) == 0
 
 
 def test_orbit_figure_paths_and_endpoints(traces):
@@ -430,7 +434,7 @@ def test_orbit_figure_paths_and_endpoints(traces):
     t, d = traces
     T = t.n_tokens
     coords, _ = project_across_tokens(t, n_components=6)  # [I, L, T, 6]
-    fig = F.orbit_figure(coords, t)
+    fig = F.orbit_figure(F.orbit_data(coords, t))
     assert [tr.name for tr in fig.data] == ["paths", "first iteration", "last iteration"]
     path = fig.data[0]
     x, y = arr(path.x), arr(path.y)
@@ -446,13 +450,13 @@ def test_orbit_figure_paths_and_endpoints(traces):
     np.testing.assert_allclose(arr(fig.data[2].y), coords[-1, :, :, 1].reshape(-1))
     assert fig.layout.xaxis.title.text == "PC1" and fig.layout.yaxis.title.text == "PC2"
 
-    fig = F.orbit_figure(coords, t, dims=(2, 3), color_by="token", upto=2)
+    fig = F.orbit_figure(F.orbit_data(coords, t), dims=(2, 3), color_by="token", upto=2)
     assert len(fig.data) == T + 2
     np.testing.assert_allclose(arr(fig.data[4].x), coords[:2, :, 4, 2].reshape(-1))  # token 4, iterations 1-2
     assert fig.data[4].name == f"4 {t.token_labels[4]}" and fig.layout.xaxis.title.text == "PC3"
     np.testing.assert_allclose(arr(fig.data[-1].x), coords[-1, :, :, 2].reshape(-1))  # the last iteration stays
 
-    fig = F.orbit_figure(coords, t, dims=(0, 1, 2), frame_by="iteration", tokens=[1, 2])
+    fig = F.orbit_figure(F.orbit_data(coords, t), dims=(0, 1, 2), frame_by="iteration", tokens=[1, 2])
     assert [tr.type for tr in fig.data] == ["scatter3d"] * 4 and fig.data[3].name == "current iteration"
     assert len(fig.frames) == I and [f.name for f in fig.frames] == [str(i + 1) for i in range(I)]
     for i in (0, I - 1):
@@ -460,7 +464,7 @@ def test_orbit_figure_paths_and_endpoints(traces):
         np.testing.assert_allclose(arr(fr.z), coords[i][:, [1, 2], 2].reshape(-1))
     assert len(fig.layout.sliders[0].steps) == I
     with pytest.raises(ValueError):
-        F.orbit_figure(coords, t, dims=(0, 6))
+        F.orbit_figure(F.orbit_data(coords, t), dims=(0, 6))
 
 
 def test_orbit_figure_one_token_and_deep(traces):
@@ -468,13 +472,13 @@ def test_orbit_figure_one_token_and_deep(traces):
 
     t, d = traces
     coords, _ = project_token(t, token=3, n_components=3)  # [I, L, 3]
-    fig = F.orbit_figure(coords, t, token=3, color_by="layer")
+    fig = F.orbit_figure(F.orbit_data(coords, t, token=3), color_by="layer")
     assert len(fig.data) == 3
     np.testing.assert_allclose(arr(fig.data[0].x)[:-1], coords[:, :, 0].reshape(-1))
     assert list(arr(fig.data[0].marker.color)[:L]) == list(range(L))  # colour = layer
     assert list(fig.data[0].customdata[0]) == [3, 1, 0]  # token 3, iteration 1, layer 0
     dc, _ = project_across_tokens(d, n_components=3)
-    fig = F.orbit_figure(dc, d, frame_by="iteration")
+    fig = F.orbit_figure(F.orbit_data(dc, d), frame_by="iteration")
     assert [tr.name for tr in fig.data] == ["paths", "first layer", "last layer"] and not fig.frames
     np.testing.assert_allclose(arr(fig.data[1].x), dc[0, 0, :, 0])
     np.testing.assert_allclose(arr(fig.data[2].x), dc[0, -1, :, 0])
@@ -487,7 +491,7 @@ def test_orbit_figure_with_nan_states(traces):
 
     t = nan_trace(traces[0])
     coords, _ = project_across_tokens(t, n_components=6)
-    fig = F.orbit_figure(coords, t)
+    fig = F.orbit_figure(F.orbit_data(coords, t))
     x = arr(fig.data[0].x)
     assert np.isnan(x).sum() > t.n_tokens and np.isfinite(x).any()  # the NaN states are gaps
     fig.to_json()
@@ -501,7 +505,7 @@ def test_step_size_figure_against_the_states(traces):
     s = np.asarray(t.states, dtype=np.float64)
     manual = np.full((I, L, T), np.nan)
     manual[1:] = np.linalg.norm(s[1:] - s[:-1], axis=-1) / np.linalg.norm(s[1:], axis=-1)
-    fig = F.step_size_figure(step_sizes(t.states), t)
+    fig = F.step_size_figure(F.step_data(step_sizes(t.states), t))
     assert len(fig.data) == T * L  # a line per token, per layer facet
     for n, tr in enumerate(fig.data):
         l, k = divmod(n, T)
@@ -510,7 +514,7 @@ def test_step_size_figure_against_the_states(traces):
         assert np.isnan(arr(tr.y)[0])  # no step before the first iteration
     assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "iteration"
     assert [a.text for a in fig.layout.annotations] == [f"layer {l}" for l in range(L)]
-    fig = F.step_size_figure(step_sizes(t.states), t, tokens=[0, 5], layer=1, log_y=False)
+    fig = F.step_size_figure(F.step_data(step_sizes(t.states), t), tokens=[0, 5], layer=1, log_y=False)
     assert len(fig.data) == 2 and fig.layout.yaxis.type == "linear"
     np.testing.assert_allclose(arr(fig.data[1].y), manual[:, 1, 5], rtol=1e-5, equal_nan=True)
     assert len(F.step_data(step_sizes(t.states), t)) == I * L * T
@@ -524,17 +528,19 @@ def test_fixed_point_distance_figure_against_the_states(with_fixed_point):
     assert t.fixed_point.shape == (L, T, 32) and t.metadata["fixed_point_iterations"] == FP_ITERATIONS
     s, fp = np.asarray(t.states, dtype=np.float64), np.asarray(t.fixed_point, dtype=np.float64)
     manual = np.sqrt(((s - fp[None]) ** 2).sum(-1))  # [I, L, T]
-    fig = F.fixed_point_distance_figure(distance_to_fixed_point(t.states, t.fixed_point), t)
+    fig = F.fixed_point_distance_figure(F.distance_data(distance_to_fixed_point(t.states, t.fixed_point), t))
     assert len(fig.data) == L and all(tr.type == "heatmap" for tr in fig.data)
     for l, tr in enumerate(fig.data):
         z = z_of(fig, l)
         assert z.shape == (T, I)  # token × iteration
         np.testing.assert_allclose(z, np.log10(manual[:, l, :].T), rtol=1e-4)
-        np.testing.assert_allclose(arr(tr.customdata), manual[:, l, :].T, rtol=1e-4)
+        cd = np.asarray(tr.customdata, dtype=object)  # [T, I, (distance, the token's character, its position)]
+        np.testing.assert_allclose(arr(cd[..., 0]), manual[:, l, :].T, rtol=1e-4)
+        assert list(cd[:, 0, 1]) == list(t.token_labels)
     lo, hi = np.log10(manual).min(), np.log10(manual).max()
     assert fig.data[0].zmin == pytest.approx(lo, rel=1e-4) and fig.data[0].zmax == pytest.approx(hi, rel=1e-4)
     assert fig.layout.yaxis.autorange == "reversed" and list(fig.layout.yaxis.ticktext) == F.token_names(t)
-    assert len(F.fixed_point_distance_figure(distance_to_fixed_point(t.states, t.fixed_point), t, layer=-1).data) == 1
+    assert len(F.fixed_point_distance_figure(F.distance_data(distance_to_fixed_point(t.states, t.fixed_point), t), layer=-1).data) == 1
 
 
 def test_spread_contraction_and_class_figures(with_fixed_point):
@@ -545,7 +551,7 @@ def test_spread_contraction_and_class_figures(with_fixed_point):
     T = t.n_tokens
     fp = np.asarray(t.fixed_point, dtype=np.float64)
     cos = (fp[:1] * fp).sum(-1) / (np.linalg.norm(fp[:1], axis=-1) * np.linalg.norm(fp, axis=-1))
-    fig = F.spread_figure(fixed_point_spread(t.fixed_point), t)
+    fig = F.spread_figure(F.spread_data(fixed_point_spread(t.fixed_point), t))
     assert len(fig.data) == 1 and fig.data[0].type == "bar"
     np.testing.assert_allclose(arr(fig.data[0].y), cos.min(axis=0), rtol=1e-5)
     assert list(fig.layout.xaxis.ticktext) == list(t.token_labels)
@@ -558,7 +564,7 @@ def test_spread_contraction_and_class_figures(with_fixed_point):
     x = np.arange(steps.shape[0])
     manual = np.exp(np.polyfit(x, np.log(steps.reshape(len(x), -1)), 1)[0]).reshape(L, T)  # least-squares slope
     rate = contraction_rate(t.states)
-    fig = F.contraction_figure(rate, t)
+    fig = F.contraction_figure(F.contraction_data(rate, t))
     assert len(fig.data) == L and [tr.name for tr in fig.data] == [f"layer {l}" for l in range(L)]
     for l in range(L):
         np.testing.assert_allclose(arr(fig.data[l].y), manual[l], rtol=1e-4)
@@ -570,14 +576,14 @@ def test_spread_contraction_and_class_figures(with_fixed_point):
     # reference lines: the whole state's rate and, when given, the Jacobian radius (data says the same)
     from analysis.measures.dynamics import JacobianEstimate
     jac = JacobianEstimate(0.4, 0.4 + 0j, 0.0, 10)
-    fig = F.contraction_figure(rate, t, jacobian=jac)
+    fig = F.contraction_figure(F.contraction_data(rate, t, jacobian=jac))
     lines = sorted(sh.y0 for sh in fig.layout.shapes)
     assert lines == pytest.approx(sorted([1.0, rate.state_rate, 0.4]))
     assert not any("neither contracting" in (a.text or "") for a in fig.layout.annotations)
     assert (F.contraction_data(rate, t, jacobian=jac)["jacobian_radius"] == 0.4).all()
 
     counts = class_counts(classify_trajectories(t.states))
-    fig = F.class_figure(counts)
+    fig = F.class_figure(F.class_data(counts))
     assert list(fig.data[0].x) == ["fixed point", "converging", "orbit", "slider", "unknown"]
     assert list(fig.data[0].y) == list(counts.values()) and sum(fig.data[0].y) == T
 
@@ -586,10 +592,10 @@ def test_convergence_figures_with_nan(with_fixed_point):
     from analysis.measures.dynamics import distance_to_fixed_point, step_sizes
 
     t = nan_trace(with_fixed_point[0])
-    fig = F.step_size_figure(step_sizes(t.states), t)
+    fig = F.step_size_figure(F.step_data(step_sizes(t.states), t))
     ys = np.concatenate([arr(tr.y) for tr in fig.data])
     assert np.isnan(ys[np.arange(len(ys)) % I != 0]).any() and np.isfinite(ys).any()
-    fig = F.fixed_point_distance_figure(distance_to_fixed_point(t.states, t.fixed_point), t)
+    fig = F.fixed_point_distance_figure(F.distance_data(distance_to_fixed_point(t.states, t.fixed_point), t))
     z = z_of(fig)
     assert np.isnan(z[2, -1]) and np.isfinite(z[0, 0])  # token 2's last iteration is a gap
     fig.to_json()
@@ -602,21 +608,21 @@ def test_readability_ticks_hover_colour_range_and_words(traces):
     from analysis.measures.projections import project_across_tokens
 
     t, d = traces
-    fig = F.answer_rank_figure(answer_through_depth(t), answer_through_depth(d))
+    fig = F.answer_rank_figure(F.answer_rank_data(t, d))
     assert list(fig.layout.yaxis.ticktext[:6]) == ["1", "2", "5", "10", "20", "50"]
     assert list(fig.layout.yaxis.tickvals[:6]) == [1, 2, 5, 10, 20, 50]
     coords, _ = project_across_tokens(t, n_components=3)
-    orbit = F.orbit_figure(coords, t, frame_by="iteration")
+    orbit = F.orbit_figure(F.orbit_data(coords, t), frame_by="iteration")
     assert "'%{text}'" in orbit.data[0].hovertemplate
     cd, text = np.asarray(orbit.data[0].customdata), list(orbit.data[0].text)
     assert all(tx == (t.token_labels[int(k)] if k >= 0 else "") for k, tx in zip(cd[:, 0], text))
     assert orbit.layout.updatemenus[0].y < -0.15  # the play button sits below the x-axis title
     c = np.array([[1.0, 0.8], [0.8, 1.0]])
-    heat = F.fixed_point_cosine_figure(c)
+    heat = F.fixed_point_cosine_figure(F.fixed_point_cosine_data(c))
     assert (heat.data[0].zmin, heat.data[0].zmax) == (pytest.approx(0.8), 1.0)
     from analysis.measures.dynamics import step_sizes
 
-    for fig in (F.step_size_figure(step_sizes(t.states), t),):
+    for fig in (F.step_size_figure(F.step_data(step_sizes(t.states), t)),):
         for text in (fig.layout.title.text or "", *(ax.title.text or "" for ax in (fig.layout.yaxis,))):
             assert "‖" not in text and "_{" not in text, text
 
@@ -628,7 +634,7 @@ def test_accuracy_bars_carry_the_shipped_cards_standard_errors():
     from analysis.models.registry import SAMPLE_DIR
 
     cards = {n: json.loads((SAMPLE_DIR / n / "card.json").read_text()) for n in ("chain-looped", "chain-deep")}
-    fig = F.accuracy_figure(cards, trained_hops=tuple(cards["chain-looped"]["trained_hops"]))
+    fig = F.accuracy_figure(F.accuracy_data(cards), trained_hops=tuple(cards["chain-looped"]["trained_hops"]))
     looped = cards["chain-looped"]
     n = looped["evaluation"]["prompts_per_hops"]
     for h, err in zip(fig.data[0].x, fig.data[0].error_y.array):

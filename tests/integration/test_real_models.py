@@ -165,7 +165,7 @@ def test_half_rope_and_llama3_frequencies_match_transformers():
 def test_gqa_attention_matches_repeated_heads(eager):
     q, k, v = torch.randn(1, 6, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
     cap = Capture("x.hook_pattern") if eager else None
-    y = causal_attention(q, k, v, cap, "x")
+    y = causal_attention(q, k, v, cap, "x.hook_pattern")
     torch.testing.assert_close(y[0], ref_attention(q[0], k[0], v[0]), atol=1e-5, rtol=1e-5)
     if eager:
         pat = cap.store["x.hook_pattern"]

@@ -181,8 +181,8 @@ def test_stage_profiles(tiny_trace):
                                 "sink_rate", "sink_rate_first", "mixing_score", "residual_entropy"]
     assert len(df) == 16
     row = df.iloc[5]
-    t, l = int(row.iteration), int(row.layer)
-    assert (t, l) == (2, 1) and row.relative_depth == pytest.approx(100.0)
+    assert (int(row.iteration), int(row.layer)) == (3, 1) and row.relative_depth == pytest.approx(100.0)
+    t, l = int(row.iteration) - 1, int(row.layer)  # iterations count from 1; array index t
     A = tiny_trace.attention[t, l]
     assert row.colsum_concentration == pytest.approx(np.mean([colsum_concentration(a) for a in A]), rel=1e-6)
     assert row.mixing_score == pytest.approx(np.mean([mixing_score(a) for a in A]), rel=1e-6)
@@ -202,7 +202,7 @@ def test_stage_profiles_sink_score_brute_force(tiny_trace):
         for l in range(L):
             # head-averaged map, then each key's mean attention over the queries, then the largest
             best = max(sum(sum(att[t, l, h, i, k] for h in range(H)) / H for i in range(T)) / T for k in range(T))
-            row = df[(df.iteration == t) & (df.layer == l)].iloc[0]
+            row = df[(df.iteration == t + 1) & (df.layer == l)].iloc[0]
             assert row.sink_score == pytest.approx(best, rel=1e-9)
             assert 0.0 <= row.sink_score <= 1.0
     sink = np.zeros((1, 1, 2, 4, 4)); sink[..., 0] = 1.0           # every head, every query on key 0
@@ -217,7 +217,7 @@ def test_stage_profiles_relative_depth_deep_trace(tiny_trace):
     deep = LoopedTransformer(LoopConfig.deep(5, vocab_size=tok.vocab_size, d_model=16, n_heads=2, d_mlp=32))
     tr = trace(deep, "a=7;b=a;?b=", tokenizer=tok)
     df = stage_profiles(tr)
-    assert len(df) == 5 and (df.iteration == 0).all()
+    assert len(df) == 5 and (df.iteration == 1).all()
     assert list(df.relative_depth) == pytest.approx([20.0, 40.0, 60.0, 80.0, 100.0])  # over the whole depth
     looped = stage_profiles(tiny_trace)                                             # within the block, per pass
     assert list(looped.relative_depth) == pytest.approx([50.0, 100.0] * tiny_trace.n_iterations)

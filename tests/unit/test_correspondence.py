@@ -77,10 +77,11 @@ def test_answer_through_depth_and_kl(looped):
     df = answer_through_depth(looped)
     assert list(df.columns) == ["depth", "iteration", "layer", "relative_depth", "depth_fraction", "answer_rank",
                                 "answer_prob"]
-    assert len(df) == 16 and list(df["depth"]) == list(range(16))
+    assert len(df) == 16 and list(df["depth"]) == list(range(1, 17))  # layer calls, from 1
     assert df["depth_fraction"].iloc[-1] == pytest.approx(100.0) and df["depth_fraction"].iloc[0] == pytest.approx(100 / 16)
     L = looped.n_layers  # relative_depth: the same within-block definition as the stage and metrics tables
     assert list(df["relative_depth"]) == pytest.approx([(l + 1) / L * 100 for _ in range(looped.n_iterations) for l in range(L)])
+    assert (df.loc[5, "iteration"], df.loc[5, "layer"]) == (3, 1)  # iterations count from 1
     assert df.loc[5, "answer_rank"] == looped.answer_rank[2, 1]
     assert df.loc[5, "answer_prob"] == pytest.approx(looped.answer_prob[2, 1])
     with pytest.raises(ValueError):

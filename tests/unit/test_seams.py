@@ -134,7 +134,7 @@ def test_relative_depth_means_the_same_in_every_table():
         L = t.n_layers
         assert np.allclose(an.to_numpy(), [(l + 1) / L * 100 for _ in range(t.n_iterations) for l in range(L)])
     a = answer_through_depth(looped)
-    assert list(a["iteration"]) == [i for i in range(looped.n_iterations) for _ in range(looped.n_layers)]  # 0-based
+    assert list(a["iteration"]) == [i + 1 for i in range(looped.n_iterations) for _ in range(looped.n_layers)]  # from 1
     assert a["depth_fraction"].iloc[-1] == pytest.approx(100.0)
 
 
@@ -182,6 +182,42 @@ def test_trace_raises_when_a_capture_point_is_renamed():
     model = _Drifted(LoopConfig(**SMALL)).eval()
     with pytest.raises(CaptureError, match=r"loop\.0\.blocks\.0\.hook_resid_post"):
         trace(model, PROMPT, iterations=3, tokenizer=CharTokenizer(CHAIN_CHARS))
+
+
+_CAPTURE_NAME = re.compile(r"hook_[a-z]|^(loop|prelude|coda)\.(\{|\d|\*|blocks)|\.blocks\.")
+
+
+def _capture_name_literals(path: Path) -> list[str]:
+    """String literals and f-strings (their constant parts, ``{}`` for each field) in a module's code that
+    look like capture-point names; docstrings are left out."""
+    import ast
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found, inside = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            inside.update(id(v) for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs | inside:
+            text = node.value
+        else:
+            continue
+        if _CAPTURE_NAME.search(text):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text!r}")
+    return found
+
+
+def test_capture_names_are_built_only_in_names_module():
+    """Every capture-point name in the library and the app comes from analysis.names (the models'
+    f-strings drifting from it is how a family silently records under another name)."""
+    names_py = ROOT / "analysis" / "names.py"
+    hits = [h for p in py_files("analysis", "app") if p != names_py for h in _capture_name_literals(p)]
+    assert not hits, "capture names built outside analysis/names.py:\n" + "\n".join(hits)
+    # the check itself finds what it must: names.py's own builders are f-strings of this kind
+    assert any("hook_state_out" in h for h in _capture_name_literals(names_py))
 
 
 # ---------------------------------------------------------------- 6. the app continues the library's run
@@ -257,5 +293,5 @@ def test_no_duplicated_code_in_the_library_or_the_app():
     res = subprocess.run(["duplicates", "--most", "200", "--seconds", "120"], cwd=ROOT, capture_output=True,
                          text=True, timeout=180)
     rows = [l for l in res.stdout.splitlines() if re.match(r"D\d+ ", l)]
-    mine = [r for r in rows if re.search(r"\b(analysis|app)/\S+\.py", r)]
+    mine = [r for r in rows if re.search(r"(?<![\w/])(analysis|app)/\S+\.py", r)]
     assert not mine, "\n".join(mine)
