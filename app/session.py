@@ -8,6 +8,10 @@ traces live in the caches of ``app.caching``).
 - ``current() -> Session``: models, traces and the errors met on the way; never raises.
 - ``measure(fn, trace, **kwargs)``: cached ``fn(trace, **kwargs)``; ``jacobian(model, trace)``.
 - ``trace_key(trace) -> str``: identifies a trace's inputs (and content, for uploads).
+
+One cohesive module (about 490 lines): the path from settings to Traces, for loopscope's own
+checkpoints (cached traces) and for real model folders (cancellable jobs with progress), kept in
+one place so that every page gets the same models, traces and messages.
 """
 from __future__ import annotations
 
@@ -85,10 +89,11 @@ def skipped_folders() -> dict:
 
 
 def default_models(found: dict) -> tuple[str, str]:
-    """The default (looped, deep) pair among ``found`` (name -> ModelEntry): the shipped pair when
+    """The default (looped, deep) pair among ``found`` (name -> ModelEntry or folder path): the shipped pair when
     present, else the first folder of each declared kind ("" when there is none)."""
-    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next((n for n, e in found.items() if e.kind == "looped"), "")
-    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n, e in found.items() if e.kind == "deep"), "")
+    kind = {n: e.kind if hasattr(e, "kind") else registry.declared_kind(e) for n, e in found.items()}  # entries or paths
+    looped = DEFAULT_LOOPED if DEFAULT_LOOPED in found else next((n for n in found if kind[n] == "looped"), "")
+    deep = DEFAULT_DEEP if DEFAULT_DEEP in found else next((n for n in found if kind[n] == "deep"), "")
     return looped, deep
 
 

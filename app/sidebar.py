@@ -149,6 +149,17 @@ def _new_chain() -> None:
     rng = random.Random(f"{int(ss.get('w_seed', 0))}/{hops}/{ss['_chain_count']}")
     ss["w_prompt"] = make_chain(rng, hops).prompt
 
+def _picker(sb, found: dict, label: str, key: str, opts: list[str], help: str, on_change=None) -> None:
+    """One model picker: options "name · family · size", the chosen model's details under it, and
+    a folder box for "local folder…"."""
+    sb.selectbox(label, opts, key=key, on_change=on_change, help=help,
+                 format_func=lambda n: found[n].label() if n in found else n)
+    if st.session_state[key] in found:
+        sb.caption(md_text(found[st.session_state[key]].details()))
+    if st.session_state[key] == LOCAL:
+        sb.text_input(f"{label.split(' (')[0]} folder", key=f"{key}_path", placeholder="/path/to/checkpoint")
+
+
 def sidebar() -> Settings:
     """Draw the sidebar (the same on every page) and return the applied settings."""
     ss = st.session_state
@@ -164,32 +175,21 @@ def sidebar() -> Settings:
     sb.markdown("### Models")
     # each picker lists the models that fit it, as declared: looped models on the left, deep (one
     # pass) on the right, each with its family, parameter count and dtype
-    def shown(name: str) -> str:
-        return found[name].label() if name in found else name
-
     opts = [n for n, e in found.items() if e.kind == "looped"] + [LOCAL]
     if ss.get("w_looped") not in opts:
         ss["w_looped"] = opts[0]
-    sb.selectbox("Looped model", opts, key="w_looped", on_change=_looped_changed, format_func=shown,
-                 help="The looped (weight-tied) checkpoints: the samples and every supported folder under "
-                      "$LOOPSCOPE_MODEL_DIRS (Huginn / retrofitted recurrence, Ouro), or a checkpoint folder on "
-                      "this machine. Switching to a model of another task also switches the example prompt and "
-                      "the deep model.")
-    if ss["w_looped"] in found:
-        sb.caption(md_text(found[ss["w_looped"]].details()))
-    if ss["w_looped"] == LOCAL:
-        sb.text_input("Looped model folder", key="w_looped_path", placeholder="/path/to/checkpoint")
+    _picker(sb, found, "Looped model", "w_looped", opts, on_change=_looped_changed,
+            help="The looped (weight-tied) checkpoints: the samples and every supported folder under "
+                 "$LOOPSCOPE_MODEL_DIRS (Huginn / retrofitted recurrence, Ouro), or a checkpoint folder on "
+                 "this machine. Switching to a model of another task also switches the example prompt and "
+                 "the deep model.")
     dopts = [n for n, e in found.items() if e.kind == "deep"] + [LOCAL, NONE]
     if ss.get("w_deep") not in dopts:
         ss["w_deep"] = NONE
-    sb.selectbox("Deep model (for comparison)", dopts, key="w_deep", format_func=shown,
-                 help="The deep (one pass through distinct layers) checkpoints: the samples and every "
-                      "transformers causal-LM folder under $LOOPSCOPE_MODEL_DIRS, a checkpoint folder, or none. "
-                      "A looped checkpoint chosen here runs once at its own configured iteration count.")
-    if ss["w_deep"] in found:
-        sb.caption(md_text(found[ss["w_deep"]].details()))
-    if ss["w_deep"] == LOCAL:
-        sb.text_input("Deep model folder", key="w_deep_path", placeholder="/path/to/checkpoint")
+    _picker(sb, found, "Deep model (for comparison)", "w_deep", dopts,
+            help="The deep (one pass through distinct layers) checkpoints: the samples and every "
+                 "transformers causal-LM folder under $LOOPSCOPE_MODEL_DIRS, a checkpoint folder, or none. "
+                 "A looped checkpoint chosen here runs once at its own configured iteration count.")
 
     skipped = skipped_folders()
     if skipped:
