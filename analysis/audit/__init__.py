@@ -4,7 +4,7 @@ summarised into Parquet tables; exit rules replayed after the fact; a cost card.
 Modules: ``prompts`` (JSON-lines sets and generators), ``exits`` (exit-rule replay),
 ``rows`` (one prompt -> table rows), ``tables`` (schemas, atomic part files), ``run``
 (engines, resume, progress), ``cost`` (the cost card), ``summary`` (numbers of an audit
-folder), ``report`` (figures and the HTML report).
+folder), ``report`` (the HTML report; its figures are ``analysis.viz.audit``'s).
 """
 import importlib
 

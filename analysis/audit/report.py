@@ -1,25 +1,25 @@
-"""Figures of an audit and its self-contained HTML report.
+"""The self-contained HTML report of an audit.
 
-``figures(summary) -> {slug: plotly Figure}`` draws the summary's numbers (the app page shows
-the same figures); ``build_audit_report(folder) -> str`` is one HTML file with plotly.js inlined
+Its figures are ``analysis.viz.audit``'s (the Audit page shows the same, each with its frame as
+CSV); ``build_audit_report(folder) -> str`` is one HTML file with plotly.js inlined
 and the numbers embedded as JSON in ``<script id="loopscope-audit-numbers">``. Everything
 placed inside a ``<script>`` element is JSON with ``<``, ``>``, ``&`` and the two JavaScript
 line separators written as ``\\u`` escapes, so no string from a prompt can close the element.
 """
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
 import json
 import math
 
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
+import numpy as np
 
+from ..viz.audit import audit_figures, audit_frames
 from .summary import load_audit, summarize
 
 NUMBERS_ID = "loopscope-audit-numbers"
-TEMPLATE = "plotly_white"
 
 
 def script_json(obj) -> str:
@@ -31,7 +31,15 @@ def script_json(obj) -> str:
 
 
 def _clean(obj):
-    """NaN/inf -> None, recursively (JSON has neither)."""
+    """NaN/inf -> None, numpy arrays and plotly's base64 arrays (``{"dtype", "bdata"}``) -> lists,
+    recursively (JSON has no NaN; the report's figures carry plain numbers)."""
+    if isinstance(obj, dict) and "bdata" in obj and set(obj) <= {"dtype", "bdata", "shape"}:
+        arr = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=obj["dtype"])
+        if "shape" in obj:
+            arr = arr.reshape([int(n) for n in str(obj["shape"]).split(",")])
+        return _clean(arr.tolist())
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return _clean(obj.tolist())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -39,86 +47,6 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
-
-
-def accuracy_figure(s: dict) -> go.Figure:
-    """Accuracy after each iteration: all prompts, and one line per value of each tag; the deep
-    model as dashed horizontal lines."""
-    acc = s["accuracy_by_iteration"]
-    x = list(range(1, s["iterations"] + 1))
-    fig = go.Figure()
-    fig.add_scatter(x=x, y=acc["all"], name="all prompts", mode="lines+markers", line={"width": 3, "color": "black"})
-    deep = s.get("deep_accuracy") or {}
-    if deep.get("all") is not None:
-        fig.add_scatter(x=[x[0], x[-1]], y=[deep["all"]] * 2, name="deep model, all", mode="lines",
-                        line={"dash": "dash", "color": "black"})
-    for key, per in acc.items():
-        if key == "all":
-            continue
-        for v, curve in per.items():
-            fig.add_scatter(x=x, y=curve, name=f"{key}={v}", mode="lines+markers", legendgroup=key)
-    fig.update_layout(title="Accuracy by iteration", xaxis_title="iterations", yaxis_title="accuracy",
-                      yaxis_range=[-0.02, 1.02], template=TEMPLATE, height=420)
-    return fig
-
-
-def class_figure(s: dict) -> go.Figure:
-    rates = s["class_rates"]
-    fig = go.Figure(go.Bar(x=list(rates), y=[v or 0 for v in rates.values()],
-                           text=[f"{s['class_counts'][c]}" for c in rates], textposition="outside"))
-    fig.update_layout(title=f"Trajectory classes of {s['tokens']} tokens", yaxis_title="share of tokens",
-                      yaxis_type="log" if any(v and v < 0.01 for v in rates.values()) else "linear",
-                      template=TEMPLATE, height=380)
-    return fig
-
-
-def exit_figure(s: dict) -> go.Figure:
-    """The headline: accuracy at exit against compute used (mean exit / I), one point per rule."""
-    fig = go.Figure()
-    for r in s["exit_rules"]:
-        if r["accuracy"] is None:
-            continue
-        fig.add_scatter(x=[r["compute_fraction"]], y=[r["accuracy"]], mode="markers+text", name=r["rule"],
-                        text=[r["rule"]], textposition="top center",
-                        marker={"size": 12, "symbol": "star" if r["rule"] in ("oracle", "full") else "circle"})
-    fig.update_layout(title="Exit rules: accuracy at exit against compute", template=TEMPLATE, height=460,
-                      xaxis_title="compute used (mean exit iteration / full run)", yaxis_title="accuracy at exit",
-                      yaxis_range=[-0.02, 1.08], showlegend=False)
-    return fig
-
-
-def histogram_figure(s: dict) -> go.Figure:
-    rules = [r for r in s["exit_rules"] if sum(r["histogram"])]
-    cols = 4
-    rows = max(1, math.ceil(len(rules) / cols))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[r["rule"] for r in rules] or [""],
-                        shared_xaxes=True)
-    x = list(range(1, s["iterations"] + 1))
-    for i, r in enumerate(rules):
-        fig.add_bar(x=x, y=r["histogram"], row=i // cols + 1, col=i % cols + 1, showlegend=False)
-    fig.update_layout(title="Exit iteration at the answer position (prompts per iteration)", template=TEMPLATE,
-                      height=200 * rows + 80)
-    return fig
-
-
-def cost_figure(s: dict) -> go.Figure:
-    c = s["cost"]["accuracy_vs_flops"]
-    fig = go.Figure()
-    lo = c["looped"]
-    fig.add_scatter(x=[p["flops_per_token"] for p in lo], y=[p["accuracy"] for p in lo], mode="lines+markers",
-                    name="looped, by iterations", text=[f"r={p['iterations']}" for p in lo])
-    for p in c.get("deep", []):
-        fig.add_scatter(x=[p["flops_per_token"]], y=[p["accuracy"]], mode="markers", name="deep",
-                        marker={"size": 14, "symbol": "diamond"})
-    fig.update_layout(title="Accuracy against FLOPs per token", xaxis_title="FLOPs per token", xaxis_type="log",
-                      yaxis_title="accuracy", template=TEMPLATE, height=420)
-    return fig
-
-
-def figures(s: dict) -> dict[str, go.Figure]:
-    """Every figure of the report (and the app page), by slug."""
-    return {"accuracy": accuracy_figure(s), "classes": class_figure(s), "exits": exit_figure(s),
-            "exit-histograms": histogram_figure(s), "cost": cost_figure(s)}
 
 
 def _fmt(v) -> str:
@@ -167,7 +95,7 @@ def build_audit_report(folder, date: str | None = None) -> str:
     data = load_audit(folder)
     s = _clean(summarize(data))
     date = date or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    figs = figures(s)
+    figs = audit_figures(audit_frames(s))
     parts = [f"<h1>loopscope audit: {html.escape(str(s['model']))}</h1>",
              f"<p>{s['prompts_done']} of {s['prompts_total']} prompts done ({s['prompts_scored']} with an answer, "
              f"{s['prompts_with_errors']} unreadable), {s['iterations']} iterations"

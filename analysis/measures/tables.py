@@ -19,6 +19,8 @@ iteration_a, layer_a, iteration_b, layer_b   the two (iteration, layer) maps a d
 deep_layer          the deep model's layer index from 0
 hops                the chain's number of hops (count)
 class               trajectory class ("fixed point", "converging", "orbit", "slider", "unknown")
+tag, tag_value      an audit prompt's tag key and its value (text; "all" and "all" for all prompts)
+rule                an audit exit rule's name (``kl<5e-04``, ``argmax k=2``, ``oracle``, ``full``)
 
 Value columns (units)
 norm                ``||s||`` of a block state (the model's units)
@@ -48,6 +50,14 @@ quantile_low, quantile_high   the quantiles of that band (0-1)
 tokens              number of tokens (a count)
 accuracy, standard_error, best_shortcut   held-out accuracy (0-1), its standard error, the best
                     answer-free shortcut's accuracy
+share               a class's share of all tokens (0-1)
+prompts             number of prompts (a count)
+mean_exit_iteration, median_exit_iteration   an exit rule's exit iteration (count from 1) at the
+                    answer position, mean and median over prompts
+token_mean_exit_iteration   the same averaged over every token of every prompt
+compute_fraction, compute_saved   mean exit iteration / full run (0-1) and 1 minus it
+flops_fraction      FLOPs per token at the mean exit / at the full run (0-1)
+flops_per_token     forward FLOPs per token (a count; the audit's cost card)
 PC{n}, UMAP{n}      projected coordinates (component n, from 1)
 stage metrics       colsum_concentration, sink_score, sink_rate, sink_rate_first, mixing_score (nats),
                     residual_entropy (nats): ``analysis.measures.stages.stage_profiles``
@@ -69,14 +79,16 @@ from .dynamics import cosine_steps, distance_to_fixed_point, step_sizes
 # the vocabulary's names (see the module docstring), and which columns are counts or indices
 INDEX_COLUMNS = ("token", "token_label", "iteration", "layer", "depth", "relative_depth", "depth_fraction", "model",
                  "head", "query", "key", "query_label", "key_label", "iteration_a", "layer_a", "iteration_b",
-                 "layer_b", "deep_layer", "hops", "class")
+                 "layer_b", "deep_layer", "hops", "class", "tag", "tag_value", "rule")
 VALUE_COLUMNS = ("norm", "step_size", "cosine_step", "distance_to_fixed_point", "lens_top1", "lens_top1_id",
                  "lens_top1_prob", "answer", "answer_prob", "answer_rank", "attention", "distance", "metric", "cka",
                  "cosine", "kl", "fixed_point_spread", "contraction_rate", "whole_state_rate", "window_start", "window_end",
                  "whole_state_window_start", "whole_state_window_end", "noise_floor", "method", "jacobian_radius",
                  "step_size_median", "step_size_low", "step_size_high", "quantile_low", "quantile_high", "tokens",
                  "accuracy", "standard_error", "best_shortcut", "colsum_concentration", "sink_score", "sink_rate",
-                 "sink_rate_first", "mixing_score", "residual_entropy")
+                 "sink_rate_first", "mixing_score", "residual_entropy", "share", "prompts", "mean_exit_iteration",
+                 "median_exit_iteration", "token_mean_exit_iteration", "compute_fraction", "compute_saved",
+                 "flops_fraction", "flops_per_token")
 VOCABULARY = INDEX_COLUMNS + VALUE_COLUMNS
 _PATTERNS = re.compile(r"top[1-9]\d*_(char|prob)|(PC|UMAP)[1-9]\d*")
 COUNT_FROM_1 = ("iteration", "depth", "iteration_a", "iteration_b", "hops")

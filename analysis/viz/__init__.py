@@ -1,10 +1,13 @@
 """Plotly figures of traces and measures, one module per view (``answer``, ``orbits``,
-``convergence``, ``attention``, ``stages``, ``correspondence``) and the shared ``theme``. Each
+``convergence``, ``attention``, ``stages``, ``correspondence``, ``audit``) and the shared ``theme``. Each
 chart is two functions: ``*_data`` turns a trace or a measure into a tidy pandas frame (columns in
 the vocabulary of ``analysis.measures.tables``; the frame is also the chart's CSV) and the builder
 ``(frame, presentation options, template=) -> plotly.graph_objects.Figure`` draws only that
 frame, so what is drawn is what is exported. No Streamlit."""
 from .answer import accuracy_data, accuracy_figure, answer_data, answer_figure, lens_data, lens_heatmap
+from .audit import (audit_accuracy_data, audit_accuracy_figure, audit_class_data, audit_class_figure, audit_cost_data,
+                    audit_cost_figure, audit_exit_data, audit_exit_figure, audit_exit_histogram_data,
+                    audit_exit_histogram_figure, audit_figures, audit_frames)
 from .attention import (GRID_PAD_X, GRID_PAD_Y, attention_distance_data, attention_distance_figure,
                         attention_floorplan_data, attention_floorplan_figure, attention_grid_data, attention_grid_figure,
                         attention_grid_height)

@@ -6,18 +6,20 @@ import pandas as pd
 import streamlit as st
 
 from analysis.audit.prompts import arithmetic_prompts, chain_prompts, write_prompts
-from analysis.audit.report import cost_rows, figures
+from analysis.audit.report import cost_rows
 from analysis.audit.run import AuditConfig, AuditError, run_audit
 from analysis.audit.store import app_audit_folder, check_allowed, find_audits, prompt_link
 from analysis.audit.summary import load_audit, summarize
 from analysis.models.native import CheckpointError
 from analysis.models import registry
+from analysis.viz.audit import audit_figures, audit_frames
 from app import components as ui
 
 MAX_PROMPTS = 48
 MAX_AUDIT_ITERATIONS = 64
 
 st.title("Audit: a whole prompt set")
+st.session_state[ui.PAGE_FIGURES] = []  # this run's figures (show_figure), not another page's
 ui.page_intro(
     "One prompt shows how a model reached one answer; an audit runs a whole prompt set once to the full iteration "
     "count and then asks: how accurate is the model after each iteration, how many tokens settle, orbit or slide, "
@@ -96,18 +98,19 @@ m4.metric("Tokens classified", f"{summary['tokens']:,}")
 if not summary["complete"]:
     st.info("This audit is not finished; rerun its command to continue it. Showing the finished prompts.")
 
-figs = figures(summary)
+frames = audit_frames(summary)
+figs = audit_figures(frames)
 st.subheader("Exit rules: accuracy against compute")
-st.plotly_chart(figs["exits"], key="au_exits")
-st.dataframe(pd.DataFrame(summary["exit_rules"]).drop(columns=["histogram"]), hide_index=True, key="au_rules")
-st.plotly_chart(figs["exit-histograms"], key="au_hist")
+ui.show_figure(figs["exits"], key="au_exits", data=frames["exits"])
+st.dataframe(frames["exits"], hide_index=True, key="au_rules")
+ui.show_figure(figs["exit-histograms"], key="au_hist", data=frames["exit-histograms"])
 st.subheader("Accuracy by iteration")
-st.plotly_chart(figs["accuracy"], key="au_acc")
+ui.show_figure(figs["accuracy"], key="au_acc", data=frames["accuracy"])
 st.subheader("Trajectory classes")
-st.plotly_chart(figs["classes"], key="au_classes")
+ui.show_figure(figs["classes"], key="au_classes", data=frames["classes"])
 st.subheader("Cost card")
 st.dataframe(pd.DataFrame(cost_rows(summary)), hide_index=True, key="au_cost")
-st.plotly_chart(figs["cost"], key="au_costfig")
+ui.show_figure(figs["cost"], key="au_costfig", data=frames["cost"])
 at = summary["cost"].get("at_deep_accuracy")
 if at and at.get("iterations"):
     st.markdown(f"The looped model reaches the deep model's accuracy ({at['deep_accuracy']:.1%}) after "

@@ -328,7 +328,9 @@ def test_audit_report_numbers_and_script_escaping(audit, tmp_path):
     assert "<" not in numbers and "&" not in numbers
     assert list(json.loads(numbers)["accuracy_by_iteration"]["k"]) == ["</script>"]  # survived, escaped
     figs = parser.blocks[-1][1]
-    assert "<" not in figs and "k=\\u003c/script\\u003e" in figs  # the legend entry of that tag value
+    # the legend entry of that tag value: HTML-escaped for plotly (which reads tags in labels), then
+    # JSON-escaped for the script element
+    assert "<" not in figs and "k=\\u0026lt;/script\\u0026gt;" in figs
 
 
 def test_cli_prompts_audit_and_report(tmp_path, capsys):
@@ -364,6 +366,7 @@ def test_audit_page_opens_an_audit_and_runs_a_small_one(audit, tmp_path, monkeyp
     from streamlit.testing.v1 import AppTest
 
     from analysis.audit import store
+    from app.components import PAGE_FIGURES
 
     def frame(at, column):
         return next(d.value for d in at.dataframe if column in d.value.columns)
@@ -382,6 +385,10 @@ def test_audit_page_opens_an_audit_and_runs_a_small_one(audit, tmp_path, monkeyp
     assert q["iterations"] == [str(ITERATIONS)] and q["prompt"][0].endswith("=")
     rules = frame(at, "rule")
     assert rules["rule"].tolist() == [r.name for r in default_rules()]
+    csv = {key: data for key, _, data in at.session_state[PAGE_FIGURES]}  # each figure's CSV is its frame
+    assert set(csv) == {"au_exits", "au_hist", "au_acc", "au_classes", "au_costfig"}
+    assert csv["au_exits"]["rule"].tolist() == rules["rule"].tolist()
+    assert csv["au_acc"].query("model == 'looped' and tag == 'all'")["iteration"].tolist() == list(range(1, ITERATIONS + 1))
     # a folder outside the allowed roots
     at.selectbox(key="au_found").set_value("other folder…").run()
     at.text_input(key="au_path").input(str(tmp_path)).run()

@@ -6,6 +6,8 @@ builder that computed a number the CSV does not hold fails here. And every frame
 column vocabulary of analysis.measures.tables (iterations and depth count from 1, indices from 0)."""
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import re
 from pathlib import Path
@@ -15,6 +17,9 @@ import pandas as pd
 import pytest
 
 from analysis import viz as F
+from analysis.audit.prompts import chain_prompts, write_prompts
+from analysis.audit.run import AuditConfig, run_audit
+from analysis.audit.summary import load_audit, summarize
 from analysis.measures import correspondence as corr, stages, tables
 from analysis.measures.attention import attention_distance_matrix
 from analysis.measures.dynamics import (contraction_rate, distance_to_fixed_point, fixed_point_spread,
@@ -30,9 +35,22 @@ PROMPT = "a=7;b=a;c=b;?c="
 I = 8
 
 
+def audit_summary(folder: Path) -> dict:
+    """The summary of a small real audit of the samples (6 chain prompts of 1-3 hops, 6 iterations,
+    deep partner); one prompt also carries a tag value ``<b>`` (data that must be escaped)."""
+    recs = chain_prompts((1, 3), 6, seed=0)
+    recs[0] = dataclasses.replace(recs[0], tags={**recs[0].tags, "k": "<b>"})
+    write_prompts(recs, folder / "prompts.jsonl")
+    run_audit(AuditConfig(model=str(SAMPLES / "chain-looped"), deep=str(SAMPLES / "chain-deep"),
+                          prompts=str(folder / "prompts.jsonl"), iterations=6, out=str(folder / "audit"),
+                          engine="inline", fixed_point_iterations=16), progress_stream=None)
+    return summarize(load_audit(folder / "audit"))
+
+
 @pytest.fixture(scope="module")
-def frames():
-    """Every chart's frame and figure from traces of the shipped samples: {name: (frame, figure)}."""
+def frames(tmp_path_factory):
+    """Every chart's frame and figure from traces of the shipped samples (and from a small audit
+    of them): {name: (frame, figure)}."""
     looped = trace(load_checkpoint(SAMPLES / "chain-looped"), PROMPT, iterations=I, fixed_point_iterations=32)
     deep = trace(load_checkpoint(SAMPLES / "chain-deep"), PROMPT)
     cards = {n: json.loads((SAMPLES / n / "card.json").read_text()) for n in ("chain-looped", "chain-deep")}
@@ -69,6 +87,12 @@ def frames():
     add("answer_rank", F.answer_rank_data(looped, deep), F.answer_rank_figure, log_y=False)
     add("early_exit", F.early_exit_data(corr.early_exit_kl(looped), looped), F.early_exit_kl_figure, log_y=False)
     add("orbit", F.orbit_data(coords, looped), F.orbit_figure, color_by="token")
+    s = audit_summary(tmp_path_factory.mktemp("audit"))
+    add("audit_accuracy", F.audit_accuracy_data(s), F.audit_accuracy_figure)
+    add("audit_classes", F.audit_class_data(s), F.audit_class_figure)
+    add("audit_exits", F.audit_exit_data(s), F.audit_exit_figure)
+    add("audit_histograms", F.audit_exit_histogram_data(s), F.audit_exit_histogram_figure)
+    add("audit_cost", F.audit_cost_data(s), F.audit_cost_figure)
     return out, looped, deep
 
 
@@ -94,7 +118,8 @@ def test_every_frame_function_is_checked_here(frames):
     covered = {"lens_data", "answer_data", "accuracy_data", "step_data", "distance_data", "spread_data",
                "contraction_data", "class_data", "lab_step_data", "fixed_point_cosine_data", "attention_grid_data",
                "attention_distance_data", "attention_floorplan_data", "stage_data", "cka_data", "answer_rank_data",
-               "early_exit_data", "orbit_data"}
+               "early_exit_data", "orbit_data", "audit_accuracy_data", "audit_class_data", "audit_exit_data",
+               "audit_exit_histogram_data", "audit_cost_data"}
     assert names == covered
     assert all(len(df) for df, _ in got.values())
 
@@ -172,6 +197,49 @@ def test_line_and_bar_builders_draw_their_frame(frames):
 
     df, fig = got["early_exit"]
     same(fig.data[0].x, df["iteration"], "kl x"), same(fig.data[0].y, df["kl"], "kl y")
+
+
+def test_audit_builders_draw_their_frame(frames):
+    """The audit's charts draw their frames' columns; tag values and rule names reach the legend,
+    point labels and panel titles escaped."""
+    got, _, _ = frames
+    df, fig = got["audit_accuracy"]
+    looped = df[df.model == "looped"]
+    groups = list(looped.groupby(["tag", "tag_value"], sort=False))
+    deep = df.loc[df.model == "deep", "accuracy"]
+    assert len(deep) == 1 and len(fig.data) == len(groups) + 1
+    lines = [fig.data[0]] + list(fig.data[2:])
+    for tr, ((tag, value), g) in zip(lines, groups):
+        g = g.sort_values("iteration")
+        same(tr.x, g["iteration"], "accuracy x"), same(tr.y, g["accuracy"], f"accuracy {tag}={value}")
+        assert tr.name == ("all prompts" if tag == "all" else f"{html.escape(tag)}={html.escape(value)}")
+    same(fig.data[1].y, [deep.iloc[0]] * 2, "deep accuracy")
+    same(fig.data[1].x, [looped.iteration.min(), looped.iteration.max()], "deep line spans the iterations")
+    assert "k=&lt;b&gt;" in [tr.name for tr in fig.data] and not any("<b>" in tr.name for tr in fig.data)
+
+    df, fig = got["audit_classes"]
+    assert list(fig.data[0].x) == list(df["class"]) and list(fig.data[0].text) == [str(n) for n in df["tokens"]]
+    same(fig.data[0].y, df["share"].fillna(0), "class share")
+
+    df, fig = got["audit_exits"]
+    drawn = df.dropna(subset=["accuracy"])
+    assert len(fig.data) == len(drawn) and any("<" in r for r in drawn["rule"])
+    for tr, r in zip(fig.data, drawn.itertuples()):
+        same(tr.x, [r.compute_fraction], r.rule), same(tr.y, [r.accuracy], r.rule)
+        assert list(tr.text) == [html.escape(r.rule)]
+
+    df, fig = got["audit_histograms"]
+    shown = [(r, g.sort_values("iteration")) for r, g in df.groupby("rule", sort=False) if g["prompts"].sum()]
+    assert len(fig.data) == len(shown)
+    for tr, (rule, g) in zip(fig.data, shown):
+        same(tr.x, g["iteration"], rule), same(tr.y, g["prompts"], rule)
+    assert [a.text for a in fig.layout.annotations] == [html.escape(r) for r, _ in shown]
+
+    df, fig = got["audit_cost"]
+    lo, dp = df[df.model == "looped"].sort_values("iteration"), df[df.model == "deep"]
+    same(fig.data[0].x, lo["flops_per_token"], "looped FLOPs"), same(fig.data[0].y, lo["accuracy"], "looped accuracy")
+    assert list(fig.data[0].text) == [f"r={i}" for i in lo["iteration"]] and len(fig.data) == 1 + len(dp) == 2
+    same(fig.data[1].x, dp["flops_per_token"], "deep FLOPs"), same(fig.data[1].y, dp["accuracy"], "deep accuracy")
 
 
 def test_heatmap_builders_draw_their_frame(frames):
