@@ -23,6 +23,7 @@ Rules (``t >= 1`` unless said; the first ``t`` that satisfies the condition):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,22 @@ class ExitRule:
         if self.kind == "gate":
             return f"gate q={self.value:g}"
         return f"{self.kind}<{self.value:.0e}" if self.value < 0.01 else f"{self.kind}<{self.value:g}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "ExitRule":
+        """The rule ``name`` names (the inverse of ``name``, its value as written there);
+        ValueError for a string that names no rule."""
+        m = re.fullmatch(r"(oracle|full)|argmax k=(\d+)|gate q=([-+.\deE]+)|(kl|entropy|latent|cosine)<([-+.\deE]+)",
+                         str(name))
+        if m is None:
+            raise ValueError(f"{name!r} names no exit rule")
+        if m[1]:
+            return cls(m[1])
+        kind, value = ("argmax", m[2]) if m[2] else ("gate", m[3]) if m[3] else (m[4], m[5])
+        try:
+            return cls(kind, float(value))
+        except ValueError:
+            raise ValueError(f"{name!r} names no exit rule") from None
 
 
 def default_rules(has_gate: bool = False) -> list[ExitRule]:

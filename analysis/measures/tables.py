@@ -21,6 +21,7 @@ hops                the chain's number of hops (count)
 class               trajectory class ("fixed point", "converging", "orbit", "slider", "unknown")
 tag, tag_value      an audit prompt's tag key and its value (text; "all" and "all" for all prompts)
 rule                an audit exit rule's name (``kl<5e-04``, ``argmax k=2``, ``oracle``, ``full``)
+threshold           that rule's threshold in its own unit (nats for kl and entropy; k for argmax)
 
 Value columns (units)
 norm                ``||s||`` of a block state (the model's units)
@@ -88,7 +89,7 @@ VALUE_COLUMNS = ("norm", "step_size", "cosine_step", "distance_to_fixed_point", 
                  "accuracy", "standard_error", "best_shortcut", "colsum_concentration", "sink_score", "sink_rate",
                  "sink_rate_first", "mixing_score", "residual_entropy", "share", "prompts", "mean_exit_iteration",
                  "median_exit_iteration", "token_mean_exit_iteration", "compute_fraction", "compute_saved",
-                 "flops_fraction", "flops_per_token")
+                 "flops_fraction", "flops_per_token", "threshold")
 VOCABULARY = INDEX_COLUMNS + VALUE_COLUMNS
 _PATTERNS = re.compile(r"top[1-9]\d*_(char|prob)|(PC|UMAP)[1-9]\d*")
 COUNT_FROM_1 = ("iteration", "depth", "iteration_a", "iteration_b", "hops")

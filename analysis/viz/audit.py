@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..audit.exits import ExitRule
 from ..measures.tables import check_columns
 from ._tidy import esc, frame
 from .theme import DEEP_COLOR, PALETTE, _empty, theme
@@ -99,7 +100,8 @@ EXIT_COLUMNS = {"rule": "rule", "accuracy": "accuracy", "mean_exit": "mean_exit_
 
 
 def audit_exit_data(s: dict) -> pd.DataFrame:
-    """One row per exit rule replayed on the full run: rule (its name), accuracy (0-1, at exit),
+    """One row per exit rule replayed on the full run: rule (its name), threshold (the rule's
+    threshold in its own unit, k for ``argmax``; NaN for ``oracle`` and ``full``), accuracy (0-1, at exit),
     mean_exit_iteration / median_exit_iteration (over prompts, at the answer position; counts
     from 1), token_mean_exit_iteration (over every token), compute_fraction (mean exit / I, 0-1),
     compute_saved (1 - compute_fraction), flops_fraction (FLOPs at the mean exit / at I, 0-1).
@@ -107,6 +109,8 @@ def audit_exit_data(s: dict) -> pd.DataFrame:
     rules = s["exit_rules"]
     cols = {new: ([r[old] for r in rules] if new == "rule" else np.asarray([_num(r[old]) for r in rules], dtype=float))
             for old, new in EXIT_COLUMNS.items()}
+    parsed = [ExitRule.from_name(r["rule"]) for r in rules]
+    cols["threshold"] = np.asarray([np.nan if r.kind in ("oracle", "full") else r.value for r in parsed], dtype=float)
     return frame(cols)
 
 

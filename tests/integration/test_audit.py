@@ -119,6 +119,16 @@ def _brute(rule: ExitRule, sig: ExitSignals) -> list[int]:
     return out
 
 
+def test_a_rule_name_reads_back_as_its_rule():
+    """The names in an audit's tables and CSVs give back each rule's kind and threshold."""
+    for rule in default_rules(has_gate=True) + [ExitRule("kl", 2e-5), ExitRule("latent", 0.25)]:
+        assert ExitRule.from_name(rule.name) == rule, rule.name
+    assert ExitRule.from_name(ExitRule("kl", 2.5e-5).name) == ExitRule("kl", 3e-5)  # the value as the name writes it
+    for bad in ("kl<", "kl<e", "argmax k=x", "best", ""):
+        with pytest.raises(ValueError, match="names no exit rule"):
+            ExitRule.from_name(bad)
+
+
 def test_exit_rules_match_a_brute_force_loop():
     rng = np.random.default_rng(0)
     I, T = 12, 9

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from analysis import viz as F
+from analysis.audit.exits import default_rules
 from analysis.audit.prompts import chain_prompts, write_prompts
 from analysis.audit.run import AuditConfig, run_audit
 from analysis.audit.summary import load_audit, summarize
@@ -222,6 +223,9 @@ def test_audit_builders_draw_their_frame(frames):
     same(fig.data[0].y, df["share"].fillna(0), "class share")
 
     df, fig = got["audit_exits"]
+    rules = default_rules()  # the rules the audit replayed, and their thresholds (oracle and full: none)
+    assert df["rule"].tolist() == [r.name for r in rules]
+    same(df["threshold"], [np.nan if r.kind in ("oracle", "full") else r.value for r in rules], "thresholds")
     drawn = df.dropna(subset=["accuracy"])
     assert len(fig.data) == len(drawn) and any("<" in r for r in drawn["rule"])
     for tr, r in zip(fig.data, drawn.itertuples()):
