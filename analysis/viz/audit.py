@@ -64,7 +64,8 @@ def audit_accuracy_figure(df: pd.DataFrame, title: str | None = None, template: 
         g = g.sort_values("iteration")
         top = tag == ALL
         fig.add_scatter(x=g["iteration"].to_numpy(), y=g["accuracy"].to_numpy(dtype=float), mode="lines+markers",
-                        name="all prompts" if top else f"{esc(tag)}={esc(value)}", legendgroup=None if top else esc(tag),
+                        name="all prompts" if top else f"{esc(tag)}={esc(value)}",
+                        legendgroup=None if top else esc(tag),
                         line={"width": 3, "color": "black"} if top else None)
         if top:
             for a in df.loc[df.model == "deep", "accuracy"].to_numpy(dtype=float):
@@ -159,7 +160,8 @@ def audit_cost_data(s: dict) -> pd.DataFrame:
     accuracy (0-1, NaN when unknown)."""
     c = s["cost"]["accuracy_vs_flops"]
     pts = [("looped", p) for p in c["looped"]] + [("deep", p) for p in c.get("deep", [])]
-    return frame({"model": [m for m, _ in pts], "iteration": np.asarray([int(p["iterations"]) for _, p in pts], dtype=np.int64),
+    return frame({"model": [m for m, _ in pts],
+                  "iteration": np.asarray([int(p["iterations"]) for _, p in pts], dtype=np.int64),
                   "flops_per_token": np.asarray([float(p["flops_per_token"]) for _, p in pts], dtype=float),
                   "accuracy": np.asarray([_num(p["accuracy"]) for _, p in pts], dtype=float)})
 
