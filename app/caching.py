@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -40,9 +41,13 @@ def examples() -> list[dict]:
     return [e for e in data if isinstance(e, dict) and isinstance(e.get("prompt"), str)]
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 @st.cache_resource(show_spinner=False)
 def configure_torch() -> int:
-    """Once per server process: torch threads = $LOOPSCOPE_TORCH_THREADS (default 1). The sample
+    """Once per server process: the interpreter switch interval (below) and torch threads =
+    $LOOPSCOPE_TORCH_THREADS (default 1). The sample
     models are tiny; one thread is several times faster than many (no sync, no contention)."""
     import torch
 
@@ -50,6 +55,11 @@ def configure_torch() -> int:
 
     n = parse_int(os.environ.get("LOOPSCOPE_TORCH_THREADS", "1"), 1, 256) or 1
     torch.set_num_threads(n)
+    # Every viewer's page runs in a thread of this process, under one interpreter lock. A page
+    # whose trace makes many short torch calls gives the lock up at each call and, while another
+    # page's figure building keeps it busy, waits a whole switch interval (5 ms by default) to get
+    # it back: thousands of calls made a light page seconds slower beside heavy ones. 0.5 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     return n
 
 

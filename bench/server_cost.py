@@ -4,7 +4,8 @@ leave out the concurrency part, which needs /usr/bin/chromium).
 1. Worst single URL: each heavy URL (256 iterations: UMAP 2D/3D, Jensen–Shannon attention
    matrix, convergence, stages, correspondence) is run by Streamlit's AppTest in a fresh process,
    after the warm-up the server does at start (UMAP's compiled code, as ``app/main.py`` does);
-   the process CPU time of that one run is printed. Goal: the worst ≤ 10 s.
+   the CPU time of that one run, the server process's plus its heavy-measurement worker's
+   (app/heavy.py), is printed. Goal: the worst ≤ 10 s.
 2. A light page beside heavy ones: a real `streamlit run` server; the Overview (a new seed) is
    opened alone, then while four heavy URLs run, opened by other browsers at the lowest CPU
    priority (their viewers would be at their own machines), then while four run in the same
@@ -44,15 +45,32 @@ def one_url(page: str, query: dict) -> dict:
 
     from analysis.measures.projections import warm_umap
 
+    from app import caching, heavy
+
     warm_umap()  # what a server has done by the time a viewer arrives (app/main.py, once per process)
+    pool = caching.heavy_pool()  # the server's heavy-measurement worker, started and warmed as at start
+    if pool is not None:
+        pool.submit(heavy.warm_worker).result()
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=900)
     at.query_params.update(query)
     if page != "overview":
         at.switch_page(f"app_pages/{page}.py")
-    c0, w0 = time.process_time(), time.perf_counter()
+    c0, w0 = time.process_time() + _workers_cpu(pool), time.perf_counter()
     at.run()
-    return {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0,
+    return {"cpu_s": time.process_time() + _workers_cpu(pool) - c0, "wall_s": time.perf_counter() - w0,
             "exceptions": [e.value for e in at.exception]}
+
+
+def _workers_cpu(pool) -> float:
+    """CPU seconds (user + system) the pool's worker processes have used so far (Linux /proc)."""
+    total = 0.0
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def worst_url() -> float:
@@ -166,7 +184,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--one"]:
         print(json.dumps(one_url(argv[1], json.loads(argv[2]))))
         return
-    if "--light-only" not in argv:
+    if "--light-only" not in argv:  # --skip-browser: only this part
         worst_url()
     if "--skip-browser" not in argv:
         light_beside_heavy()
