@@ -261,7 +261,20 @@ def lab_results(settings_json: str, progress=None) -> dict:
 # progress and a Cancel button; the finished Trace is kept in a small bounded store shared by the
 # server's sessions (like the Lab's results: st.cache_* would replay the progress elements).
 REAL_STORE_SIZE = 4
+# and at most this many bytes of finished traces ($LOOPSCOPE_REAL_STORE_MB, default 2048 MiB)
+REAL_STORE_BYTES = int(float(os.environ.get("LOOPSCOPE_REAL_STORE_MB", "2048")) * 2**20)
 _REAL_LOCK = threading.Lock()
+
+
+def _result_bytes(job) -> int:
+    """Bytes of the arrays a finished job holds (0 while it runs)."""
+    if not job.done.is_set() or job.result is None:
+        return 0
+    return sum(getattr(v, "nbytes", 0) for v in vars(job.result).values())
+
+
+def _store_full(jobs) -> bool:
+    return len(jobs) > REAL_STORE_SIZE or sum(_result_bytes(j) for j in jobs.values()) > REAL_STORE_BYTES
 
 
 class Cancelled(Exception):
@@ -335,7 +348,7 @@ def real_job(key: str, model: LoadedModel, steps: int, estimate_s: float, fn) ->
             return job
         job = RealJob(key=key, steps_total=max(1, steps), estimate_s=float(estimate_s))
         store["jobs"][key] = job
-        while len(store["jobs"]) > REAL_STORE_SIZE:
+        while len(store["jobs"]) > 1 and _store_full(store["jobs"]):
             old = next(iter(store["jobs"]))
             if not store["jobs"][old].done.is_set():
                 break  # never drop a running job

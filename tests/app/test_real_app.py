@@ -185,3 +185,25 @@ def test_each_real_variant_runs_every_trace_page(name, tmp_path, monkeypatch):
     assert tr.n_iterations == 3 and not tr.is_deep and tr.is_complete
     for page in ("overview", "orbits", "convergence", "attention", "stages"):
         assert seen[page][0], f"{name}: {page} drew no chart"
+
+
+def test_finished_real_traces_are_kept_within_a_byte_budget(monkeypatch):
+    """The store of finished real-model traces drops the oldest finished ones once their arrays pass
+    $LOOPSCOPE_REAL_STORE_MB (a Huginn trace can be a GiB), never a running one."""
+    import types
+
+    from app import caching
+
+    caching._real_store.clear()
+    monkeypatch.setattr(caching, "REAL_STORE_BYTES", 3 * 2**20)
+    model = types.SimpleNamespace(model=object())
+
+    def finished(key):
+        job = caching.real_job(key, model, 1, 0.0, lambda net: types.SimpleNamespace(states=np.zeros(2**20 // 4 * 2, np.float32)))
+        assert job.done.wait(10) and job.error is None
+        return job
+
+    for key in ("a", "b"):  # 2 MiB each: after "b" the store holds 4 MiB of finished traces
+        finished(key)
+    finished("c")  # adding "c" drops the oldest finished trace ("a") to get back under 3 MiB
+    assert list(caching._real_store()["jobs"]) == ["b", "c"]
