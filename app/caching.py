@@ -45,7 +45,7 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 @st.cache_resource(show_spinner=False)
-def configure_torch() -> int:
+def configure_process() -> int:
     """Once per server process: the interpreter switch interval (below) and torch threads =
     $LOOPSCOPE_TORCH_THREADS (default 1). The sample
     models are tiny; one thread is several times faster than many (no sync, no contention)."""
@@ -68,7 +68,7 @@ def load_model(path: str, mtime) -> LoadedModel:
     """The model in ``path`` (any family the registry knows); ``mtime`` (the modification times of
     its config and weights) keys the cache. A folder that fails to load raises and leaves nothing
     cached (st.cache_* never stores an exception)."""
-    configure_torch()
+    configure_process()
     return registry.load(path)
 
 
@@ -261,8 +261,19 @@ def lab_results(settings_json: str, progress=None) -> dict:
 # progress and a Cancel button; the finished Trace is kept in a small bounded store shared by the
 # server's sessions (like the Lab's results: st.cache_* would replay the progress elements).
 REAL_STORE_SIZE = 4
-# and at most this many bytes of finished traces ($LOOPSCOPE_REAL_STORE_MB, default 2048 MiB)
-REAL_STORE_BYTES = int(float(os.environ.get("LOOPSCOPE_REAL_STORE_MB", "2048")) * 2**20)
+
+
+def _env_mib(name: str, default: int) -> int:
+    """``$name`` as a positive number of MiB, in bytes; ``default`` MiB when unset or malformed (a
+    typo in the server's environment must not stop the app from starting)."""
+    try:
+        mib = float(os.environ.get(name, default))
+    except ValueError:
+        mib = default
+    return int((mib if 0 < mib < 2**30 else default) * 2**20)
+
+
+REAL_STORE_BYTES = _env_mib("LOOPSCOPE_REAL_STORE_MB", 2048)  # and at most this many bytes of finished traces
 _REAL_LOCK = threading.Lock()
 
 
@@ -354,7 +365,7 @@ def real_job(key: str, model: LoadedModel, steps: int, estimate_s: float, fn) ->
                 break  # never drop a running job
             store["jobs"].popitem(last=False)
 
-    configure_torch()
+    configure_process()
 
     def run():
         try:

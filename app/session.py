@@ -16,6 +16,7 @@ one place so that every page gets the same models, traces and messages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -138,9 +139,21 @@ def same_tokenizer(a: LoadedModel | None, b: LoadedModel | None) -> bool:
     if not pa or not pb:
         return False
     try:
-        return Path(pa).read_bytes() == Path(pb).read_bytes()
+        return _file_digest(pa) == _file_digest(pb)
     except OSError:
         return False
+
+
+def _file_digest(path) -> str:
+    """sha256 of a file, read once per (path, modification time, size): a tokenizer.json can be
+    megabytes and the sidebar compares tokenizers on every run."""
+    info = Path(path).stat()
+    return _digest(str(path), info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- traces

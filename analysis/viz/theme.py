@@ -54,8 +54,9 @@ def plain_text(text) -> str:
 
 
 # Width a figure is assumed to have when its layout does not say: one of two columns on a
-# 1500 px wide window with the sidebar open, in px. A longer title wraps at word boundaries.
-ASSUMED_WIDTH = 500
+# 1500 px wide window with the sidebar open, in px (a 500 px guess still cut the Orbits UMAP title
+# off at its last word there). A longer title wraps at word boundaries.
+ASSUMED_WIDTH = 440
 
 
 def _visible_len(text: str) -> int:
