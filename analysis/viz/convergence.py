@@ -70,8 +70,10 @@ def step_size_figure(df: pd.DataFrame, tokens=None, layer: int | None = None, fa
         fig.update_xaxes(title=x_name, row=1, col=col)
     floor = float(df["noise_floor"].iloc[0]) if "noise_floor" in df.columns and len(df) else None
     if floor is not None and np.isfinite(floor) and floor > 0:
-        fig.add_hline(y=floor, line_dash="dash", line_color="grey",
-                      annotation_text="noise floor", annotation_position="bottom left")  # the caption explains it; a long label overlaps the next panel
+        # a short label (the caption explains it; a long one overlaps the next panel); plotly places
+        # an annotation on a log axis by log10 of the value, unlike the line itself
+        fig.add_hline(y=floor, line_dash="dash", line_color="grey", annotation_text="noise floor",
+                      annotation_position="bottom left", annotation_y=np.log10(floor) if log_y else floor)
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
         fig.update_yaxes(type="log", exponentformat="power")
