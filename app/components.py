@@ -502,7 +502,7 @@ def contraction(trace):
     return contraction_rate(trace.states)
 
 
-MAX_UMAP_STATES = 2048  # states one UMAP view fits (~3-5 s of CPU); longer traces: a subset of iterations
+MAX_UMAP_STATES = 2048  # states one UMAP view fits (~1.5 s of CPU); longer traces: a subset of iterations
 
 
 def umap_iterations(trace) -> list[int]:
