@@ -16,6 +16,7 @@ import streamlit as st
 from analysis import export
 from analysis.measures import summary
 from analysis.viz.theme import for_browser
+from app import heavy
 from app import session as app_session
 
 
@@ -156,6 +157,7 @@ def show_figure(fig: go.Figure, key: str, data: pd.DataFrame | None = None) -> N
     """Draw ``fig``; ``key`` is unique per page; ``data`` is the table behind the figure (for CSV export)."""
     # our own theme (bigger fonts when projecting); float32 and WebGL for big traces (``for_browser``);
     # a long prompt's token labels thinned to fit (``thin_ticks``)
+    heavy.yield_to_light()  # a run holding a heavy turn lets light runs in progress go first
     st.plotly_chart(for_browser(thin_ticks(fig)), key=key, width="stretch", theme=None)
     st.session_state.setdefault(PAGE_FIGURES, []).append((key, fig, data))
     figure_export_row(fig, key, data)

@@ -16,6 +16,7 @@ import streamlit as st  # noqa: E402
 
 from app import sidebar as frame  # noqa: E402
 from app import caching  # noqa: E402
+from app import heavy  # noqa: E402
 from app import url_state  # noqa: E402
 
 PAGES_DIR = Path(__file__).resolve().parent / "app_pages"
@@ -47,5 +48,6 @@ pg = st.navigation(pages, position="top" if embed else "sidebar")
 settings = frame.sidebar()
 frame.apply_embed_style(settings.embed, embedded)
 url_state.begin_page(pg.title)  # before pg.run(): a page's st.stop() skips everything after it
-pg.run()
+with heavy.page_run():  # a turn for heavy work taken in this run (app/heavy.py) is given back at its end
+    pg.run()
 url_state.prune_url()

@@ -30,7 +30,7 @@ from analysis.models import discovery, registry
 from analysis.models.native import LoadedModel
 from analysis.trace import Trace, TraceFormatError
 from analysis.tracing import FIXED_POINT_ITERATIONS
-from app import caching
+from app import caching, heavy
 
 MAX_ITERATIONS = 256          # the app's cap (the library allows more)
 MAX_SEED = 2**31 - 1
@@ -373,6 +373,33 @@ def _run_trace(model: LoadedModel, prompt: str, iterations: int | None, seed: in
     return None
 
 
+def _cells(model: LoadedModel, prompt: str, iterations: int) -> int:
+    """(iteration, token) pairs of this model's trace of ``prompt`` (0 when it cannot be read)."""
+    try:
+        return iterations * len(model.tokenizer.encode(prompt))
+    except Exception:  # the run reports an unreadable prompt itself
+        return 0
+
+
+def heavy_turn() -> None:
+    """Wait for one of the server's turns for heavy work (``app/heavy.py``) before this run's
+    long trace, big figures or UMAP, saying on the page while it waits; light runs never call it."""
+    slot = None
+
+    def waiting(seconds: float, ahead: int) -> None:
+        nonlocal slot
+        if slot is None:
+            slot = st.empty()
+        more = f"; {ahead} more waiting" if ahead else ""
+        slot.info(f"Queued for {seconds:.0f} s: this is a long view, and the server works on "
+                  f"{heavy.TURNS.n} long view{'s' if heavy.TURNS.n != 1 else ''} at a time so that everyone's "
+                  f"short ones stay quick. Another viewer's is running{more}.", icon=":material/hourglass_top:")
+
+    heavy.take_turn(waiting)
+    if slot is not None:
+        slot.empty()
+
+
 def current(show_messages: bool = True) -> Session:
     """This run's models and traces. Problems become messages (st.error / st.warning), never exceptions."""
     ss = st.session_state
@@ -440,6 +467,10 @@ def current(show_messages: bool = True) -> Session:
         if deep_model is not None:
             dp = _capped_prompt(prompt, deep_model, "deep", warns)
         fp = max(FIXED_POINT_ITERATIONS, iterations)
+        cells = _cells(looped_model, lp, iterations) if looped_model is not None else 0
+        real = looped_model is not None and registry.is_real(looped_model)
+        if cells > heavy.HEAVY_CELLS and not real:  # a real model's run is a job of its own; its turn comes after
+            heavy_turn()
         steps = []
         if looped_model is not None:
             steps += [("looped", f"running the looped model ({iterations} iterations)"),
@@ -453,9 +484,13 @@ def current(show_messages: bool = True) -> Session:
             deep = _run_trace(deep_model, dp, None, settings.seed, 0, "deep", errors, progress)
         progress.close(failed=(looped_model is not None and looped is None)
                        or (deep_model is not None and deep is None))
+        if cells > heavy.HEAVY_CELLS:
+            heavy_turn()  # the figures and measurements of a long trace (taken already unless real)
 
     if up_trace is not None:
         m = up_trace.metadata
+        if up_trace.n_iterations * up_trace.n_tokens > heavy.HEAVY_CELLS:
+            heavy_turn()
         if up_side == "deep":
             deep = up_trace
         else:
@@ -499,6 +534,7 @@ def trace_key(trace: Trace) -> str:
 def measure(fn, trace: Trace, **kwargs):
     """Cached ``fn(trace, **kwargs)``, keyed by fn's qualified name, trace_key(trace) and kwargs."""
     name = f"{fn.__module__}.{fn.__qualname__}"
+    heavy.yield_to_light()  # a run holding a heavy turn lets light runs in progress go first
     return caching.measure(name, trace_key(trace), json.dumps(kwargs, sort_keys=True, default=repr),
                            _fn=fn, _trace=trace, _kwargs=kwargs)
 

@@ -267,17 +267,13 @@ def default_umap_cache_dir() -> Path:
 
 
 def enable_umap_cache(cache_dir=None) -> Path:
-    """Let numba keep umap's compiled code on disk, so a fresh process skips ~10 s of compiling.
+    """Let numba keep umap's compiled code on disk, so a fresh process skips ~10 s of compiling;
+    prefer numba's ``workqueue`` threading layer when numba is not yet imported (fits hold a lock).
 
-    Also prefers numba's ``workqueue`` threading layer when numba is not yet imported (fits are
-    serialised by a lock, so its lack of thread safety does not matter).
-
-    Sets ``NUMBA_CACHE_DIR`` to ``cache_dir`` (default: an already-set ``NUMBA_CACHE_DIR``,
-    else ``<repo>/.cache/numba``). numba reads that variable when it is first imported, so this
-    function sets it before importing umap (and, if numba was already imported, also sets
-    ``numba.config.CACHE_DIR``, which caches enabled afterwards read). Then it calls
-    ``enable_caching()`` on umap's dispatchers that umap leaves uncached (those that exist in
-    the installed version; missing ones are skipped). Idempotent; returns the cache folder.
+    Sets ``NUMBA_CACHE_DIR`` to ``cache_dir`` (default: an already-set ``NUMBA_CACHE_DIR``, else
+    ``<repo>/.cache/numba``) before numba's first import (``numba.config.CACHE_DIR`` too, if it was
+    imported), then calls ``enable_caching()`` on the dispatchers umap leaves uncached (those the
+    installed version has). Idempotent; returns the cache folder.
     """
     global _UMAP_CACHE_DIR
     if cache_dir is None:
@@ -342,24 +338,16 @@ def warm_umap(enable_cache: bool = True) -> None:
         _UMAP_WARM = True
 
 
-# Below this many rows UMAP finds exact neighbours from the full distance matrix. UMAP's own
-# small-data path builds that matrix with scikit-learn calling its compiled metric once per pair
-# from Python: ~2 M calls, 5 s of CPU, for 2,048 states. The same exact distances computed here in
-# one vectorised call (and handed over as a precomputed metric) take ~0.1 s. Above it, UMAP's
-# approximate nearest-neighbour descent, as UMAP does itself.
-EXACT_DISTANCES_BELOW = 4096
+EXACT_DISTANCES_BELOW = 4096  # UMAP's exact-neighbour size; its own code calls the metric per pair (5 s/2,048 rows)
 
 
 def _euclidean_distances(A: np.ndarray, B: np.ndarray | None = None) -> np.ndarray:
-    """Euclidean distances [n, m] (float64) between the rows of A [n, D] and of B [m, D] (B = A when
-    None), from the coordinate differences (not |a|² + |b|² − 2a·b, which loses converged states'
-    tiny distances to cancellation)."""
+    """Distances [n, m] (float64) between rows of A [n, D] and B [m, D] (B = A when None), from
+    differences (|a|² + |b|² − 2a·b would lose converged states' tiny distances)."""
     from scipy.spatial.distance import cdist, pdist, squareform
 
     A = np.asarray(A, dtype=np.float64)
-    if B is None:
-        return squareform(pdist(A, "euclidean"))
-    return cdist(A, np.asarray(B, dtype=np.float64), "euclidean")
+    return squareform(pdist(A)) if B is None else cdist(A, np.asarray(B, dtype=np.float64))
 
 
 class UMAPProjection:
@@ -396,19 +384,16 @@ class UMAPProjection:
         _ensure_umap_cache()
         import umap  # lazy: heavy import (numba)
 
-        fit_rows = rows[ok]
-        exact = n < EXACT_DISTANCES_BELOW
+        fit_rows, exact = rows[ok], n < EXACT_DISTANCES_BELOW
         self.umap_ = umap.UMAP(n_components=self.n_components, n_neighbors=min(int(self.n_neighbors), n - 1),
                                min_dist=self.min_dist, random_state=self.seed, n_jobs=1,
                                metric="precomputed" if exact else "euclidean")
         with _UMAP_RUN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # n_jobs/random_state, small-data and precomputed notices
             self.umap_.fit(_euclidean_distances(fit_rows) if exact else fit_rows)
-        self._train_rows = fit_rows if exact else None
+        self._train_rows = fit_rows if exact else None  # transform measures new rows' distances to these
         self.embedding_ = np.asarray(self.umap_.embedding_, dtype=np.float64)
-        self.n_features_in_ = shape[-1]
-        self.n_samples_ = n
-        self._fit_shape, self._fit_ok = shape, ok
+        self.n_features_in_, self.n_samples_, self._fit_shape, self._fit_ok = shape[-1], n, shape, ok
         return self
 
     def transform(self, X) -> np.ndarray:

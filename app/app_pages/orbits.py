@@ -87,6 +87,7 @@ def _coords_of(trace):
         k = min(token if token is not None else trace.n_tokens - 1, trace.n_tokens - 1)
         coords, pca = session.measure(project_token, trace, token=k, n_components=3)
         return coords, "PC", pca, None
+    session.heavy_turn()  # UMAP is heavy work at any length: one such view at a time (app/heavy.py)
     with st.status("UMAP: fitting a seeded neighbourhood embedding…", expanded=False) as status:
         try:
             caching.warm_umap()
