@@ -391,9 +391,11 @@ def heavy_turn() -> None:
         if slot is None:
             slot = st.empty()
         more = f"; {ahead} more waiting" if ahead else ""
-        slot.info(f"Queued for {seconds:.0f} s: this is a long view, and the server works on "
-                  f"{heavy.TURNS.n} long view{'s' if heavy.TURNS.n != 1 else ''} at a time so that everyone's "
-                  f"short ones stay quick. Another viewer's is running{more}.", icon=":material/hourglass_top:")
+        n = heavy.TURNS.n
+        at_once = "one long view" if n == 1 else f"{n} long views"
+        slot.info(f"Queued for {seconds:.0f} s: this is a long view, and the server works on {at_once} at a "
+                  f"time so that everyone's short ones stay quick. Another viewer's is running{more}.",
+                  icon=":material/hourglass_top:")
 
     heavy.take_turn(waiting)
     if slot is not None:

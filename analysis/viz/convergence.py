@@ -77,6 +77,11 @@ def step_size_figure(df: pd.DataFrame, tokens=None, layer: int | None = None, fa
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1, title="relative step")
     if log_y:
         fig.update_yaxes(type="log", exponentformat="power")
+        shown = s[:, facets][:, :, sel]
+        shown = shown[np.isfinite(shown) & (shown > 0)]
+        if shown.size and np.log10(shown.max() / shown.min()) < 2:
+            # within two decades plotly labels every digit (1, 2, …, 9) and they overlap: 1, 2 and 5
+            fig.update_yaxes(dtick="D2")
     return theme(fig, template, title or "Step size per token (change ÷ size of the state)")
 
 def distance_data(dist, trace) -> pd.DataFrame:

@@ -520,6 +520,20 @@ def test_step_size_figure_against_the_states(traces):
     assert len(F.step_data(step_sizes(t.states), t)) == I * L * T
 
 
+def test_step_size_log_axis_labels_only_1_2_5_when_the_steps_span_under_two_decades(traces):
+    """Within two decades plotly would label every digit 1–9 on a log axis and they overlap
+    (a deep model's layer-to-layer steps); over a wide range it keeps its decade labels."""
+    from analysis.measures.dynamics import step_sizes
+
+    t, _ = traces
+    steps = step_sizes(t.states).astype(np.float64)
+    narrow = 0.2 + 0.5 * np.abs(np.sin(np.arange(steps.size))).reshape(steps.shape)  # in [0.2, 0.7]
+    wide = 10.0 ** -np.linspace(0, 6, steps.size).reshape(steps.shape)               # 1 down to 1e-6
+    assert F.step_size_figure(F.step_data(narrow, t)).layout.yaxis.dtick == "D2"
+    assert F.step_size_figure(F.step_data(wide, t)).layout.yaxis.dtick is None
+    assert F.step_size_figure(F.step_data(narrow, t), log_y=False).layout.yaxis.dtick is None
+
+
 def test_fixed_point_distance_figure_against_the_states(with_fixed_point):
     from analysis.measures.dynamics import distance_to_fixed_point
 
