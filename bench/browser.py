@@ -7,7 +7,9 @@ Starts `streamlit run app/main.py` on a free local port, opens every page in /us
    after the first repetition);
 2. changes the seed in the sidebar (a new trace, so the server computes) and clicks Run;
 3. measures, in the browser's own clock (performance.now()):
-   - ``script_s``: Run click -> the "running" indicator gone (the server finished the script);
+   - ``script_s``: Run click -> the server's "script finished" message received (read from the
+     websocket's frames; Streamlit's "running" indicator is not shown for short runs, so waiting
+     for it to come and go stalled whenever a run was quick);
    - ``drawn_s``:  Run click -> every .js-plotly-plot on the page has drawn its SVG/WebGL layer and
      no chart changed for 300 ms (a MutationObserver on the charts);
    - ``browser_s = drawn_s - script_s``: script finished -> last chart drawn, the time the
@@ -59,26 +61,12 @@ WAIT_DRAWN_JS = """
   obs.observe(document.body, {subtree: true, childList: true, attributes: true});
   const tick = () => {
     const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
-    const drawn = plots.length > 0 && plots.every(p => p.querySelector('.main-svg, canvas'));
+    const drawn = plots.every(p => p.querySelector('.main-svg, canvas'));  // (a page may have none)
     const running = document.querySelector('[data-testid="stStatusWidget"]');
     const now = performance.now();
     if ((drawn && !running && now - last > quietMs) || now - t0 > timeoutMs) {
       obs.disconnect(); resolve(last);
     } else { setTimeout(tick, 50); }
-  };
-  tick();
-})
-"""
-
-WAIT_SCRIPT_JS = """
-([timeoutMs]) => new Promise((resolve) => {
-  const t0 = performance.now();
-  let seen = false;
-  const tick = () => {
-    const running = document.querySelector('[data-testid="stStatusWidget"]');
-    if (running) seen = true;
-    const now = performance.now();
-    if ((seen && !running) || now - t0 > timeoutMs) { resolve(now); } else { setTimeout(tick, 20); }
   };
   tick();
 })
@@ -127,31 +115,67 @@ def _start_server():
     raise SystemExit("streamlit did not start")
 
 
-def measure_page(page, base: str, name: str, seed: int, received: list, timeout_ms: int = 180_000,
+class Frames:
+    """The server's websocket frames to one page: their sizes, and when (this process's clock)
+    each "script finished" message arrived."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        self.finished: list[float] = []
+
+    def clear(self) -> None:
+        self.sizes.clear()
+        self.finished.clear()
+
+    def on_frame(self, payload) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self.sizes.append(len(payload))
+        if isinstance(payload, (bytes, bytearray)):
+            try:
+                msg = ForwardMsg.FromString(bytes(payload))
+            except Exception:  # not a ForwardMsg: counted, nothing else
+                return
+            if msg.WhichOneof("type") == "script_finished":
+                self.finished.append(time.perf_counter())
+
+
+def _wait_finished(page, frames: Frames, t0: float, timeout_ms: int, name: str) -> None:
+    """Until the server's "script finished" message has arrived (``frames``), at most timeout_ms
+    after ``t0`` (this process's clock)."""
+    while not frames.finished and time.perf_counter() - t0 < timeout_ms / 1000:
+        page.wait_for_timeout(10)  # lets Playwright deliver the frames
+    if not frames.finished:
+        raise RuntimeError(f"{name}: no 'script finished' message within {timeout_ms / 1000:.0f} s")
+
+
+def measure_page(page, base: str, name: str, seed: int, frames: Frames, timeout_ms: int = 180_000,
                  iterations: int | None = None) -> dict:
     """One Run on one page: script, drawn and browser-only seconds, the main thread's long tasks,
-    the bytes the server sent over the websocket (``received``, filled by the page's listener),
+    the bytes the server sent over the websocket (``frames``, filled by the page's listener),
     and the charts' count, traces and WebGL use."""
     url = (f"{base}/" if name == "overview" else f"{base}/{name}") + (f"?iterations={iterations}" if iterations else "")
+    frames.clear()
     page.goto(url, wait_until="domcontentloaded")
-    page.wait_for_selector('[data-testid="stSidebar"]', state="attached", timeout=timeout_ms)
+    _wait_finished(page, frames, time.perf_counter(), timeout_ms, name)
     page.evaluate(WAIT_DRAWN_JS, [300, timeout_ms])
     seed_box = page.get_by_label("Seed", exact=True)
     seed_box.fill(str(seed))
     seed_box.press("Tab")
     page.evaluate(LONGTASKS_JS)
-    received.clear()
+    frames.clear()
     t_click = page.evaluate("() => performance.now()")
+    t0 = time.perf_counter()  # the same moment in this process's clock (frames are timed in it)
     page.get_by_role("button", name="Run", exact=True).click()
-    t_script = page.evaluate(WAIT_SCRIPT_JS, [timeout_ms])
+    _wait_finished(page, frames, t0, timeout_ms, name)
     t_drawn = page.evaluate(WAIT_DRAWN_JS, [300, timeout_ms])
     busy = page.evaluate("() => [window.__busy, window.__tasks]")
     charts = page.evaluate(PAYLOAD_JS)
-    script_s = (t_script - t_click) / 1000
-    drawn_s = max(t_drawn, t_script) - t_click
-    return {"script_s": round(script_s, 3), "drawn_s": round(drawn_s / 1000, 3),
-            "browser_s": round(drawn_s / 1000 - script_s, 3), "busy_s": round(busy[0] / 1000, 3),
-            "long_tasks": int(busy[1]), "received_mb": round(sum(received) / 1e6, 3), "charts": len(charts),
+    script_s = frames.finished[-1] - t0  # the last run's end (a Run can trigger a rerun)
+    drawn_s = max((t_drawn - t_click) / 1000, script_s)
+    return {"script_s": round(script_s, 3), "drawn_s": round(drawn_s, 3),
+            "browser_s": round(drawn_s - script_s, 3), "busy_s": round(busy[0] / 1000, 3),
+            "long_tasks": int(busy[1]), "received_mb": round(sum(frames.sizes) / 1e6, 3), "charts": len(charts),
             "traces": sum(c["traces"] for c in charts), "webgl": any(c["webgl"] for c in charts)}
 
 
@@ -230,13 +254,13 @@ def main(argv=None) -> int:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            received: list[int] = []  # websocket frames from the server since the last Run click
-            page.on("websocket", lambda ws: ws.on("framereceived", lambda f: received.append(len(f))))
+            frames = Frames()  # websocket frames from the server since the last Run click
+            page.on("websocket", lambda ws: ws.on("framereceived", frames.on_frame))
             seed = 100
             for name in args.pages.split(","):
                 for _ in range(args.reps):
                     seed += 1
-                    results.setdefault(name, []).append(measure_page(page, base, name, seed, received,
+                    results.setdefault(name, []).append(measure_page(page, base, name, seed, frames,
                                                                        iterations=args.iterations))
                 runs = results[name]
                 med = {k: statistics.median(r[k] for r in runs)
