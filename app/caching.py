@@ -235,6 +235,12 @@ def _lab_store() -> "OrderedDict[str, dict]":
     return OrderedDict()
 
 
+def lab_stored(settings_json: str) -> bool:
+    """Whether the Lab's result for these settings is stored (``lab_results`` returns it at once)."""
+    with _LAB_LOCK:
+        return settings_json in _lab_store()
+
+
 def lab_results(settings_json: str, progress=None) -> dict:
     """``analysis.lab.run_lab`` for these settings, keeping only what the Lab page draws (small, not
     the states); identical settings reuse the stored result without calling ``progress``."""

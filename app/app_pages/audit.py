@@ -14,6 +14,7 @@ from analysis.models.native import CheckpointError
 from analysis.models import registry
 from analysis.viz.audit import audit_figures, audit_frames
 from app import components as ui
+from app import session
 
 MAX_PROMPTS = 48
 MAX_AUDIT_ITERATIONS = 64
@@ -71,6 +72,7 @@ else:
         cfg = AuditConfig(model=str(found[looped_name]), deep=None if deep_name == "(none)" else str(found[deep_name]),
                           prompts=str(pfile), iterations=int(iterations), out=str(target), engine="inline",
                           chunk_size=4, fixed_point_iterations=max(32, int(iterations)))
+        session.heavy_turn()  # many prompts run here: one long view at a time (app/heavy.py)
         try:
             run_audit(cfg, progress_stream=None, progress_callback=on_progress)
         except (AuditError, CheckpointError, ValueError) as exc:

@@ -10,7 +10,7 @@ import streamlit as st
 from analysis.lab import LabSettings
 from analysis import viz
 from app import components as ui
-from app import caching, url_state
+from app import caching, session, url_state
 
 NORMS = {"pre": "pre-norm", "huginn": "Huginn sandwich", "ouro": "Ouro sandwich"}
 INJECTIONS = {"adapter": "adapter W_I[s, e] (Huginn)", "add": "add s + e", "none": "none"}
@@ -97,6 +97,8 @@ def report(fraction: float) -> None:
         box["bar"].progress(fraction, text=f"iteration {done} of {total}")
 
 
+if not caching.lab_stored(key):
+    session.heavy_turn()  # a fresh Lab run is long: one long view at a time (app/heavy.py)
 try:
     res = caching.lab_results(key, progress=report)
 except (ValueError, RuntimeError) as exc:

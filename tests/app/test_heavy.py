@@ -121,9 +121,13 @@ def test_turns_let_one_heavy_run_work_at_a_time_and_are_given_back_however_a_run
         assert turns.take() < 0.1 and turns.holding()
 
 
-def test_a_heavy_page_waits_for_its_turn_while_a_light_page_does_not(monkeypatch):
+@pytest.mark.parametrize("page, query", [
+    (None, {"iterations": "80", "seed": "41"}),  # a long trace (80 iterations of the sample prompt)
+    ("lab", {"lab_run": "1", "lab_layers": "1", "lab_iterations": "16", "lab_seed": "3"}),  # a fresh Lab run
+])
+def test_a_heavy_page_waits_for_its_turn_while_a_light_page_does_not(monkeypatch, page, query):
     """Two viewers of one server: while another run holds the only heavy turn, a long view
-    (80 iterations of the sample prompt) queues, and the Overview at 16 iterations draws at once."""
+    queues, and the Overview at 16 iterations draws at once."""
     import threading
     import time
 
@@ -141,7 +145,9 @@ def test_a_heavy_page_waits_for_its_turn_while_a_light_page_does_not(monkeypatch
     holder = threading.Thread(target=other_viewer)
     holder.start()
     holder_has_it.wait(10)
-    long_view = new_app({"iterations": "80", "seed": "41"})
+    long_view = new_app(query)
+    if page:
+        long_view.switch_page(f"app_pages/{page}.py")
     done = {}
     runner = threading.Thread(target=lambda: done.setdefault("at", long_view.run()))
     runner.start()
@@ -159,6 +165,7 @@ def test_a_heavy_page_waits_for_its_turn_while_a_light_page_does_not(monkeypatch
         holder.join(10)
         runner.join(120)
     assert not done["at"].exception and len(done["at"].get("plotly_chart")) > 0
+    assert not [e.value for e in done["at"].error]
     assert heavy.TURNS.waiting == 0
     with heavy.TURNS.page_run():  # and its turn was given back: the next run gets one at once
         assert heavy.TURNS.take() < 0.1 and heavy.TURNS.holding()
