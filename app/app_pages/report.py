@@ -69,6 +69,7 @@ built = st.session_state.get("_report_built")
 if st.button("Build the report", type="primary", icon=":material/description:", key="report_build"):
     from analysis.report import build_report
 
+    session.heavy_turn()  # every measurement and figure at once: one long view at a time (app/heavy.py)
     with st.status("Building the report: measurements, figures, embedding plotly.js…", expanded=False) as status:
         try:
             html_text = build_report(run.looped_model, run.deep_model, looped, deep, _settings())
