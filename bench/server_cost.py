@@ -1,5 +1,5 @@
 """What one URL costs a shared server: `python bench/server_cost.py` (`--skip-light`: only part 1;
-`--light-only`: only part 2).
+`--light-only`: only part 2; `--no-browser`: part 2 without Chromium).
 
 1. Worst single URL: each heavy URL (256 iterations: UMAP 2D/3D, Jensen–Shannon attention
    matrix, convergence, stages, correspondence) is run by Streamlit's AppTest in a fresh process,
@@ -10,7 +10,8 @@
    viewers without a browser can be simulated). Four other viewers request heavy URLs (their
    browsers are at their own machines, so none runs here); 1 s later the Overview with a new seed
    is requested. Printed, three times each: its server latency (request to run finished, every
-   element sent), alone and beside the heavy ones (goal ≤ 2 s); then, with /usr/bin/chromium,
+   element sent), alone and beside the heavy ones (goal ≤ 2 s), and the server's CPU seconds (its
+   workers included) for the four heavy URLs and the light page; then, with /usr/bin/chromium,
    the same page in a real browser: opened, to its first chart drawn (page load and drawing
    included: on a 2-core machine the browser's own share is several seconds), and rerun with a
    new seed from a tab already open, to the page redrawn.
@@ -65,16 +66,30 @@ def one_url(page: str, query: dict) -> dict:
             "exceptions": [e.value for e in at.exception]}
 
 
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux /proc; 0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _workers_cpu(pool) -> float:
-    """CPU seconds (user + system) the pool's worker processes have used so far (Linux /proc)."""
-    total = 0.0
-    for pid in list(getattr(pool, "_processes", None) or {}):
+    """CPU seconds the pool's worker processes have used so far."""
+    return sum(_cpu_of(pid) for pid in list(getattr(pool, "_processes", None) or {}))
+
+
+def _server_cpu(pid: int) -> float:
+    """CPU seconds used so far by the server process ``pid`` and its live children (its workers)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return _cpu_of(pid) + sum(_cpu_of(c) for c in children)
 
 
 def worst_url() -> float:
@@ -165,7 +180,7 @@ def _with_heavy(base: str, seed: int, light):
     return value, heavy_s
 
 
-def light_beside_heavy(reps: int = 3) -> dict | None:
+def light_beside_heavy(reps: int = 3, browser: bool = True) -> dict | None:
     """A light page (the Overview with a new seed) on a real `streamlit run` server, alone and while
     four heavy URLs run: its server latency (agent API, no browser), ``reps`` times each; then, when
     Chromium is there, the same page opened in a real browser, alone and beside the heavy ones."""
@@ -177,6 +192,7 @@ def light_beside_heavy(reps: int = 3) -> dict | None:
                               stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     out: dict[str, list[float]] = {}
+    cpu_all: list[float] = []  # server CPU (with its workers) for the four heavy URLs and the light page
     try:
         for _ in range(240):
             try:
@@ -189,11 +205,13 @@ def light_beside_heavy(reps: int = 3) -> dict | None:
         seed = 1000
         for _ in range(reps):
             out.setdefault("server, alone", []).append(_interact(base, "overview", {"seed": seed}))
+            c0 = _server_cpu(server.pid)
             light, heavy_s = _with_heavy(base, seed + 1, lambda s=seed + 2: _interact(base, "overview", {"seed": s}))
+            cpu_all.append(_server_cpu(server.pid) - c0)
             out.setdefault("server, beside 4 heavy", []).append(light)
             out.setdefault("(the 4 heavy URLs themselves)", []).extend(heavy_s)
             seed += 3
-        if os.access(CHROMIUM, os.X_OK):
+        if browser and os.access(CHROMIUM, os.X_OK):
             from playwright.sync_api import sync_playwright
 
             with sync_playwright() as pw:
@@ -214,7 +232,7 @@ def light_beside_heavy(reps: int = 3) -> dict | None:
                     out.setdefault("browser, Run in open tab, beside 4 heavy", []).append(light)
                     seed += 4
                 browser.close()
-        else:
+        elif browser:
             print(f"{CHROMIUM} is missing: the browser measurements are skipped")
     finally:
         server.terminate()
@@ -223,6 +241,8 @@ def light_beside_heavy(reps: int = 3) -> dict | None:
         vals = ", ".join(f"{v:.2f}" for v in values)
         print(f"light page (Overview, new seed) {label:42s} median {sorted(values)[len(values) // 2]:5.2f} s, "
               f"max {max(values):5.2f} s  ({vals})")
+    print("server CPU for the four heavy URLs and the light page together (server and workers): "
+          + ", ".join(f"{c:.1f} s" for c in cpu_all))
     worst = max(out["server, beside 4 heavy"])
     print(f"the light page's server latency beside four heavy URLs: at most {worst:.2f} s "
           f"(goal ≤ {GOAL_LIGHT_S:.0f} s) {'OK' if worst <= GOAL_LIGHT_S else 'OVER'}")
@@ -236,7 +256,7 @@ def main(argv: list[str]) -> None:
     if "--light-only" not in argv:
         worst_url()
     if "--skip-light" not in argv:
-        light_beside_heavy()
+        light_beside_heavy(browser="--no-browser" not in argv)
 
 
 if __name__ == "__main__":
