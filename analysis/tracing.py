@@ -50,13 +50,18 @@ def fixed_point_count(fixed_point_iterations, r: int, deep: bool) -> int | None:
     return n
 
 
-def _continue(model: LoopedLM, s: torch.Tensor, e: torch.Tensor, r: int, n: int) -> np.ndarray:
+def _continue(model: LoopedLM, s: torch.Tensor, e: torch.Tensor, r: int, n: int, on_step=None) -> np.ndarray:
     """Iterations r..n-1 from the carried state s [1, T, D] after r iterations: the block
-    states [L, T, D] of iteration n-1 (s*), the same numbers as a plain n-iteration run."""
+    states [L, T, D] of iteration n-1 (s*), the same numbers as a plain n-iteration run.
+    on_step(t) is called after each iteration t."""
     for t in range(r, n - 1):
         s = model.step(s, e, t)
+        if on_step is not None:
+            on_step(t)
     cap = Capture([capnames.block_resid_of(n - 1)])
     model.step(s, e, n - 1, cap)
+    if on_step is not None:
+        on_step(n - 1)
     k = model.spec.n_block
     missing = [capnames.block_resid(n - 1, l) for l in range(k) if capnames.block_resid(n - 1, l) not in cap.store]
     if missing:
@@ -65,11 +70,12 @@ def _continue(model: LoopedLM, s: torch.Tensor, e: torch.Tensor, r: int, n: int)
     return _np(torch.stack([cap.store[capnames.block_resid(n - 1, l)][0] for l in range(k)]))
 
 
-def continue_to_fixed_point(model, tr: Trace, n: int) -> Trace:
+def continue_to_fixed_point(model, tr: Trace, n: int, on_step=None) -> Trace:
     """``tr`` with s* = the block states after ``n`` iterations, continued from the trace's own
     last state (the carried state after its block's last layer) and injected input: the same
     numbers as ``trace(..., fixed_point_iterations=n)``. model: the LoopedLM (or LoadedModel)
-    that made ``tr``. Raises ValueError for a deep trace or n below the trace's iterations."""
+    that made ``tr``. on_step(t): called after each iteration t run here. Raises ValueError for a
+    deep trace or n below the trace's iterations."""
     import dataclasses
 
     net = model.model if isinstance(model, LoadedModel) else model
@@ -91,7 +97,7 @@ def continue_to_fixed_point(model, tr: Trace, n: int) -> Trace:
                 fixed = np.array(tr.states[-1])
             else:
                 s = net.carried_state(as_t(np.array(tr.states[-1, -1]))[None])
-                fixed = _continue(net, s, as_t(np.array(tr.injected))[None], r, n)
+                fixed = _continue(net, s, as_t(np.array(tr.injected))[None], r, n, on_step)
     finally:
         net.train(was_training)
     return dataclasses.replace(tr, fixed_point=fixed, metadata=dict(tr.metadata, fixed_point_iterations=int(n)))
@@ -157,7 +163,7 @@ def _lens(model: LoopedLM, states: torch.Tensor, K: int, answer_id: int | None):
 def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answer: str | None = None,
           tokenizer=None, attention: bool = True, fixed_point_iterations: int | None = None,
           lens_top_k: int = LENS_TOP_K, names=None, metadata: dict | None = None,
-          store_dtype: str = "float32") -> Trace:
+          store_dtype: str = "float32", on_step=None) -> Trace:
     """Run ``prompt`` through ``model`` (a LoadedModel, or a LoopedLM with its ``tokenizer``)
     for ``iterations`` (default: the trained schedule's mean) and capture everything asked for.
 
@@ -182,6 +188,8 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
     lens_top_k: an integer >= 1 (capped at the vocabulary).
     store_dtype: "float32" (default) | "float16" | "bfloat16": the state and map fields are rounded
     to it and saved in it; the Trace then records ``metadata["capture"]`` (see ``analysis.plan``).
+    on_step: called as ``on_step(t)`` after each iteration t (0-based) of the traced run, then of
+    the s* run (progress, or a server letting other work go first); it does not change the numbers.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"the prompt must be a string, got {type(prompt).__name__}")
@@ -246,7 +254,7 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
                         buf = buffers[f"{part}_{field}"] = alloc((n, *shape))
                         slots.update({build(part, l): (buf, (l,)) for l in range(n)})
             cap = BufferCapture(slots, keep={capnames.INPUT, capnames.INITIAL_STATE, capnames.state_out(r - 1)})
-            logits = run(model, x, r, capture=cap, seed=seed)[0]
+            logits = run(model, x, r, capture=cap, seed=seed, on_step=on_step)[0]
             cap.check_complete()
             st = cap.store
             K = min(lens_top_k, spec.vocab_size)
@@ -255,7 +263,7 @@ def trace(model, prompt: str, iterations: int | None = None, seed: int = 0, answ
             if n_fixed == r:
                 fixed = _np(states[-1]).copy()
             elif n_fixed is not None:  # continue from s_r: the same numbers as a plain n-iteration run
-                fixed = _continue(model, st[capnames.state_out(r - 1)], st[capnames.INPUT], r, n_fixed)
+                fixed = _continue(model, st[capnames.state_out(r - 1)], st[capnames.INPUT], r, n_fixed, on_step)
     finally:
         model.train(was_training)
 

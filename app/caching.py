@@ -171,10 +171,18 @@ def warm_umap_in_background() -> bool:
     return True
 
 
+def _let_light_runs_first(_iteration: int) -> None:
+    """Between two iterations of a trace: ``heavy.yield_to_light()`` (free unless this run holds a
+    heavy turn; a pause, never a wait for a lock, so safe inside a cached function)."""
+    heavy.yield_to_light()
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def trace(sha256: str, path: str, prompt: str, iterations: int | None, seed: int, _model: LoadedModel) -> Trace:
-    """The trace of ``iterations`` iterations, without s* (``fixed_point_iterations=0``: skip)."""
-    return capture_trace(_model, prompt, iterations=iterations, seed=seed, fixed_point_iterations=0)
+    """The trace of ``iterations`` iterations, without s* (``fixed_point_iterations=0``: skip). A run
+    holding a heavy turn pauses between iterations while light runs are in progress."""
+    return capture_trace(_model, prompt, iterations=iterations, seed=seed, fixed_point_iterations=0,
+                         on_step=_let_light_runs_first)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -182,7 +190,7 @@ def fixed_point(sha256: str, path: str, prompt: str, iterations: int | None, see
                 _model: LoadedModel, _trace: Trace) -> Trace:
     """``_trace`` (the cached trace of these inputs) continued to ``n`` iterations for s*
     (``analysis.tracing.continue_to_fixed_point``), run as its own step so the app can show it."""
-    return continue_to_fixed_point(_model, _trace, n)
+    return continue_to_fixed_point(_model, _trace, n, on_step=_let_light_runs_first)
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the trace file…")

@@ -86,9 +86,10 @@ def check_iterations(spec: ModelSpec, iterations: int | None) -> int:
 
 
 def run(model: LoopedLM, idx: torch.Tensor, iterations: int | None = None, capture: Capture | None = None,
-        seed: int | None = None, grad_iterations: int | None = None) -> torch.Tensor:
+        seed: int | None = None, grad_iterations: int | None = None, on_step=None) -> torch.Tensor:
     """A forward through the protocol: idx [B, T] -> logits [B, T, V] after ``iterations``
-    (default: the trained mean). grad_iterations: backpropagate through only the last n."""
+    (default: the trained mean). grad_iterations: backpropagate through only the last n.
+    on_step: called as ``on_step(t)`` after iteration t (0-based), e.g. to report progress."""
     r = check_iterations(model.spec, iterations)
     e = model.encode(idx, capture)
     s = model.initial_state(e, seed)
@@ -97,4 +98,6 @@ def run(model: LoopedLM, idx: torch.Tensor, iterations: int | None = None, captu
         if grad_iterations is not None and t == r - grad_iterations:
             s = s.detach()
         s = model.step(s, e, t, capture)
+        if on_step is not None:
+            on_step(t)
     return model.decode(s, capture)

@@ -233,6 +233,25 @@ def test_fixed_point_continues_the_traced_run_exactly():
         assert cont.metadata["fixed_point_iterations"] == 40
 
 
+def test_on_step_is_called_after_every_iteration_and_changes_no_number():
+    """The per-iteration callback (the app pauses a heavy run there for light ones) sees each
+    iteration once, in order, for the traced run and then the s* run."""
+    tok = CharTokenizer(CHAIN_CHARS)
+    model = tiny(norm_layout="pre")
+    seen = []
+    with_cb = trace(model, PROMPT, iterations=5, seed=3, tokenizer=tok, fixed_point_iterations=12,
+                    on_step=seen.append)
+    plain = trace(model, PROMPT, iterations=5, seed=3, tokenizer=tok, fixed_point_iterations=12)
+    assert seen == list(range(5)) + list(range(5, 12))
+    np.testing.assert_array_equal(with_cb.states, plain.states)
+    np.testing.assert_array_equal(with_cb.fixed_point, plain.fixed_point)
+    seen.clear()
+    cont = continue_to_fixed_point(model, trace(model, PROMPT, iterations=5, seed=3, tokenizer=tok,
+                                                fixed_point_iterations=0), 12, on_step=seen.append)
+    assert seen == list(range(5, 12))
+    np.testing.assert_array_equal(cont.fixed_point, plain.fixed_point)
+
+
 def test_app_picks_default_models_by_declared_kind(tmp_path):
     """A looped model with no prelude, one iteration and no injection but a coda is not taken for a deep one."""
     from app.session import default_models
